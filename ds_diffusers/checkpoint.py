@@ -1,0 +1,240 @@
+"""Checkpoint room: DeepSpeed engine state plus what makes a resume exact — global step, epoch,
+position in the epoch, per-rank RNG states, EMA shards — and a record of the settings a checkpoint
+can only be resumed with.
+
+Layout of `checkpoint_dir`:
+    step_<N>/            engine.save_checkpoint files (every rank writes its ZeRO shard)
+    step_<N>/rank_<R>.pt RNG state (and EMA shard) of rank R
+    step_<N>/ds_diffusers.json   position, settings; written last, marks the folder complete
+    latest               the tag of the newest complete checkpoint, replaced atomically
+
+`save` and `load` are collective: call them on all ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ds_diffusers.config.schema import Config
+from ds_diffusers.distributed import DistInfo, barrier
+from ds_diffusers.errors import ConfigError, TrainingError
+
+META_FILE = "ds_diffusers.json"
+LATEST = "latest"
+FAULT_ENV = "DSD_FAULT_INJECT"  # test hook: "kill_during_save" kills rank 0 between checkpoint files
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
+_NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
+                 "validation_prompts", "validation_inference_steps", "validation_guidance_scale", "save_interval",
+                 "checkpoint_dir", "output_dir", "resume_from_checkpoint", "checkpoints_total_limit",
+                 "overwrite_output_dir", "dataloader_num_workers", "offline", "wandb", "tensorboard", "csv_monitor",
+                 "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir"}
+
+
+def step_tag(global_step: int) -> str:
+    return f"step_{global_step}"
+
+
+def rng_state() -> dict[str, Any]:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def _unet_config_hash(cfg: Config) -> str:
+    config_file = Path(cfg.pretrained_model_name_or_path) / "unet" / "config.json"
+    return hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+
+
+def resume_settings(cfg: Config, world_size: int) -> dict[str, Any]:
+    """What a checkpoint can only be resumed with; a difference is an error, not a shape mismatch."""
+    return {
+        "unet architecture (unet/config.json)": _unet_config_hash(cfg),
+        "use_lora.action": cfg.use_lora.action,
+        "use_lora.rank": cfg.use_lora.rank if cfg.use_lora.action else None,
+        "use_lora.target_modules": sorted(cfg.use_lora.target_modules) if cfg.use_lora.action else None,
+        "use_ema": cfg.use_ema,
+        "zero_optimization.stage": cfg.zero_optimization.stage,
+        "number of processes": world_size,
+    }
+
+
+def training_config(cfg: Config) -> dict[str, Any]:
+    return {key: value for key, value in cfg.model_dump().items() if key not in _NOT_TRAINING}
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(training_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def complete_steps(checkpoint_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in the folder, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()]
+    return sorted(steps)
+
+
+def resume_target(cfg: Config) -> Path | None:
+    """The step folder to resume from, or None to start fresh.
+
+    `true`/"latest" use `checkpoint_dir/latest` when it exists (a fresh start otherwise, as in the seed
+    project); a path names one step folder; `false` never resumes.
+    """
+    value = cfg.resume_from_checkpoint
+    if value is False:
+        return None
+    if value is True or value == "latest":
+        latest = Path(cfg.checkpoint_dir) / LATEST
+        return Path(cfg.checkpoint_dir) / latest.read_text().strip() if latest.is_file() else None
+    step_dir = Path(value)
+    if not (step_dir / META_FILE).is_file():
+        raise ConfigError("resume_from_checkpoint", value, "not a complete ds-diffusers checkpoint folder (no "
+                          f"{META_FILE}); use true/\"latest\", false, or a folder such as {cfg.checkpoint_dir}/step_100")
+    return step_dir
+
+
+def check_writable(folder: str, field: str) -> None:
+    """Fail before training, not at the first save, when a folder cannot be written."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(field, folder, f"cannot write there ({err.strerror}); choose a writable folder with free space") from None
+
+
+def check_fresh_start(cfg: Config) -> None:
+    """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`."""
+    leftovers = []
+    if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
+        leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
+    out = Path(cfg.output_dir)
+    if any((out / name).exists() for name in ("unet", "unet_ema", "pytorch_lora_weights.safetensors", "logs")):
+        leftovers.append(f"output_dir {cfg.output_dir} holds a previous run's results")
+    if leftovers and not cfg.overwrite_output_dir:
+        raise ConfigError("overwrite_output_dir", False, f"{'; '.join(leftovers)}. Resume it with "
+                          "resume_from_checkpoint=latest, choose new folders, or set overwrite_output_dir=true to replace them")
+
+
+def clear_previous_run(cfg: Config) -> None:
+    """Rank 0, only with overwrite_output_dir: old checkpoints would otherwise mix with the new run's."""
+    for step in complete_steps(cfg.checkpoint_dir):
+        shutil.rmtree(Path(cfg.checkpoint_dir) / step_tag(step))
+    (Path(cfg.checkpoint_dir) / LATEST).unlink(missing_ok=True)
+    shutil.rmtree(Path(cfg.output_dir) / "logs", ignore_errors=True)
+
+
+def _all_ok(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(checkpoint_dir: str, keep: int, protected: int) -> None:
+    steps = complete_steps(checkpoint_dir)
+    for step in steps[: max(0, len(steps) - keep)]:
+        if step != protected:
+            shutil.rmtree(Path(checkpoint_dir) / step_tag(step), ignore_errors=True)
+
+
+def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int], ema: Any = None) -> Path:
+    """All ranks must call this. `latest` moves only after every rank has written everything."""
+    tag = step_tag(global_step)
+    step_dir = Path(cfg.checkpoint_dir) / tag
+    error = ""
+    try:
+        # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
+        engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
+        if os.environ.get(FAULT_ENV) == "kill_during_save" and dist.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
+        torch.save(rank_state, step_dir / f"rank_{dist.rank}.pt")
+    except OSError as err:
+        error = f"{err.strerror or err} ({err.filename or step_dir})"
+    if not _all_ok(not error, dist.device):
+        raise TrainingError(f"saving checkpoint {step_dir} failed on at least one rank: {error or 'see that rank'}; "
+                            f"'{LATEST}' still names the previous checkpoint. Free space or fix permissions, then resume.")
+    barrier()
+    if dist.is_main:
+        meta = {"global_step": global_step, **position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
+                "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
+                "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve())}
+        _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
+        _write_atomically(Path(cfg.checkpoint_dir) / LATEST, tag)
+        _prune(cfg.checkpoint_dir, cfg.checkpoints_total_limit, protected=global_step)
+    barrier()
+    return step_dir
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    meta_file = step_dir / META_FILE
+    if not meta_file.is_file():
+        raise ConfigError("resume_from_checkpoint", str(step_dir), f"incomplete checkpoint (no {META_FILE}); "
+                          "resume from an earlier step folder or set resume_from_checkpoint=false")
+    return json.loads(meta_file.read_text())
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
+    """Raise on settings the checkpoint cannot be loaded with; return the other changed training keys."""
+    current = resume_settings(cfg, world_size)
+    for key, saved in meta["settings"].items():
+        if current.get(key) != saved:
+            raise ConfigError("resume_from_checkpoint", str(step_dir), f"the checkpoint was saved with {key} = {saved}, "
+                              f"this run has {current.get(key)}; restore that setting, or start a new run in another checkpoint_dir")
+    old, new = meta["training_config"], training_config(cfg)
+    return sorted(key for key in new if json.dumps(new[key], default=str) != json.dumps(old.get(key), default=str))
+
+
+def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, ema: Any = None) -> dict[str, Any]:
+    """All ranks must call this. Restores engine, RNG and EMA state; returns the checkpoint's metadata."""
+    meta = read_meta(step_dir)
+    meta["changed_keys"] = check_compatible(meta, cfg, dist.world_size, step_dir)
+    path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)
+    if path is None:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), "DeepSpeed could not read this checkpoint; "
+                          "resume from another step folder or set resume_from_checkpoint=false")
+    rank_state = torch.load(step_dir / f"rank_{dist.rank}.pt", weights_only=False)
+    set_rng_state(rank_state["rng"])
+    if ema is not None:
+        ema.load_state_dict(rank_state["ema"])
+    return meta

@@ -1,0 +1,108 @@
+"""Translate a validated `Config` into the dict handed to `deepspeed.initialize`.
+
+Pure: the caller supplies the world size, the run length and the accelerator name, so every stage
+and precision can be unit-tested without processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ds_diffusers.config.checks import resolve_offload_device
+from ds_diffusers.config.schema import Config, MonitorCfg
+
+# Scheduler params that hold learning rates (scaled per param group) and those that are ratios of
+# each group's own lr (already per group, left alone).
+_LR_PARAMS = ("warmup_min_lr", "warmup_max_lr")
+
+
+def _offload_block(block: Any) -> dict[str, Any] | None:
+    device = resolve_offload_device(block.device)
+    if device == "none":
+        return None
+    out: dict[str, Any] = {"device": device, "pin_memory": block.pin_memory}
+    if device == "nvme":
+        out["nvme_path"] = block.nvme_path
+    return out
+
+
+def zero_block(cfg: Config) -> dict[str, Any]:
+    zero = cfg.zero_optimization
+    out: dict[str, Any] = {"stage": zero.stage}
+    for name in ("offload_param", "offload_optimizer"):
+        block = _offload_block(getattr(zero, name))
+        if block is not None:
+            out[name] = block
+    knobs = zero.model_dump(exclude={"stage", "offload_param", "offload_optimizer"}, exclude_none=True)
+    out.update(knobs)
+    return out
+
+
+def optimizer_block(cfg: Config, accelerator_name: str) -> dict[str, Any]:
+    params = dict(cfg.optimizer.params)
+    offloads_optimizer = resolve_offload_device(cfg.zero_optimization.offload_optimizer.device) != "none"
+    if cfg.optimizer.type.lower() in ("adam", "adamw") and accelerator_name == "cpu" and not offloads_optimizer:
+        # On the CPU accelerator DeepSpeed would JIT-compile its fused Adam kernel (a minute per
+        # fresh machine); torch's AdamW computes the same update.
+        params.setdefault("torch_adam", True)
+    return {"type": cfg.optimizer.type, "params": params}
+
+
+def scheduler_block(cfg: Config, total_steps: int, group_lr_scales: Sequence[float]) -> dict[str, Any] | None:
+    if cfg.scheduler.type == "none":
+        return None
+    params = dict(cfg.scheduler.params)
+    if cfg.lr_warmup_steps:
+        params.setdefault("warmup_num_steps", cfg.lr_warmup_steps)
+    # DeepSpeed rejects 0 warmup steps; 1 step of warmup is the closest to "no warmup".
+    params["warmup_num_steps"] = max(1, int(params.get("warmup_num_steps", 0)))
+    if cfg.scheduler.type in ("WarmupDecayLR", "WarmupCosineLR"):
+        params["total_num_steps"] = max(int(params.get("total_num_steps", 0)) or total_steps, params["warmup_num_steps"] + 1)
+    if cfg.scheduler.type in ("WarmupLR", "WarmupDecayLR"):
+        params.setdefault("warmup_max_lr", cfg.optimizer.params["lr"])
+        if any(scale != 1.0 for scale in group_lr_scales):
+            # WarmupLR writes one lr into every group; per-group lists keep param_groups' lr_scale.
+            for key in _LR_PARAMS:
+                if key in params:
+                    params[key] = [params[key] * scale for scale in group_lr_scales]
+    return {"type": cfg.scheduler.type, "params": params}
+
+
+def _monitor_block(block: MonitorCfg, default_path: str) -> dict[str, Any]:
+    return {"enabled": True, "output_path": block.output_path or default_path, "job_name": block.job_name}
+
+
+def to_deepspeed_config(
+    cfg: Config,
+    *,
+    world_size: int,
+    total_steps: int,
+    accelerator_name: str = "cpu",
+    group_lr_scales: Sequence[float] = (1.0,),
+) -> dict[str, Any]:
+    """`total_steps` is the number of optimizer steps of the run (fills total_num_steps)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * world_size,
+        "steps_per_print": 10**9,  # progress is reported by our own loop, not DeepSpeed's log lines
+        "wall_clock_breakdown": cfg.wall_clock_breakdown,
+        "zero_optimization": zero_block(cfg),
+        "optimizer": optimizer_block(cfg, accelerator_name),
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.use_fp16.enabled:
+        ds["fp16"] = {"enabled": True, **cfg.use_fp16.model_dump(exclude={"enabled"})}
+    elif cfg.bf16.enabled:
+        ds["bf16"] = {"enabled": True}
+    scheduler = scheduler_block(cfg, total_steps, group_lr_scales)
+    if scheduler is not None:
+        ds["scheduler"] = scheduler
+    if cfg.flops_profiler.enabled:
+        ds["flops_profiler"] = cfg.flops_profiler.model_dump()
+    if cfg.tensorboard.enabled:
+        ds["tensorboard"] = _monitor_block(cfg.tensorboard, f"{cfg.output_dir}/logs/tensorboard")
+    if cfg.csv_monitor.enabled:
+        ds["csv_monitor"] = _monitor_block(cfg.csv_monitor, f"{cfg.output_dir}/logs/csv")
+    return ds

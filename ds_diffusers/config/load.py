@@ -1,0 +1,97 @@
+"""Read a cfg JSON file, merge `--set key.sub=value` overrides, and validate the result.
+
+Every failure becomes a `ConfigError` naming the field, the bad value and the fix; nothing here
+writes to disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ValidationError
+
+from ds_diffusers.config.schema import Config
+from ds_diffusers.errors import ConfigError
+
+
+def read_cfg_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--cfg", str(path), "no such file; pass the path of a JSON config, e.g. cfg/default.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("--cfg", str(path), f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})")
+    if not isinstance(raw, dict):
+        raise ConfigError("--cfg", str(path), "the file must hold one JSON object of config keys")
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=1` -> (["a", "b"], 1). Values are JSON (numbers, true/false, lists); anything else is a string."""
+    key, sep, value_text = text.partition("=")
+    if not sep or not key:
+        raise ConfigError("--set", text, "write overrides as key=value, e.g. --set use_lora.rank=8")
+    try:
+        value = json.loads(value_text)
+    except json.JSONDecodeError:
+        value = value_text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(raw))  # deep copy; the caller's dict stays as read
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: depth + 1])
+                raise ConfigError("--set", text, f"{dotted} is not a block of keys, so {'.'.join(path)} cannot be set")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Unknown keys, with the closest valid key suggested. Free-form dicts (optimizer.params) are skipped."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(fields))}"
+            raise ConfigError(dotted, value, f"unknown key; {hint}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            _check_unknown_keys(value, annotation, prefix=f"{dotted}.")
+
+
+def _first_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"] if not isinstance(part, str) or not part.startswith("function-")]
+    field = ".".join(loc) or "config"
+    if first["type"] == "missing":
+        return ConfigError(field, None, "required key is missing; add it to the cfg file or pass --set " f"{field}=...")
+    return ConfigError(field, first.get("input"), f"{first['msg']}")
+
+
+def validate_dict(raw: dict[str, Any]) -> Config:
+    """Shape, type and range validation. Disk and accelerator checks are `checks.check_environment`."""
+    _check_unknown_keys(raw, Config)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise _first_error(err) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    cfg = validate_dict(apply_overrides(read_cfg_file(path), overrides))
+    from ds_diffusers.config.checks import check_consistency
+
+    check_consistency(cfg)
+    return cfg

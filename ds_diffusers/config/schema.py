@@ -1,0 +1,181 @@
+"""The typed config tree. Key names keep the seed project's (deepspeed-diffusers `cfg/default.json`)
+so existing files load unchanged; every key added here is documented in README.md with its default.
+
+Only shapes, types and ranges live here; checks that touch the disk or the accelerator are in
+`checks.py`, and the translation to a DeepSpeed dict is in `deepspeed.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OffloadDevice = Literal["none", "cpu", "nvme", "auto"]
+
+
+class Block(BaseModel):
+    """Strict: a JSON string is never silently read as a number or a bool."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LoraCfg(Block):
+    action: bool = False
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # peft's `init_lora_weights`: true (zero B, the default), false (random), or a named scheme.
+    init: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = True
+
+
+class Fp16Cfg(Block):
+    enabled: bool = False
+    auto_cast: bool = False
+    loss_scale: float = Field(0.0, ge=0.0)  # 0 = dynamic loss scaling
+    initial_scale_power: int = Field(16, ge=0, le=64)
+    loss_scale_window: int = Field(1000, ge=1)
+    hysteresis: int = Field(2, ge=1)
+    consecutive_hysteresis: bool = False
+    min_loss_scale: float = Field(1.0, gt=0.0)
+
+
+class Bf16Cfg(Block):
+    enabled: bool = False
+
+
+class ParamGroupCfg(Block):
+    match: str = Field(min_length=1)  # a regular expression searched in the parameter name
+    lr_scale: float = Field(1.0, gt=0.0)
+    weight_decay: Optional[float] = Field(None, ge=0.0)
+
+
+class OptimizerCfg(Block):
+    type: str = "AdamW"
+    params: dict[str, Any] = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    param_groups: list[ParamGroupCfg] = []
+
+
+class SchedulerCfg(Block):
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "none"] = "WarmupLR"
+    params: dict[str, Any] = {}
+
+
+class WandbCfg(Block):
+    enabled: bool = False
+    group: Optional[str] = None
+    project: str = "ds-diffusers"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+class FlopsProfilerCfg(Block):
+    enabled: bool = False
+    profile_step: int = Field(1, ge=1)
+    module_depth: int = -1
+    top_modules: int = Field(1, ge=1)
+    detailed: bool = True
+    output_file: Optional[str] = None
+
+
+class MonitorCfg(Block):
+    """DeepSpeed's `tensorboard` and `csv_monitor` blocks, passed through."""
+
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "ds-diffusers"
+
+
+class OffloadParamCfg(Block):
+    device: OffloadDevice = "none"
+    nvme_path: Optional[str] = None
+    pin_memory: bool = False
+
+
+class OffloadOptimizerCfg(OffloadParamCfg):
+    pass
+
+
+class ZeroCfg(Block):
+    stage: int = Field(0, ge=0, le=3)
+    offload_param: OffloadParamCfg = OffloadParamCfg()
+    offload_optimizer: OffloadOptimizerCfg = OffloadOptimizerCfg()
+    # Tuning knobs passed to DeepSpeed as they are when set.
+    overlap_comm: Optional[bool] = None
+    contiguous_gradients: Optional[bool] = None
+    reduce_scatter: Optional[bool] = None
+    reduce_bucket_size: Optional[int] = Field(None, ge=1)
+    allgather_bucket_size: Optional[int] = Field(None, ge=1)
+    round_robin_gradients: Optional[bool] = None
+    sub_group_size: Optional[int] = Field(None, ge=1)
+    stage3_prefetch_bucket_size: Optional[int] = Field(None, ge=0)
+    stage3_param_persistence_threshold: Optional[int] = Field(None, ge=0)
+    stage3_max_live_parameters: Optional[int] = Field(None, ge=0)
+    stage3_max_reuse_distance: Optional[int] = Field(None, ge=0)
+    stage3_gather_16bit_weights_on_model_save: Optional[bool] = None
+
+
+class Config(Block):
+    # --- run length and cadence (seed keys)
+    num_epochs: int = Field(1, ge=1)
+    max_train_steps: int = Field(0, ge=0)  # optimizer steps; 0 = use num_epochs
+    validation_epochs: int = Field(0, ge=0)  # 0 = no epoch-based validation
+    validation_steps: int = Field(0, ge=0)  # 0 = no step-based validation
+    num_validation_images: int = Field(4, ge=1)
+    validation_inference_steps: int = Field(25, ge=1)
+    validation_guidance_scale: float = Field(7.5, ge=0.0)
+    validation_prompts: list[str] = []
+    save_interval: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0 = only at the end
+    checkpoints_total_limit: int = Field(3, ge=1)
+    overwrite_output_dir: bool = False
+    seed: int = Field(42, ge=0)
+    # --- paths (seed keys)
+    pretrained_model_name_or_path: str = Field(min_length=1)
+    dataset_dir: str = Field(min_length=1)
+    imagefolder: bool = False
+    checkpoint_dir: str = "outputs/checkpoints"
+    output_dir: str = "outputs/model"
+    resume_from_checkpoint: Union[bool, str] = False
+    # --- data (seed keys + columns)
+    image_column: Optional[str] = None
+    caption_column: Optional[str] = None
+    resolution: int = Field(512, ge=8)
+    center_crop: bool = False
+    random_flip: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
+    # --- model and objective
+    use_lora: LoraCfg = LoraCfg()
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    ema_update_after_step: int = Field(0, ge=0)
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    noise_offset: float = Field(0.0, ge=0.0)
+    snr_gamma: Optional[float] = Field(None, gt=0.0)
+    gradient_checkpointing: bool = False
+    # --- DeepSpeed
+    use_fp16: Fp16Cfg = Fp16Cfg()
+    bf16: Bf16Cfg = Bf16Cfg()
+    train_micro_batch_size_per_gpu: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(0.0, ge=0.0)  # 0 = no clipping
+    optimizer: OptimizerCfg = OptimizerCfg()
+    scheduler: SchedulerCfg = SchedulerCfg()
+    lr_warmup_steps: int = Field(0, ge=0)
+    zero_optimization: ZeroCfg = ZeroCfg()
+    wall_clock_breakdown: bool = False
+    flops_profiler: FlopsProfilerCfg = FlopsProfilerCfg()
+    # --- logging
+    offline: bool = False  # wandb offline mode
+    wandb: WandbCfg = WandbCfg()
+    tensorboard: MonitorCfg = MonitorCfg()
+    csv_monitor: MonitorCfg = MonitorCfg()
+
+    @property
+    def weight_dtype_name(self) -> str:
+        """Precision of the frozen components (and of the UNet's compute in the engine)."""
+        if self.use_fp16.enabled:
+            return "float16"
+        if self.bf16.enabled:
+            return "bfloat16"
+        return "float32"

@@ -1,0 +1,123 @@
+"""Export room: gathered weights -> a diffusers folder that the standard loaders read.
+
+Full fine-tune: `output_dir/unet/` (safetensors) plus the frozen components copied byte-for-byte
+from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` loads the pipeline.
+LoRA: `output_dir/pytorch_lora_weights.safetensors`, read by `pipe.load_lora_weights(output_dir)`.
+
+Under ZeRO-3 a parameter on one rank is an empty placeholder, so weights are gathered one tensor at
+a time on all ranks and only rank 0 writes (a plain `save_pretrained` would write empty tensors).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker",
+                "text_encoder_2", "tokenizer_2", "image_encoder")
+
+
+def gathered_state_dict(module: torch.nn.Module, *, rank: int, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """All ranks must call this. Returns full CPU tensors on rank 0 and an empty dict elsewhere."""
+    import deepspeed
+
+    trainable = {name for name, param in module.named_parameters() if param.requires_grad}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if trainable_only and name not in trainable:
+            continue
+        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                if rank == 0:
+                    state[name] = tensor.detach().cpu().clone()
+        elif rank == 0:
+            state[name] = tensor.detach().cpu().clone()
+    return state
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Swap a fully written folder into place; the old one is removed only after the new one exists."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+
+
+def write_unet(config_json: str, state: dict[str, torch.Tensor], out_dir: Path, subfolder: str = "unet") -> Path:
+    """Rank 0 only. Writes `out_dir/<subfolder>/` in the diffusers layout."""
+    final = out_dir / subfolder
+    staging = out_dir / f".{subfolder}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    contiguous = {name: tensor.contiguous() for name, tensor in state.items()}
+    save_file(contiguous, str(staging / UNET_WEIGHTS), metadata={"format": "pt"})
+    (staging / "config.json").write_text(config_json)
+    _replace_dir(staging, final)
+    return final
+
+
+def copy_frozen_components(base_dir: Path, out_dir: Path) -> None:
+    """Rank 0 only. The frozen parts are copied from the base model, not re-saved from memory,
+    so they keep their original dtype and files."""
+    if base_dir.resolve() == out_dir.resolve():
+        return
+    for part in FROZEN_PARTS:
+        source = base_dir / part
+        if source.is_dir():
+            staging = out_dir / f".{part}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            _replace_dir(staging, out_dir / part)
+    shutil.copy2(base_dir / "model_index.json", out_dir / "model_index.json")
+
+
+def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """Rank 0 only. `trainable_state` holds the gathered adapter tensors under peft's names."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=trainable_state))
+    lora_state = {name: tensor.contiguous() for name, tensor in lora_state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / ".lora.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    # The adapter config travels as metadata so the loader uses our alpha, not alpha = rank.
+    metadata = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata)
+    final = out_dir / LORA_WEIGHTS
+    os.replace(partial / LORA_WEIGHTS, final)
+    shutil.rmtree(partial)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(final, 0o666 & ~umask)  # the writer creates it private; an export is meant to be shared
+    return final
+
+
+def export_model(unet: torch.nn.Module, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, subfolder: str = "unet",
+                 replacements: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """All ranks must call this (gathers under ZeRO-3); rank 0 writes. Returns the written path on rank 0.
+
+    `replacements` (rank 0) substitutes tensors by name, e.g. the EMA weights for `unet_ema/`."""
+    state = gathered_state_dict(unet, rank=rank, trainable_only=is_lora)
+    if rank != 0:
+        return None
+    for name, tensor in (replacements or {}).items():
+        state[name] = tensor.to(state[name].dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_lora:
+        return write_lora(unet, state, out)
+    path = write_unet(unet.to_json_string(), state, out, subfolder=subfolder)
+    copy_frozen_components(Path(base_dir), out)
+    return path

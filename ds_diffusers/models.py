@@ -1,0 +1,134 @@
+"""Models room: the frozen components (tokenizer, text encoder, VAE, noise scheduler) and the
+trainable UNet, optionally wrapped with peft LoRA adapters.
+
+The frozen components are loaded with plain `from_pretrained` (never inside `deepspeed.zero.Init`),
+cast to the weight dtype and moved to the accelerator; they are never handed to DeepSpeed, so ZeRO-3
+never partitions them. Only the UNet goes to `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ds_diffusers.config.schema import Config, LoraCfg
+from ds_diffusers.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class FrozenComponents:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def latent_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def _frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module.to(device=device, dtype=dtype)
+
+
+def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None) -> FrozenComponents:
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    if prediction_type is not None:
+        # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    return FrozenComponents(
+        tokenizer=tokenizer,
+        text_encoder=_frozen(text_encoder, device, dtype),
+        vae=_frozen(vae, device, dtype),
+        noise_scheduler=noise_scheduler,
+    )
+
+
+def load_unet(model_dir: str, gradient_checkpointing: bool) -> UNet2DConditionModel:
+    """fp32 weights on the host; DeepSpeed casts and moves them (and partitions them under ZeRO-3)."""
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet
+
+
+def lora_config(lora: LoraCfg) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        init_lora_weights=lora.init,
+        target_modules=list(lora.target_modules),
+    )
+
+
+def add_lora(unet: UNet2DConditionModel, lora: LoraCfg) -> None:
+    """Freeze the base UNet and attach peft adapters; only their parameters stay trainable."""
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(lora_config(lora))
+    except ValueError as err:
+        raise ConfigError("use_lora.target_modules", lora.target_modules, f"peft could not attach adapters ({err}); "
+                          "name modules of the UNet, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]") from None
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("use_lora.target_modules", lora.target_modules, "matched no UNet module; use e.g. [\"to_q\", \"to_k\", \"to_v\"]")
+    # Adapters train in fp32 master precision; DeepSpeed casts the compute copy.
+    for param in trainable:
+        param.data = param.data.float()
+
+
+def build_unet(cfg: Config) -> UNet2DConditionModel:
+    unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing)
+    if cfg.use_lora.action:
+        add_lora(unet, cfg.use_lora)
+    return unet
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> tuple[list[dict[str, Any]], list[float]]:
+    """Trainable parameters split by `optimizer.param_groups` (first matching rule wins).
+
+    Returns the groups for the optimizer and each group's lr scale (for the scheduler translation).
+    """
+    base_lr = float(cfg.optimizer.params["lr"])
+    rules = cfg.optimizer.param_groups
+    buckets: list[list[torch.nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        slot = next((i + 1 for i, rule in enumerate(rules) if re.search(rule.match, name)), 0)
+        buckets[slot].append(param)
+    groups: list[dict[str, Any]] = []
+    scales: list[float] = []
+    for slot, params in enumerate(buckets):
+        if slot > 0 and not params:
+            raise ConfigError(f"optimizer.param_groups[{slot - 1}].match", rules[slot - 1].match,
+                              "matches no trainable parameter name; check the pattern against the UNet's parameter names")
+        if not params:
+            continue
+        group: dict[str, Any] = {"params": params}
+        scale = 1.0
+        if slot > 0:
+            rule = rules[slot - 1]
+            scale = rule.lr_scale
+            group["lr"] = base_lr * scale
+            if rule.weight_decay is not None:
+                group["weight_decay"] = rule.weight_decay
+        groups.append(group)
+        scales.append(scale)
+    return groups, scales

@@ -1,0 +1,246 @@
+"""Training entrypoint: `python -m ds_diffusers.train --cfg PATH [--set key.sub=value ...]`, also
+started as `deepspeed [--num_gpus N] --module ds_diffusers.train --cfg PATH`.
+
+This is the one file that knows the order of the steps:
+config -> models -> data -> DeepSpeed engine -> (resume) -> loop -> checkpoint -> export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ds_diffusers import checkpoint, preemption, validation
+from ds_diffusers.config import Config, check_environment, load_config, to_deepspeed_config
+from ds_diffusers.data import build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, resolve_columns
+from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks
+from ds_diffusers.ema import ShardedEMA
+from ds_diffusers.errors import ConfigError, TrainingError
+from ds_diffusers.export import export_model
+from ds_diffusers.metrics import RunLogger
+from ds_diffusers.models import DTYPES, build_unet, load_frozen_components, param_groups
+from ds_diffusers.objective import diffusion_loss, encode_batch
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped on a signal; it is meant to be started again."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Run length in optimizer steps; `max_train_steps` wins over `num_epochs` when set."""
+
+    batches_per_epoch: int
+    steps_per_epoch: float
+    total_steps: int
+    num_epochs: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, dataset_len: int, world_size: int) -> "RunPlan":
+        batches = num_batches_per_epoch(dataset_len, cfg.train_micro_batch_size_per_gpu, world_size)
+        steps_per_epoch = batches / cfg.gradient_accumulation_steps
+        if cfg.max_train_steps:
+            total = cfg.max_train_steps
+        else:
+            total = max(1, math.floor(cfg.num_epochs * steps_per_epoch))
+        epochs = math.ceil(total * cfg.gradient_accumulation_steps / batches)
+        return cls(batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(loader, sampler, dataset, start_epoch: int, num_epochs: int, start_in_epoch: int):
+    """(epoch, batch) pairs from `start_epoch` on, skipping the `start_in_epoch` samples this rank
+    already consumed (resume); each epoch ends with (epoch, None)."""
+    for epoch in range(start_epoch, num_epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_start(start_in_epoch if epoch == start_epoch else 0)
+        for batch in loader:
+            yield epoch, batch
+        yield epoch, None
+
+
+def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger) -> None:
+    """All ranks under ZeRO-3 (the forward gathers parameters collectively), rank 0 alone otherwise."""
+    zero3 = cfg.zero_optimization.stage == 3
+    if zero3 or dist.is_main:
+        # The training RNG streams must not notice validation, or resumed runs would diverge.
+        with torch.random.fork_rng(devices=[]):
+            rows = validation.generate(
+                frozen, engine.module, cfg.validation_prompts, num_images=cfg.num_validation_images, seed=cfg.seed,
+                resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale,
+            )
+        if dist.is_main:
+            path = validation.save_validation_grid(rows, cfg.validation_prompts, cfg.output_dir, global_step)
+            logger.log_images(global_step, str(path), cfg.validation_prompts)
+    barrier()
+
+
+def train(cfg: Config) -> Path | None:
+    # Data problems (missing columns, too few rows) surface before any process group exists.
+    hf_dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
+    image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
+
+    resume_from = checkpoint.resume_target(cfg)
+    if resume_from is None:
+        checkpoint.check_fresh_start(cfg)
+    checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
+    checkpoint.check_writable(cfg.output_dir, "output_dir")
+
+    dist = init_distributed()
+    preemption.install()
+    if resume_from is None and cfg.overwrite_output_dir and dist.is_main:
+        checkpoint.clear_previous_run(cfg)
+    barrier()
+    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
+    seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
+    weight_dtype = DTYPES[cfg.weight_dtype_name]
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
+    unet = build_unet(cfg)
+    groups, lr_scales = param_groups(unet, cfg)
+
+    loader, sampler, dataset = build_train_dataloader(
+        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
+        num_workers=cfg.dataloader_num_workers, rank=dist.rank, world_size=dist.world_size,
+    )
+    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, total_steps=plan.total_steps,
+                                    accelerator_name=get_accelerator().device_name(), group_lr_scales=lr_scales)
+    if dist.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config)
+
+    ema = ShardedEMA(engine.module, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
+    global_step, start_epoch, consumed_in_epoch = 0, 0, 0
+    if resume_from is not None:
+        meta = checkpoint.load(engine, cfg, dist, resume_from, ema)
+        global_step, start_epoch, consumed_in_epoch = meta["global_step"], meta["epoch"], meta["samples_in_epoch"]
+    else:
+        seed_everything(cfg.seed + dist.rank)  # per-rank noise and timesteps from here on
+
+    logger = RunLogger(cfg, is_main=dist.is_main, total_steps=plan.total_steps, initial_step=global_step, monitor=engine.monitor)
+    if resume_from is not None:
+        changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
+        logger.message(f"resumed from {resume_from} at step {global_step}{changed}")
+    logger.message(f"training {sum(p.numel() for g in groups for p in g['params']):,} parameters "
+                   f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), ZeRO-{cfg.zero_optimization.stage}, "
+                   f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps")
+    compute_dtype = DTYPES[cfg.weight_dtype_name]
+    samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
+
+    def unet_forward(noisy_latents, timesteps, encoder_hidden_states):
+        return engine(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    validated_at = -1
+    epoch = start_epoch
+    step_started = time.perf_counter()
+    for epoch, batch in epoch_batches(loader, sampler, dataset, start_epoch, plan.num_epochs, consumed_in_epoch // dist.world_size):
+        if global_step >= plan.total_steps:
+            break
+        if batch is None:  # end of an epoch
+            consumed_in_epoch = 0
+            if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0 and validated_at != global_step:
+                run_validation(cfg, dist, frozen, engine, global_step, logger)
+                validated_at = global_step
+            continue
+        latents, encoder_hidden_states = encode_batch(frozen, batch["pixel_values"], batch["input_ids"])
+        loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
+                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+        loss_value = mean_over_ranks(loss)
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss is {loss_value} at step {global_step + 1} (epoch {epoch}); no weights were written from this state. "
+                "Likely causes: learning rate too high (lower optimizer.params.lr or add warmup), fp16 overflow "
+                "(use bf16.enabled, or lower use_fp16.initial_scale_power), or corrupt input images.")
+        engine.backward(loss)
+        at_boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        consumed_in_epoch += cfg.train_micro_batch_size_per_gpu * dist.world_size
+        if not at_boundary:
+            continue
+        global_step += 1
+        now = time.perf_counter()
+        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else engine.get_lr()[0]
+        logger.log_step(global_step, {"loss": loss_value, "lr": lr, "samples_per_s": samples_per_step / (now - step_started),
+                                      "epoch": epoch, "skipped_steps": float(engine.skipped_steps)})
+        if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+            run_validation(cfg, dist, frozen, engine, global_step, logger)
+            validated_at = global_step
+        if ema is not None:
+            ema.update(global_step)
+        if cfg.save_interval and global_step % cfg.save_interval == 0 and global_step < plan.total_steps:
+            checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+        if global_step >= plan.total_steps:
+            break
+        if preemption.stop_requested(dist.device):
+            checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+            logger.message(f"stopped by {preemption.signal_names()} at step {global_step}; checkpoint saved in "
+                           f"{cfg.checkpoint_dir}; start again with resume_from_checkpoint=latest to continue")
+            logger.close()
+            raise Preempted(global_step)
+        step_started = time.perf_counter()
+
+    if (cfg.validation_steps or cfg.validation_epochs) and validated_at != global_step:
+        run_validation(cfg, dist, frozen, engine, global_step, logger)
+    checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+    exported = export_model(engine.module, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
+                            out_dir=cfg.output_dir, rank=dist.rank)
+    if ema is not None:
+        export_model(engine.module, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
+                     rank=dist.rank, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
+    barrier()
+    logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
+    logger.close()
+    return exported
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ds_diffusers.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg", required=True, help="JSON config file (see cfg/ and README.md)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, dotted for nested keys, e.g. --set use_lora.rank=8 seed=1")
+    # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+        check_environment(cfg)
+        train(cfg)
+    except ConfigError as err:
+        print(f"ds-diffusers: config error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"ds-diffusers: training stopped: {err}", file=sys.stderr)
+        return 3
+    except Preempted:
+        return preemption.EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Translation of a validated config into the DeepSpeed dict, per ZeRO stage and precision."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds_diffusers.config import to_deepspeed_config, validate_dict
+from tests.test_config import with_changes
+
+
+def translate(world_size=2, total_steps=100, accelerator="cpu", scales=(1.0,), **changes):
+    changes.setdefault("use_fp16", {"enabled": False})
+    cfg = validate_dict(with_changes(**changes))
+    return to_deepspeed_config(cfg, world_size=world_size, total_steps=total_steps, accelerator_name=accelerator, group_lr_scales=scales)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_stage_and_precision(stage, precision):
+    changes = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 5}
+    if precision == "fp16":
+        changes["use_fp16"] = {"enabled": True, "initial_scale_power": 12, "loss_scale_window": 200, "hysteresis": 3,
+                               "consecutive_hysteresis": True, "min_loss_scale": 0.5}
+    if precision == "bf16":
+        changes["bf16"] = {"enabled": True}
+    ds = translate(world_size=4, **changes)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["zero_optimization"] == {"stage": stage}
+    if precision == "fp16":
+        assert ds["fp16"] == {"enabled": True, "auto_cast": False, "loss_scale": 0.0, "initial_scale_power": 12,
+                              "loss_scale_window": 200, "hysteresis": 3, "consecutive_hysteresis": True, "min_loss_scale": 0.5}
+        assert "bf16" not in ds
+    elif precision == "bf16":
+        assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    else:
+        assert "fp16" not in ds and "bf16" not in ds
+
+
+def test_offload_blocks_and_auto_means_none():
+    ds = translate(zero_optimization={"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+                                      "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}, "overlap_comm": True})
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
+    assert ds["zero_optimization"]["overlap_comm"] is True
+    auto = translate(zero_optimization={"stage": 1, "offload_param": {"device": "auto"}, "offload_optimizer": {"device": "auto"}})
+    assert auto["zero_optimization"] == {"stage": 1}
+
+
+def test_optimizer_passthrough_and_cpu_torch_adam():
+    ds = translate()
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.01
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in translate(accelerator="cuda")["optimizer"]["params"]
+    offloaded = translate(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+    assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeedCPUAdam is the point of offload
+
+
+@pytest.mark.parametrize("kind", ["WarmupDecayLR", "WarmupCosineLR"])
+def test_total_steps_filled_from_run_length(kind):
+    ds = translate(total_steps=777, lr_warmup_steps=50, scheduler={"type": kind, "params": {}})
+    assert ds["scheduler"]["type"] == kind
+    assert ds["scheduler"]["params"]["total_num_steps"] == 777
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 50
+
+
+def test_warmup_lr_keeps_explicit_values_and_lr_warmup_steps_fills_gaps():
+    ds = translate()  # seed: warmup_num_steps 1000 given explicitly, lr_warmup_steps 500
+    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 0.0001, "warmup_num_steps": 1000}
+    filled = translate(scheduler={"type": "WarmupLR", "params": {}}, lr_warmup_steps=0)
+    assert filled["scheduler"]["params"]["warmup_num_steps"] == 1  # DeepSpeed rejects 0
+    assert filled["scheduler"]["params"]["warmup_max_lr"] == 1e-4
+    assert "scheduler" not in translate(scheduler={"type": "none"})
+
+
+def test_param_group_scales_become_per_group_lrs():
+    ds = translate(scales=(1.0, 2.0))
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == [0.0001, 0.0002]
+    assert ds["scheduler"]["params"]["warmup_min_lr"] == [0, 0]
+
+
+def test_monitors_profiler_and_clipping_pass_through():
+    ds = translate(gradient_clipping=1.5, wall_clock_breakdown=True, output_dir="out",
+                   flops_profiler={"enabled": True, "profile_step": 3},
+                   tensorboard={"enabled": True}, csv_monitor={"enabled": True, "output_path": "logs/csv", "job_name": "j"})
+    assert ds["gradient_clipping"] == 1.5 and ds["wall_clock_breakdown"] is True
+    assert ds["flops_profiler"]["profile_step"] == 3 and ds["flops_profiler"]["enabled"] is True
+    assert ds["tensorboard"] == {"enabled": True, "output_path": "out/logs/tensorboard", "job_name": "ds-diffusers"}
+    assert ds["csv_monitor"] == {"enabled": True, "output_path": "logs/csv", "job_name": "j"}
+    assert "flops_profiler" not in translate()
