@@ -32,7 +32,8 @@ from ds_diffusers.errors import ConfigError, TrainingError
 
 META_FILE = "ds_diffusers.json"
 LATEST = "latest"
-FAULT_ENV = "DSD_FAULT_INJECT"  # test hook: "kill_during_save" kills rank 0 between checkpoint files
+# Test hook: "kill_during_save:<step>" kills rank 0 between the files of that step's checkpoint.
+FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
 _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
@@ -184,7 +185,7 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
     try:
         # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
         engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
-        if os.environ.get(FAULT_ENV) == "kill_during_save" and dist.is_main:
+        if os.environ.get(FAULT_ENV) == f"kill_during_save:{global_step}" and dist.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
         rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
         torch.save(rank_state, step_dir / f"rank_{dist.rank}.pt")

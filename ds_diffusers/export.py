@@ -121,3 +121,11 @@ def export_model(unet: torch.nn.Module, *, is_lora: bool, base_dir: str, out_dir
     path = write_unet(unet.to_json_string(), state, out, subfolder=subfolder)
     copy_frozen_components(Path(base_dir), out)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    from ds_diffusers.export_cli import main
+
+    sys.exit(main())

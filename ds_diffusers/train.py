@@ -113,6 +113,7 @@ def train(cfg: Config) -> Path | None:
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
     unet = build_unet(cfg)
     groups, lr_scales = param_groups(unet, cfg)
+    num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
 
     loader, sampler, dataset = build_train_dataloader(
         hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
@@ -143,7 +144,7 @@ def train(cfg: Config) -> Path | None:
     if resume_from is not None:
         changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
         logger.message(f"resumed from {resume_from} at step {global_step}{changed}")
-    logger.message(f"training {sum(p.numel() for g in groups for p in g['params']):,} parameters "
+    logger.message(f"training {num_trainable:,} parameters "
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), ZeRO-{cfg.zero_optimization.stage}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps")
     compute_dtype = DTYPES[cfg.weight_dtype_name]

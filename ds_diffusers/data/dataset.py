@@ -1,0 +1,112 @@
+"""The torch Dataset of (pixel_values, input_ids) and the per-rank training DataLoader."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
+from ds_diffusers.data.seeding import seeded_generator
+from ds_diffusers.data.transforms import choose_caption, preprocess_image
+from ds_diffusers.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class CaptionedImageDataset(Dataset):
+    """Row `index` -> {"pixel_values", "input_ids", "index"}.
+
+    Caption choice, crop offset and flip come from a generator seeded with (seed, epoch, index),
+    so a sample is the same whatever the worker count or order, and again after a resume.
+    """
+
+    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
+                 tokenizer: PreTrainedTokenizerBase, resolution: int, center_crop: bool,
+                 random_flip: bool, seed: int, epoch: int = 0) -> None:
+        self.rows = hf_dataset.select_columns([image_column, caption_column])  # decode only these two
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        # A shared-memory tensor, not an int: persistent DataLoader workers hold their own copy of
+        # this object, and only shared memory lets set_epoch in the main process reach them.
+        self._epoch = torch.tensor([epoch], dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        generator = seeded_generator(self.seed, self.epoch, index)
+        row = self.rows[index]
+        caption = choose_caption(row[self.caption_column], generator, row=index)
+        pixel_values = preprocess_image(row[self.image_column], self.resolution, self.center_crop,
+                                        self.random_flip, generator)
+        input_ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                                   truncation=True, return_tensors="pt").input_ids[0]
+        return {"pixel_values": pixel_values, "input_ids": input_ids, "index": index}
+
+
+def collate_examples(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "input_ids": torch.stack([example["input_ids"] for example in examples]),
+        "index": torch.tensor([example["index"] for example in examples], dtype=torch.long),
+    }
+
+
+def num_batches_per_epoch(dataset_len: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches each rank runs per epoch (shards truncated to equal length, last batch dropped)."""
+    return shard_length(dataset_len, world_size) // micro_batch_size
+
+
+def check_dataset_size(num_rows: int, micro_batch_size: int, world_size: int) -> None:
+    """Raise ConfigError unless every rank gets at least one full micro-batch per epoch."""
+    if micro_batch_size < 1:
+        raise ConfigError("train_micro_batch_size_per_gpu", micro_batch_size, "must be at least 1")
+    if num_batches_per_epoch(num_rows, micro_batch_size, world_size) == 0:
+        largest = max(num_rows // world_size, 1)
+        raise ConfigError("train_micro_batch_size_per_gpu", micro_batch_size,
+                          f"the dataset has {num_rows} rows, fewer than {micro_batch_size} per rank × "
+                          f"{world_size} ranks; use at most {largest} or add data")
+
+
+def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
+                           tokenizer: PreTrainedTokenizerBase, *, resolution: int, center_crop: bool,
+                           random_flip: bool, seed: int, micro_batch_size: int, num_workers: int,
+                           rank: int, world_size: int,
+                           ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
+    """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch."""
+    check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
+    dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
+                                    center_crop, random_flip, seed)
+    sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        collate_fn=collate_examples,
+        # torch.accelerator rather than a CUDA check: pinning helps any accelerator, never a CPU run.
+        pin_memory=torch.accelerator.is_available(),
+        persistent_workers=num_workers > 0,
+        # Its own generator: a new iterator (each epoch, or a resume mid-epoch) would otherwise draw
+        # a worker seed from the global torch RNG and shift the noise stream of the training loop.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler, dataset

@@ -1,0 +1,64 @@
+"""Image and caption transforms (PIL + numpy + torch); all randomness comes from a passed generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ds_diffusers.errors import ConfigError
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Bilinear resize so the shorter side is `size`, like torchvision `Resize(size)` on PIL images."""
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    return image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+
+
+def crop_offsets(width: int, height: int, resolution: int, center_crop: bool,
+                 generator: torch.Generator) -> tuple[int, int]:
+    """(top, left) of a resolution×resolution window: the centre (torchvision's rounding) or uniform."""
+    if center_crop:
+        return int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+    return top, left
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC RGB -> float32 [3,H,W] in [-1, 1] (ToTensor then Normalize([0.5], [0.5]))."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
+
+
+def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                     generator: torch.Generator) -> torch.Tensor:
+    """RGB, resize shorter side, crop to resolution², maybe flip, normalise: FloatTensor [3,R,R]."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    image = resize_shorter_side(image.convert("RGB"), resolution)
+    top, left = crop_offsets(image.width, image.height, resolution, center_crop, generator)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_normalized_tensor(image)
+
+
+def choose_caption(captions: str | Sequence[str], generator: torch.Generator, row: int | None = None) -> str:
+    """A plain string as is; one caption drawn uniformly from a list (several captions per image)."""
+    if isinstance(captions, str):
+        return captions
+    where = "a row" if row is None else f"row {row}"
+    if not isinstance(captions, Sequence) or not all(isinstance(caption, str) for caption in captions):
+        raise ConfigError("caption_column", captions,
+                          f"{where} holds {type(captions).__name__}, not a caption; captions must be strings or lists of strings")
+    if len(captions) == 0:
+        raise ConfigError("caption_column", captions,
+                          f"{where} has an empty caption list; give every image at least one caption or drop the row")
+    return captions[int(torch.randint(0, len(captions), (1,), generator=generator))]

@@ -1,0 +1,129 @@
+"""Checkpoints through the real `deepspeed` launcher with 2 processes: exact resume for full and
+LoRA under ZeRO-2 and ZeRO-3, ZeRO-3 exports and EMA equal to a ZeRO-0 run, crash safety, and
+refusals that protect earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_train_integration import REPO, assert_ok, launch, losses, run_cfg
+
+pytestmark = pytest.mark.multiprocess
+STEPS = 8
+# A constant-after-warmup schedule: the schedule of a run stopped at STEPS/2 is the same as the long run's.
+COMMON = ("scheduler.type=WarmupLR", "scheduler.params={}", "lr_warmup_steps=2", "save_interval=0")
+
+
+def tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def three_runs(tiny_assets, tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
+    """2N steps straight, and N steps + resume for N more; returns both output folders."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(launch(run_cfg(tiny_assets, straight, *COMMON, *overrides, f"max_train_steps={STEPS}"), procs=2))
+    assert_ok(launch(run_cfg(tiny_assets, resumed, *COMMON, *overrides, f"max_train_steps={STEPS // 2}"), procs=2))
+    result = launch(run_cfg(tiny_assets, resumed, *COMMON, *overrides, f"max_train_steps={STEPS}",
+                            "resume_from_checkpoint=latest"), procs=2)
+    assert_ok(result)
+    assert f"resumed from {resumed / 'checkpoints' / f'step_{STEPS // 2}'}" in result.stdout + result.stderr
+    return straight / "model", resumed / "model"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_full_resume_is_exact(tiny_assets, tmp_path, stage):
+    straight, resumed = three_runs(tiny_assets, tmp_path, f"zero_optimization.stage={stage}")
+    a, b = losses(straight), losses(resumed)
+    assert len(a) == len(b) == STEPS
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    assert max_diff(tensors(straight / "unet" / "diffusion_pytorch_model.safetensors"),
+                    tensors(resumed / "unet" / "diffusion_pytorch_model.safetensors")) <= 1e-6
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_resume_is_exact(tiny_assets, tmp_path, stage):
+    straight, resumed = three_runs(tiny_assets, tmp_path, f"zero_optimization.stage={stage}", "use_lora.action=true",
+                                   "optimizer.params.lr=0.01")
+    a, b = losses(straight), losses(resumed)
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    lora_a = tensors(straight / "pytorch_lora_weights.safetensors")
+    assert max_diff(lora_a, tensors(resumed / "pytorch_lora_weights.safetensors")) <= 1e-6
+    assert any(t.abs().max() > 0 for k, t in lora_a.items() if "lora_B" in k or "lora.up" in k)  # adapters trained
+
+
+def test_zero3_export_and_ema_equal_zero0(tiny_assets, tmp_path):
+    runs = {}
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        assert_ok(launch(run_cfg(tiny_assets, out, *COMMON, f"zero_optimization.stage={stage}", "max_train_steps=6",
+                                 "use_ema=true", "ema_decay=0.9"), procs=2))
+        runs[stage] = out / "model"
+    for sub in ("unet", "unet_ema"):
+        zero3 = tensors(runs[3] / sub / "diffusion_pytorch_model.safetensors")
+        zero0 = tensors(runs[0] / sub / "diffusion_pytorch_model.safetensors")
+        assert all(t.numel() > 0 for t in zero3.values())
+        assert max_diff(zero3, zero0) <= 1e-5, sub
+    # the EMA is a real average, not a copy of the weights
+    assert max_diff(tensors(runs[3] / "unet" / "diffusion_pytorch_model.safetensors"),
+                    tensors(runs[3] / "unet_ema" / "diffusion_pytorch_model.safetensors")) > 1e-6
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(runs[3], subfolder="unet_ema")
+    # offline export of the ZeRO-3 checkpoint gives the same tensors as the end-of-run export
+    offline = tmp_path / "offline"
+    result = subprocess.run([sys.executable, "-m", "ds_diffusers.export", "--checkpoint", str(tmp_path / "zero3" / "checkpoints"),
+                             "--out", str(offline)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for sub in ("unet", "unet_ema"):
+        assert max_diff(tensors(offline / sub / "diffusion_pytorch_model.safetensors"),
+                        tensors(runs[3] / sub / "diffusion_pytorch_model.safetensors")) == 0.0
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tiny_assets, tmp_path):
+    overrides = run_cfg(tiny_assets, tmp_path, *COMMON, "max_train_steps=9", "save_interval=3")
+    overrides = [o for o in overrides if o != "save_interval=0"]
+    os.environ["DSD_FAULT_INJECT"] = "kill_during_save:6"
+    try:
+        killed = launch(overrides)
+    finally:
+        del os.environ["DSD_FAULT_INJECT"]
+    assert killed.returncode != 0
+    checkpoints = tmp_path / "checkpoints"
+    # the save of step 6 was killed between files: latest still names step 3, which is complete
+    assert (checkpoints / "latest").read_text() == "step_3"
+    assert (checkpoints / "step_3" / "ds_diffusers.json").is_file()
+    assert not (checkpoints / "step_6" / "ds_diffusers.json").exists()
+    resumed = launch(overrides + ["resume_from_checkpoint=latest"])
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout + resumed.stderr and "at step 3" in resumed.stdout + resumed.stderr
+    assert (checkpoints / "latest").read_text() == "step_9"
+    # steps 4-6 are repeated (the ones since the last complete checkpoint), nothing else
+    logged = [json.loads(line)["step"] for line in (tmp_path / "model" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9]
+
+
+def test_fresh_run_refuses_to_overwrite_and_changed_rank_is_refused(tiny_assets, tmp_path):
+    base = run_cfg(tiny_assets, tmp_path, *COMMON, "max_train_steps=2", "use_lora.action=true", "use_lora.rank=4")
+    assert_ok(launch(base))
+    weights = (tmp_path / "model" / "pytorch_lora_weights.safetensors").read_bytes()
+    again = launch(base)
+    assert again.returncode == 2
+    assert "overwrite_output_dir" in again.stderr and "holds checkpoints" in again.stderr
+    changed = launch(base + ["resume_from_checkpoint=latest", "use_lora.rank=8", "max_train_steps=4"])
+    assert changed.returncode == 2
+    assert "use_lora.rank = 4" in changed.stderr and "this run has 8" in changed.stderr
+    assert (tmp_path / "model" / "pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert json.loads((tmp_path / "checkpoints" / "step_2" / "ds_diffusers.json").read_text())["global_step"] == 2
