@@ -40,7 +40,7 @@ _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validati
                  "validation_prompts", "validation_inference_steps", "validation_guidance_scale", "save_interval",
                  "checkpoint_dir", "output_dir", "resume_from_checkpoint", "checkpoints_total_limit",
                  "overwrite_output_dir", "dataloader_num_workers", "offline", "wandb", "tensorboard", "csv_monitor",
-                 "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir"}
+                 "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir", "sample"}
 
 
 def step_tag(global_step: int) -> str:
@@ -134,12 +134,18 @@ def check_writable(folder: str, field: str) -> None:
 
 
 def check_fresh_start(cfg: Config) -> None:
-    """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`."""
+    """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`.
+
+    With resume requested but no checkpoint yet, leftover logs are this run's own earlier attempt (a
+    requeued job that died before its first save): they do not block the restart."""
     leftovers = []
     if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
         leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
+    results = ["unet", "unet_ema", "pytorch_lora_weights.safetensors"]
+    if cfg.resume_from_checkpoint is False:
+        results.append("logs")
     out = Path(cfg.output_dir)
-    if any((out / name).exists() for name in ("unet", "unet_ema", "pytorch_lora_weights.safetensors", "logs")):
+    if any((out / name).exists() for name in results):
         leftovers.append(f"output_dir {cfg.output_dir} holds a previous run's results")
     if leftovers and not cfg.overwrite_output_dir:
         raise ConfigError("overwrite_output_dir", False, f"{'; '.join(leftovers)}. Resume it with "
@@ -147,10 +153,12 @@ def check_fresh_start(cfg: Config) -> None:
 
 
 def clear_previous_run(cfg: Config) -> None:
-    """Rank 0, only with overwrite_output_dir: old checkpoints would otherwise mix with the new run's."""
-    for step in complete_steps(cfg.checkpoint_dir):
-        shutil.rmtree(Path(cfg.checkpoint_dir) / step_tag(step))
-    (Path(cfg.checkpoint_dir) / LATEST).unlink(missing_ok=True)
+    """Rank 0, on a fresh start: an earlier attempt's metrics and (with overwrite_output_dir) old
+    checkpoints would otherwise mix with the new run's."""
+    if cfg.overwrite_output_dir:
+        for step in complete_steps(cfg.checkpoint_dir):
+            shutil.rmtree(Path(cfg.checkpoint_dir) / step_tag(step))
+        (Path(cfg.checkpoint_dir) / LATEST).unlink(missing_ok=True)
     shutil.rmtree(Path(cfg.output_dir) / "logs", ignore_errors=True)
 
 

@@ -10,6 +10,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+from torch.distributed.rendezvous import register_rendezvous_handler
+
+from ds_diffusers.errors import ConfigError
+
+# Seconds a rank waits to reach rank 0's rendezvous store (and rank 0 for all ranks to arrive)
+# before failing with a message naming MASTER_ADDR:MASTER_PORT, instead of the collective timeout.
+RENDEZVOUS_TIMEOUT_ENV = "DSD_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300
+_RENDEZVOUS_SCHEME = "dsd-env"
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,49 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _rendezvous_timeout_s() -> float:
+    raw = os.environ.get(RENDEZVOUS_TIMEOUT_ENV, str(DEFAULT_RENDEZVOUS_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigError(RENDEZVOUS_TIMEOUT_ENV, raw, "must be a positive number of seconds, e.g. 300")
+    return value
+
+
+def _bounded_env_rendezvous(url: str, timeout: timedelta, **kwargs):
+    """torch's env:// rendezvous with its own connect timeout. Under env:// the TCPStore connect
+    (and rank 0's wait for the other ranks) uses the collective timeout (30 min), so one rank that
+    cannot reach MASTER_ADDR:MASTER_PORT keeps the whole job waiting that long."""
+    from torch.distributed import DistError, TCPStore
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rendezvous_s = _rendezvous_timeout_s()
+    # Under torchrun's agent store, rank 0 is a client too.
+    is_master = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        store = TCPStore(addr, port, world_size, is_master=is_master, timeout=timedelta(seconds=rendezvous_s),
+                         wait_for_workers=True, multi_tenant=True)
+    except DistError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        waited = "for all ranks to join" if is_master else "to reach rank 0"
+        raise ConfigError("MASTER_ADDR:MASTER_PORT", f"{addr}:{port}", (
+            f"rank {rank} of {world_size} waited {rendezvous_s:.0f} s {waited} and gave up ({reason}). Check that "
+            f"every rank started, that {addr} resolves and port {port} is free on it and open between the nodes; "
+            f"raise {RENDEZVOUS_TIMEOUT_ENV} when ranks start slowly")) from None
+    store.set_timeout(timeout)
+    yield store, rank, world_size
+
+
+def _register_rendezvous() -> None:
+    try:
+        register_rendezvous_handler(_RENDEZVOUS_SCHEME, _bounded_env_rendezvous)
+    except RuntimeError:  # already registered by an earlier call in this process
+        pass
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Join the process group started by a launcher (deepspeed, srun), or form a group of one
     when started as plain `python -m ds_diffusers.train`."""
@@ -44,9 +96,13 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+    _register_rendezvous()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=timedelta(seconds=timeout_s),
+                               init_method=f"{_RENDEZVOUS_SCHEME}://")
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
+    # One greppable line per rank: launcher logs (log/*.out under Slurm) show who joined.
+    print(f"ds-diffusers: rank {rank}/{world_size} on {socket.gethostname()}", flush=True)
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 

@@ -103,8 +103,7 @@ def train(cfg: Config) -> Path | None:
     checkpoint.check_writable(cfg.output_dir, "output_dir")
 
     dist = init_distributed()
-    preemption.install()
-    if resume_from is None and cfg.overwrite_output_dir and dist.is_main:
+    if resume_from is None and dist.is_main:
         checkpoint.clear_previous_run(cfg)
     barrier()
     check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
@@ -227,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preemption.install()  # first: a scheduler's warning signal may come while models still load
     args = parse_args(argv)
     try:
         cfg = load_config(args.cfg, args.overrides)

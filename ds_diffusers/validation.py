@@ -9,15 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.images import image_grid
 from ds_diffusers.models import FrozenComponents
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
-def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> StableDiffusionPipeline:
+
+def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline":
+    # Imported here: the pipeline module pulls in transformers' image processors (seconds of start-up)
+    # that a run without validation never needs.
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         vae=frozen.vae,
         text_encoder=frozen.text_encoder,
@@ -44,13 +53,14 @@ def generate(
     num_inference_steps: int,
     guidance_scale: float,
 ) -> list[list[Image.Image]]:
-    """One row of `num_images` images per prompt; image i of prompt p is seeded from (seed, p, i)."""
+    """One row of `num_images` images per prompt; image i of prompt p is seeded from (seed, p, i), as
+    in `python -m ds_diffusers.sample`, so validation grids and sampled images start from the same noise."""
     was_training = unet.training
     unet.eval()
     pipe = build_pipeline(frozen, unet)
     rows = []
     for p, prompt in enumerate(prompts):
-        generators = [torch.Generator("cpu").manual_seed(seed + 1000 * p + i) for i in range(num_images)]
+        generators = [seeded_generator(seed, p, i) for i in range(num_images)]
         # Noise is drawn on the CPU generator and moved, so images do not depend on the device.
         latents = torch.stack([
             torch.randn((unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor), generator=g)

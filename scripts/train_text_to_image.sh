@@ -21,6 +21,7 @@ fi
 
 . "$repo/scripts/lib/launch.sh"
 procs="$(dsd_num_procs)"
+dsd_export_threads "$procs"
 log="log/train-$(date +%Y%m%d-%H%M%S).log"
 echo "ds-diffusers: $procs process(es), cfg $cfg, log $log"
 deepspeed $(dsd_launcher_args "$procs") --module ds_diffusers.train --cfg "$cfg" "$@" 2>&1 | tee "$log"

@@ -84,7 +84,7 @@ def _check_scheduler(cfg: Config) -> None:
         raise ConfigError("scheduler.params.warmup_type", warmup_type, "use 'log' or 'linear'")
 
 
-def _check_model_dir(value: str) -> None:
+def check_model_dir(value: str) -> None:
     path = Path(value)
     if not path.is_dir():
         raise ConfigError("pretrained_model_name_or_path", value,
@@ -109,7 +109,7 @@ def _check_output_paths(cfg: Config) -> None:
 
 def check_environment(cfg: Config) -> None:
     """Disk, accelerator and package checks; must be called on every rank before models are loaded."""
-    _check_model_dir(cfg.pretrained_model_name_or_path)
+    check_model_dir(cfg.pretrained_model_name_or_path)
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")

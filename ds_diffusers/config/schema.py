@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ds_diffusers.config.sample_schema import SampleCfg
+
 OffloadDevice = Literal["none", "cpu", "nvme", "auto"]
 
 
@@ -170,6 +172,7 @@ class Config(Block):
     wandb: WandbCfg = WandbCfg()
     tensorboard: MonitorCfg = MonitorCfg()
     csv_monitor: MonitorCfg = MonitorCfg()
+    sample: SampleCfg = SampleCfg()
 
     @property
     def weight_dtype_name(self) -> str:

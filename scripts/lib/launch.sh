@@ -21,6 +21,16 @@ with socket.socket() as s:
 PY
 }
 
+# Split the CPU cores between the processes unless the user chose: two processes each using every
+# core slow each other down several times over.
+dsd_export_threads() {
+  if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    local cores
+    cores="$(nproc)"
+    export OMP_NUM_THREADS=$(( cores / $1 > 0 ? cores / $1 : 1 ))
+  fi
+}
+
 dsd_launcher_args() {
   echo "--num_gpus $1 --master_port ${MASTER_PORT:-$(dsd_free_port)}"
 }

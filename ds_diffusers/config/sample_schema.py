@@ -1,0 +1,47 @@
+"""The `sample` block of the cfg file: settings of `python -m ds_diffusers.sample` (baseline vs tuned
+images from the same file that trained the model). A null value means "as the training run's
+validation grid": prompts, images per prompt, steps, guidance, seed and resolution all default to
+the training keys, so the default cfg samples what it validated.
+
+Cross-field checks (prompts present, resolution a multiple of 8, LoRA keys only with a `lora`
+weight) are in `ds_diffusers.sampling.plan`; the weight files are looked up in
+`ds_diffusers.sampling.weights`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Names of the samplers; `ds_diffusers.sampling.schedulers` maps each to a diffusers scheduler.
+SchedulerName = Literal["dpmsolver++", "euler", "euler_ancestral", "ddim", "pndm", "unipc"]
+WeightName = Literal["baseline", "tuned", "ema", "lora"]
+
+
+class _Block(BaseModel):
+    """As `schema.Block` (strict, no unknown keys); not imported from there because `schema.Config`
+    imports this module."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LoraFileCfg(_Block):
+    path: str = Field(min_length=1)  # a .safetensors file, or a folder holding pytorch_lora_weights.safetensors
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
+class SampleCfg(_Block):
+    prompts: Optional[list[str]] = None  # null = validation_prompts
+    negative_prompt: str = ""
+    num_images_per_prompt: Optional[int] = Field(None, ge=1)  # null = num_validation_images
+    num_inference_steps: Optional[int] = Field(None, ge=1)  # null = validation_inference_steps
+    guidance_scale: Optional[float] = Field(None, ge=0.0, allow_inf_nan=False)  # null = validation_guidance_scale
+    scheduler: SchedulerName = "dpmsolver++"
+    clip_skip: Optional[int] = Field(None, ge=1)  # text-encoder layers skipped from the end; null = none
+    seed: Optional[int] = Field(None, ge=0)  # null = seed
+    resolution: Optional[int] = Field(None, ge=8)  # null = resolution
+    weights: list[WeightName] = ["baseline", "tuned"]
+    lora_scale: float = Field(1.0, allow_inf_nan=False)
+    loras: list[LoraFileCfg] = []  # empty = the training run's output_dir/pytorch_lora_weights.safetensors
+    output_dir: Optional[str] = None  # null = <output_dir>/samples

@@ -1,0 +1,42 @@
+"""A text-to-image pipeline for one weight source: the shared frozen components, that source's UNet
+(plus its LoRA adapters) and the chosen sampler. One UNet is in memory at a time."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from ds_diffusers.models import FrozenComponents
+from ds_diffusers.sampling.plan import SamplePlan
+from ds_diffusers.sampling.schedulers import make_scheduler
+from ds_diffusers.sampling.weights import WeightSource
+from ds_diffusers.validation import build_pipeline
+
+
+def load_unet(unet_dir: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    unet.requires_grad_(False)
+    return unet.eval().to(device)
+
+
+@contextlib.contextmanager
+def weight_pipeline(source: WeightSource, frozen: FrozenComponents, plan: SamplePlan, device: torch.device,
+                    dtype: torch.dtype) -> Iterator[StableDiffusionPipeline]:
+    pipe = build_pipeline(frozen, load_unet(source.unet_dir, device, dtype))
+    pipe.scheduler = make_scheduler(plan.scheduler, frozen.noise_scheduler.config)
+    names = [f"lora_{index}" for index in range(len(source.loras))]
+    try:
+        for name, lora in zip(names, source.loras):
+            path = Path(lora.path)
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[lora.weight for lora in source.loras])
+        yield pipe
+    finally:
+        if names:
+            # A LoRA file may also patch the text encoder, which every weight shares.
+            pipe.unload_lora_weights()

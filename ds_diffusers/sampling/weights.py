@@ -1,0 +1,116 @@
+"""Where each requested weight comes from, checked on disk before any model is loaded.
+
+baseline  the base model's `unet/` (`pretrained_model_name_or_path`)
+tuned     what training exported to `output_dir`: `unet/` (full fine-tune) or
+          `pytorch_lora_weights.safetensors` (LoRA run) on the base UNet
+ema       `output_dir/unet_ema/` (a `use_ema` run)
+lora      the base UNet plus peft adapters: the `sample.loras` files, or the training run's LoRA
+          file, each adapter weighted by its `weight` times `sample.lora_scale`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds_diffusers.config.schema import Config
+from ds_diffusers.errors import ConfigError
+from ds_diffusers.export import LORA_WEIGHTS
+from ds_diffusers.sampling.plan import LoraFile, SamplePlan
+
+# What `save_pretrained` writes (safetensors) and what older exports hold (bin).
+_UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    name: str  # the column of the comparison grid: baseline, tuned, ema or lora
+    unet_dir: str  # a diffusers UNet folder (config.json + weights)
+    loras: tuple[LoraFile, ...] = ()  # adapter files on top of the UNet, weight already times lora_scale
+
+
+def _unet_places(unet_dir: Path) -> list[Path]:
+    return [unet_dir / name for name in _UNET_WEIGHT_FILES]
+
+
+def _has_unet(unet_dir: Path) -> bool:
+    return (unet_dir / "config.json").is_file() and any(place.is_file() for place in _unet_places(unet_dir))
+
+
+def _lora_places(path: Path) -> list[Path]:
+    """A LoRA entry names the file itself or a folder holding the standard file name."""
+    return [path, path / LORA_WEIGHTS] if path.suffix != ".safetensors" else [path]
+
+
+def _find_lora(path: Path) -> Path | None:
+    return next((place for place in _lora_places(path) if place.is_file()), None)
+
+
+def _missing(field: str, value: object, places: list[Path], fix: str) -> ConfigError:
+    return ConfigError(field, value, f"no weight file found; looked in {', '.join(str(place) for place in places)}; {fix}")
+
+
+def _baseline(cfg: Config) -> WeightSource:
+    unet_dir = Path(cfg.pretrained_model_name_or_path) / "unet"
+    if not _has_unet(unet_dir):
+        raise _missing("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
+                       [unet_dir / "config.json", *_unet_places(unet_dir)],
+                       "point it at a local diffusers model folder (the one holding model_index.json)")
+    return WeightSource("baseline", str(unet_dir))
+
+
+def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
+    out = Path(cfg.output_dir)
+    full, lora = out / "unet", out / LORA_WEIGHTS
+    # Look first where this cfg's training run exports, then at the other kind of export.
+    kinds = ["lora", "full"] if cfg.use_lora.action else ["full", "lora"]
+    for kind in kinds:
+        if kind == "full" and _has_unet(full):
+            return WeightSource("tuned", str(full))
+        if kind == "lora" and lora.is_file():
+            return WeightSource("tuned", baseline.unet_dir, (LoraFile(str(lora), 1.0),))
+    places = {"full": [full / "config.json", *_unet_places(full)], "lora": [lora]}
+    raise _missing("sample.weights", "tuned", [place for kind in kinds for place in places[kind]],
+                   f"train first (python -m ds_diffusers.train --cfg ...) or set output_dir to the training run's output_dir")
+
+
+def _ema(cfg: Config) -> WeightSource:
+    unet_dir = Path(cfg.output_dir) / "unet_ema"
+    if not _has_unet(unet_dir):
+        raise _missing("sample.weights", "ema", [unet_dir / "config.json", *_unet_places(unet_dir)],
+                       "train with use_ema true (full fine-tune), or remove ema from sample.weights")
+    return WeightSource("ema", str(unet_dir))
+
+
+def _lora(cfg: Config, plan: SamplePlan, baseline: WeightSource) -> WeightSource:
+    if not plan.loras:
+        path = Path(cfg.output_dir) / LORA_WEIGHTS
+        if not path.is_file():
+            raise _missing("sample.weights", "lora", [path], "train with use_lora.action true, or list LoRA files "
+                           "in sample.loras ([{\"path\": ..., \"weight\": 1.0}])")
+        return WeightSource("lora", baseline.unet_dir, (LoraFile(str(path), plan.lora_scale),))
+    files = []
+    for index, entry in enumerate(plan.loras):
+        found = _find_lora(Path(entry.path))
+        if found is None:
+            raise _missing(f"sample.loras[{index}].path", entry.path, _lora_places(Path(entry.path)),
+                           "give a .safetensors LoRA file or a folder holding pytorch_lora_weights.safetensors")
+        files.append(LoraFile(str(found), entry.weight * plan.lora_scale))
+    return WeightSource("lora", baseline.unet_dir, tuple(files))
+
+
+def resolve_weights(cfg: Config, plan: SamplePlan) -> list[WeightSource]:
+    """One source per name in `plan.weights`, in that order; ConfigError naming every place looked
+    at when a file is missing. Reads nothing but file names."""
+    baseline = _baseline(cfg)  # the LoRA weights sit on the base UNet, so it must exist in any case
+    sources = []
+    for name in plan.weights:
+        if name == "baseline":
+            sources.append(baseline)
+        elif name == "tuned":
+            sources.append(_tuned(cfg, baseline))
+        elif name == "ema":
+            sources.append(_ema(cfg))
+        else:
+            sources.append(_lora(cfg, plan, baseline))
+    return sources

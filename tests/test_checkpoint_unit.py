@@ -1,0 +1,74 @@
+"""Checkpoint bookkeeping without processes: what counts as complete, retention, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds_diffusers import checkpoint
+from ds_diffusers.config import validate_dict
+from ds_diffusers.errors import ConfigError
+from tests.test_config import with_changes
+
+
+def make_cfg(tmp_path, **changes):
+    return validate_dict(with_changes(checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"), **changes))
+
+
+def make_step(root, step, complete=True):
+    folder = root / f"step_{step}"
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / checkpoint.META_FILE).write_text("{}")
+
+
+def test_only_complete_steps_count_and_prune_keeps_newest_and_latest(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (5, 10, 15, 20):
+        make_step(root, step)
+    make_step(root, 25, complete=False)
+    assert checkpoint.complete_steps(str(root)) == [5, 10, 15, 20]
+    checkpoint._prune(str(root), keep=2, protected=5)
+    assert checkpoint.complete_steps(str(root)) == [5, 15, 20]  # 5 is what latest names: kept
+    assert (root / "step_25").is_dir()  # an incomplete folder is left for the next save to overwrite
+
+
+def test_resume_target(tmp_path):
+    cfg = make_cfg(tmp_path, resume_from_checkpoint=True)
+    assert checkpoint.resume_target(cfg) is None  # nothing saved yet: fresh start
+    make_step(tmp_path / "ckpt", 7)
+    (tmp_path / "ckpt" / "latest").write_text("step_7")
+    assert checkpoint.resume_target(cfg) == tmp_path / "ckpt" / "step_7"
+    assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint=False)) is None
+    make_step(tmp_path / "ckpt", 9, complete=False)
+    with pytest.raises(ConfigError) as info:
+        checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "ckpt" / "step_9")))
+    assert info.value.field == "resume_from_checkpoint" and "not a complete" in info.value.fix
+
+
+def test_fresh_start_refusals(tmp_path):
+    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))  # empty folders: fine
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))
+    assert info.value.field == "overwrite_output_dir"
+    # a requeued job that died before its first checkpoint restarts instead of failing
+    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    (tmp_path / "out" / "unet").mkdir()
+    with pytest.raises(ConfigError):
+        checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False, overwrite_output_dir=True))
+
+
+def test_unwritable_folder_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError) as info:
+        checkpoint.check_writable(str(blocker / "sub"), "checkpoint_dir")
+    assert info.value.field == "checkpoint_dir" and "cannot write" in info.value.fix
+    assert blocker.read_text() == "x"
+
+
+def test_config_hash_ignores_paths_and_cadence_but_not_training_keys(tmp_path):
+    base = make_cfg(tmp_path)
+    assert checkpoint.config_hash(base) == checkpoint.config_hash(make_cfg(tmp_path, save_interval=5, max_train_steps=9))
+    assert checkpoint.config_hash(base) != checkpoint.config_hash(make_cfg(tmp_path, noise_offset=0.1))
