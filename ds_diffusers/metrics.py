@@ -40,8 +40,10 @@ class RunLogger:
         metrics_path = Path(cfg.output_dir) / "logs" / "metrics.jsonl"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_file = metrics_path.open("a")
+        # Always shown: the launch scripts pipe output through `tee`, which tqdm's auto-detection
+        # would take for a non-terminal and silence. Through a pipe, refresh less often.
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=1.0, disable=None)
+                        mininterval=1.0 if sys.stderr.isatty() else 5.0, disable=False)
         if cfg.wandb.enabled:
             import wandb
 

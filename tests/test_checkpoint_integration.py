@@ -127,3 +127,21 @@ def test_fresh_run_refuses_to_overwrite_and_changed_rank_is_refused(tiny_assets,
     assert "use_lora.rank = 4" in changed.stderr and "this run has 8" in changed.stderr
     assert (tmp_path / "model" / "pytorch_lora_weights.safetensors").read_bytes() == weights
     assert json.loads((tmp_path / "checkpoints" / "step_2" / "ds_diffusers.json").read_text())["global_step"] == 2
+
+
+def test_zero3_lora_export_equals_zero0_and_loads(tiny_assets, tmp_path):
+    exports = {}
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        assert_ok(launch(run_cfg(tiny_assets, out, *COMMON, f"zero_optimization.stage={stage}", "max_train_steps=4",
+                                 "use_lora.action=true", "use_lora.rank=4", "use_lora.alpha=8", "optimizer.params.lr=0.01"),
+                         procs=2))
+        exports[stage] = out / "model" / "pytorch_lora_weights.safetensors"
+    zero3, zero0 = tensors(exports[3]), tensors(exports[0])
+    assert all(t.numel() > 0 for t in zero3.values())
+    assert max_diff(zero3, zero0) <= 1e-5
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_assets.model_dir)
+    pipe.load_lora_weights(exports[3].parent)
+    assert next(iter(pipe.unet.peft_config.values())).lora_alpha == 8

@@ -1,0 +1,36 @@
+"""`python -m ds_diffusers.embedded --out data/embedded`: build (or reuse) the embedded assets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ds_diffusers.embedded.cache import DEFAULT_NUM_IMAGES, ensure_embedded_assets
+from ds_diffusers.embedded.tiny_model import DEFAULT_VAE_TRAIN_STEPS
+from ds_diffusers.errors import ConfigError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("data/embedded"))
+    parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES)
+    parser.add_argument("--vae-train-steps", type=int, default=DEFAULT_VAE_TRAIN_STEPS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    # Oversubscribing a small CPU box makes the VAE training several times slower.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    try:
+        assets = ensure_embedded_assets(args.out, args.num_images, args.vae_train_steps, args.seed)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(assets.model_dir)
+    print(assets.dataset_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
