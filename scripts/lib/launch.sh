@@ -34,3 +34,28 @@ dsd_export_threads() {
 dsd_launcher_args() {
   echo "--num_gpus $1 --master_port ${MASTER_PORT:-$(dsd_free_port)}"
 }
+
+# Shared body of scripts/train_text_to_image.sh and scripts/test_text_to_image.sh:
+#   dsd_launch MODULE LOG_PREFIX [CFG] [ARGS...]
+# The first argument not starting with -- is the cfg file (default cfg/default.json, whose tiny model
+# and data are built once on first use); the rest goes to `python -m MODULE`. Output is shown and
+# written to log/<prefix>-<time>.log; the exit code is the launcher's.
+dsd_launch() {
+  local module="$1" prefix="$2" cfg="cfg/default.json" procs log
+  shift 2
+  if [[ $# -gt 0 && "$1" != --* ]]; then
+    cfg="$1"
+    shift
+  fi
+  if [[ "$cfg" == "cfg/default.json" ]]; then
+    python -m ds_diffusers.embedded --out data/embedded
+  fi
+  procs="$(dsd_num_procs)"
+  dsd_export_threads "$procs"
+  mkdir -p log
+  log="log/${prefix}-$(date +%Y%m%d-%H%M%S).log"
+  echo "ds-diffusers: $procs process(es), cfg $cfg, log $log"
+  # shellcheck disable=SC2046  # the launcher arguments are meant to split into words
+  deepspeed $(dsd_launcher_args "$procs") --module "$module" --cfg "$cfg" "$@" 2>&1 | tee "$log"
+  return "${PIPESTATUS[0]}"
+}
