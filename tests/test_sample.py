@@ -110,7 +110,8 @@ def test_same_cfg_gives_byte_identical_pngs(tiny_assets, trained, single_process
     assert len(manifest["images"]) == len(PROMPTS) * 2 * 2
     assert [w["name"] for w in manifest["weights"]] == ["baseline", "tuned"]
     assert manifest["weights"][1]["unet_dir"] == str(trained / "unet")
-    assert manifest["settings"]["guidance_scale"] == 5.0  # from validation_guidance_scale of cfg/default.json
+    default_cfg = json.loads((Path(__file__).resolve().parents[1] / "cfg" / "default.json").read_text())
+    assert manifest["settings"]["guidance_scale"] == default_cfg["validation_guidance_scale"]  # inherited, not the SampleCfg default
 
     second = tmp_path / "second"
     run_sample(overrides(tiny_assets, trained, f"sample.output_dir={second}"))
