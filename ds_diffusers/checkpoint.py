@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ds_diffusers.config.schema import Config
-from ds_diffusers.distributed import DistInfo, barrier
+from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
 from ds_diffusers.errors import ConfigError, TrainingError
 
 META_FILE = "ds_diffusers.json"
@@ -40,7 +40,8 @@ _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validati
                  "validation_prompts", "validation_inference_steps", "validation_guidance_scale", "save_interval",
                  "checkpoint_dir", "output_dir", "resume_from_checkpoint", "checkpoints_total_limit",
                  "overwrite_output_dir", "dataloader_num_workers", "offline", "wandb", "tensorboard", "csv_monitor",
-                 "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir", "sample"}
+                 "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir", "sample",
+                 "cache_latents", "cache_text_embeddings", "cache_dir"}
 
 
 def step_tag(global_step: int) -> str:
@@ -162,13 +163,6 @@ def clear_previous_run(cfg: Config) -> None:
     shutil.rmtree(Path(cfg.output_dir) / "logs", ignore_errors=True)
 
 
-def _all_ok(ok: bool, device: torch.device) -> bool:
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
@@ -199,7 +193,7 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
         torch.save(rank_state, step_dir / f"rank_{dist.rank}.pt")
     except OSError as err:
         error = f"{err.strerror or err} ({err.filename or step_dir})"
-    if not _all_ok(not error, dist.device):
+    if not all_ranks_ok(not error, dist.device):
         raise TrainingError(f"saving checkpoint {step_dir} failed on at least one rank: {error or 'see that rank'}; "
                             f"'{LATEST}' still names the previous checkpoint. Free space or fix permissions, then resume.")
     barrier()

@@ -120,3 +120,20 @@ def barrier() -> None:
     """All ranks must call this."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """All ranks must call this: True only when `ok` holds on every rank."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def broadcast_from_main(value: object) -> object:
+    """All ranks must call this: rank 0's `value` (any picklable object), on every rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]

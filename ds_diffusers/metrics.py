@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,13 @@ class RunLogger:
         if not self.is_main:
             return
         self.bar.update(1)
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        # Wall-clock time and peak memory on every line: benchmarks read start-up and throughput from here.
+        record = {"step": step, "time": time.time(), **metrics, **peak_memory_mb()}
+        self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s")}, refresh=False)
         if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in {**metrics, **peak_memory_mb()}.items()}, step=step)
+            self.wandb_run.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time")}, step=step)
         if self.monitor is not None:
             self.monitor.write_events([(f"Train/{k}", v, step) for k, v in metrics.items()])
 

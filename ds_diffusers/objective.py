@@ -10,18 +10,27 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
 from ds_diffusers.models import FrozenComponents
 
 
 @torch.no_grad()
-def encode_batch(frozen: FrozenComponents, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (scaled) and text-encoder hidden states from the frozen models, in their dtype."""
-    weight_dtype = frozen.vae.dtype
-    latents = frozen.vae.encode(pixel_values.to(frozen.vae.device, weight_dtype)).latent_dist.sample()
-    latents = latents * frozen.latent_scaling_factor
-    encoder_hidden_states = frozen.text_encoder(input_ids.to(frozen.text_encoder.device), return_dict=False)[0]
+def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (scaled) and text-encoder hidden states, in the frozen models' dtype, from the
+    encoders or from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()`
+    would be, so cached and uncached runs draw the same random numbers."""
+    vae, text_encoder = frozen.vae, frozen.text_encoder
+    if "latent_parameters" in batch:
+        posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
+    else:
+        posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+    latents = posterior.sample() * frozen.latent_scaling_factor
+    if "encoder_hidden_states" in batch:
+        encoder_hidden_states = batch["encoder_hidden_states"].to(text_encoder.device, text_encoder.dtype)
+    else:
+        encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
     return latents, encoder_hidden_states
 
 

@@ -21,7 +21,8 @@ import torch
 
 from ds_diffusers import checkpoint, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, to_deepspeed_config
-from ds_diffusers.data import build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, resolve_columns
+from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
+                               resolve_columns)
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
@@ -101,6 +102,8 @@ def train(cfg: Config) -> Path | None:
         checkpoint.check_fresh_start(cfg)
     checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
     checkpoint.check_writable(cfg.output_dir, "output_dir")
+    if cfg.cache_latents or cfg.cache_text_embeddings:
+        checkpoint.check_writable(cfg.cache_dir, "cache_dir")
 
     dist = init_distributed()
     if resume_from is None and dist.is_main:
@@ -114,10 +117,12 @@ def train(cfg: Config) -> Path | None:
     groups, lr_scales = param_groups(unet, cfg)
     num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
 
+    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
     loader, sampler, dataset = build_train_dataloader(
         hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=cfg.dataloader_num_workers, rank=dist.rank, world_size=dist.world_size,
+        latent_cache=latent_cache, text_cache=text_cache,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
@@ -164,7 +169,7 @@ def train(cfg: Config) -> Path | None:
                 run_validation(cfg, dist, frozen, engine, global_step, logger)
                 validated_at = global_step
             continue
-        latents, encoder_hidden_states = encode_batch(frozen, batch["pixel_values"], batch["input_ids"])
+        latents, encoder_hidden_states = encode_batch(frozen, batch)
         loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
                               noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
         loss_value = mean_over_ranks(loss)

@@ -36,6 +36,9 @@ def check_consistency(cfg: Config) -> None:
     for name, block in (("offload_param", zero.offload_param), ("offload_optimizer", zero.offload_optimizer)):
         if block.device == "nvme" and not block.nvme_path:
             raise ConfigError(f"zero_optimization.{name}.nvme_path", None, "device is nvme; set nvme_path to a folder on a fast local disk")
+    if cfg.cache_latents and not cfg.center_crop:
+        raise ConfigError("cache_latents", True, "a random crop (center_crop: false) picks a new window every epoch, which "
+                          "one cached encoding per image cannot hold; set center_crop: true or cache_latents: false")
     if cfg.use_ema and cfg.use_lora.action:
         raise ConfigError("use_ema", True, "EMA of LoRA adapters is not supported; set use_ema false or use_lora.action false")
     _check_optimizer(cfg)

@@ -146,6 +146,10 @@ class Config(Block):
     center_crop: bool = False
     random_flip: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
+    # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
+    cache_dir: str = "data/cache"
     # --- model and objective
     use_lora: LoraCfg = LoraCfg()
     use_ema: bool = False

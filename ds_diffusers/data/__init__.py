@@ -1,5 +1,6 @@
 """Data room: local datasets loading, PIL/torch transforms, tokenization, per-rank sampling."""
 
+from ds_diffusers.data.cache import LatentCache, TextCache, prepare_caches
 from ds_diffusers.data.dataset import (
     CaptionedImageDataset,
     build_train_dataloader,
@@ -15,6 +16,8 @@ from ds_diffusers.data.transforms import choose_caption, preprocess_image, resiz
 __all__ = [
     "CAPTION_COLUMN_CANDIDATES",
     "CaptionedImageDataset",
+    "LatentCache",
+    "TextCache",
     "ShardedEpochSampler",
     "build_train_dataloader",
     "check_dataset_size",
@@ -22,6 +25,7 @@ __all__ = [
     "collate_examples",
     "load_train_dataset",
     "num_batches_per_epoch",
+    "prepare_caches",
     "preprocess_image",
     "resize_shorter_side",
     "resolve_columns",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import datasets
 import torch
@@ -16,18 +16,26 @@ from ds_diffusers.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from ds_diffusers.data.cache import LatentCache, TextCache
+
 
 class CaptionedImageDataset(Dataset):
-    """Row `index` -> {"pixel_values", "input_ids", "index"}.
+    """Row `index` -> {"pixel_values", "input_ids", "index"}; with a latent cache "latent_parameters"
+    replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids".
 
     Caption choice, crop offset and flip come from a generator seeded with (seed, epoch, index),
-    so a sample is the same whatever the worker count or order, and again after a resume.
+    so a sample is the same whatever the worker count or order, and again after a resume. The
+    cached path draws from it in the same order, so it picks the same caption and flip.
     """
 
     def __init__(self, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
                  tokenizer: PreTrainedTokenizerBase, resolution: int, center_crop: bool,
-                 random_flip: bool, seed: int, epoch: int = 0) -> None:
-        self.rows = hf_dataset.select_columns([image_column, caption_column])  # decode only these two
+                 random_flip: bool, seed: int, epoch: int = 0, latent_cache: Optional[LatentCache] = None,
+                 text_cache: Optional[TextCache] = None) -> None:
+        # Decode only the columns needed: with cached latents the images are never read.
+        self.rows = hf_dataset.select_columns([caption_column] if latent_cache else [image_column, caption_column])
+        self.latent_cache = latent_cache
+        self.text_cache = text_cache
         self.image_column = image_column
         self.caption_column = caption_column
         self.tokenizer = tokenizer
@@ -54,19 +62,26 @@ class CaptionedImageDataset(Dataset):
         generator = seeded_generator(self.seed, self.epoch, index)
         row = self.rows[index]
         caption = choose_caption(row[self.caption_column], generator, row=index)
-        pixel_values = preprocess_image(row[self.image_column], self.resolution, self.center_crop,
-                                        self.random_flip, generator)
-        input_ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
-                                   truncation=True, return_tensors="pt").input_ids[0]
-        return {"pixel_values": pixel_values, "input_ids": input_ids, "index": index}
+        example: dict[str, Any] = {"index": index}
+        if self.latent_cache is not None:
+            # The cache holds centre crops only (a random crop is refused), so the flip is the one draw.
+            flipped = self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
+            example["latent_parameters"] = self.latent_cache.parameters(index, flipped)
+        else:
+            example["pixel_values"] = preprocess_image(row[self.image_column], self.resolution, self.center_crop,
+                                                       self.random_flip, generator)
+        if self.text_cache is not None:
+            example["encoder_hidden_states"] = self.text_cache.hidden_states(caption)
+        else:
+            example["input_ids"] = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                                                  truncation=True, return_tensors="pt").input_ids[0]
+        return example
 
 
 def collate_examples(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "input_ids": torch.stack([example["input_ids"] for example in examples]),
-        "index": torch.tensor([example["index"] for example in examples], dtype=torch.long),
-    }
+    batch = {name: torch.stack([example[name] for example in examples]) for name in examples[0] if name != "index"}
+    batch["index"] = torch.tensor([example["index"] for example in examples], dtype=torch.long)
+    return batch
 
 
 def num_batches_per_epoch(dataset_len: int, micro_batch_size: int, world_size: int) -> int:
@@ -88,12 +103,13 @@ def check_dataset_size(num_rows: int, micro_batch_size: int, world_size: int) ->
 def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
                            tokenizer: PreTrainedTokenizerBase, *, resolution: int, center_crop: bool,
                            random_flip: bool, seed: int, micro_batch_size: int, num_workers: int,
-                           rank: int, world_size: int,
+                           rank: int, world_size: int, latent_cache: Optional[LatentCache] = None,
+                           text_cache: Optional[TextCache] = None,
                            ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch."""
     check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
-                                    center_crop, random_flip, seed)
+                                    center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache)
     sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
     loader = DataLoader(
         dataset,

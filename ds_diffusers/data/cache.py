@@ -1,0 +1,256 @@
+"""Disk cache of the frozen encoders' outputs (`cache_latents`, `cache_text_embeddings`).
+
+The VAE and the text encoder never learn, so encoding every image and caption every epoch repeats
+work. `prepare_caches` (all ranks) computes each output once, rank r taking items r, r+W, r+2W, ...
+and writing one safetensors shard, and later runs reuse the folder. The folder is named by a hash of
+everything the stored values depend on (encoder files, dtype, resolution, crop/flip policy, dataset
+fingerprint, column), so any change is a new folder: nothing is recomputed in place or overwritten.
+
+Latents: the VAE posterior's parameters (mean and log-variance), not a sample, so every step still
+draws a fresh latent and the RNG stream is the one an uncached run uses. With random_flip the
+mirrored image is encoded too. Text: one hidden-state tensor per distinct caption; the caption is
+still drawn per sample, so rows with several captions stay random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ds_diffusers.config.schema import Config
+from ds_diffusers.data.transforms import preprocess_image
+from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
+from ds_diffusers.errors import ConfigError
+from ds_diffusers.models import FrozenComponents
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+CAPTIONS_FILE = "captions.json"
+
+
+def hash_folder(folder: Path) -> str:
+    """Content hash of every file under `folder` (names included), e.g. the VAE's config and weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache's values depend on; its hash names the folder."""
+
+    kind: str  # "latents" or "text"
+    parts: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps({"kind": self.kind, "format": FORMAT_VERSION, **self.parts}, sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def folder(self, cache_dir: str) -> Path:
+        return Path(cache_dir) / f"{self.kind}-{self.digest}"
+
+
+def latent_key(cfg: Config, hf_dataset: datasets.Dataset, image_column: str) -> CacheKey:
+    return CacheKey("latents", {
+        "vae": hash_folder(Path(cfg.pretrained_model_name_or_path) / "vae"),
+        "dtype": cfg.weight_dtype_name, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
+        "random_flip": cfg.random_flip, "dataset": hf_dataset._fingerprint, "image_column": image_column,
+    })
+
+
+def text_key(cfg: Config, hf_dataset: datasets.Dataset, caption_column: str) -> CacheKey:
+    model_dir = Path(cfg.pretrained_model_name_or_path)
+    return CacheKey("text", {
+        "text_encoder": hash_folder(model_dir / "text_encoder"), "tokenizer": hash_folder(model_dir / "tokenizer"),
+        "dtype": cfg.weight_dtype_name, "dataset": hf_dataset._fingerprint, "caption_column": caption_column,
+    })
+
+
+class ShardedStore:
+    """Read side of a cache folder: item i is row i // num_shards of shard i % num_shards.
+
+    Files are opened lazily in each process (DataLoader workers included) and read by slices, so
+    only the rows a batch needs come off the disk or page cache.
+    """
+
+    def __init__(self, folder: Path, num_shards: int) -> None:
+        self.folder = folder
+        self.num_shards = num_shards
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}  # open handles do not cross process boundaries
+
+    def get(self, name: str, item: int) -> torch.Tensor:
+        shard = item % self.num_shards
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard_name(shard, self.num_shards)), framework="pt")
+        row = item // self.num_shards
+        return self._handles[shard].get_slice(name)[row:row + 1][0]
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}.safetensors"
+
+
+class LatentCache:
+    """Per dataset row: the VAE posterior parameters [2C, h, w], mirrored too when random_flip."""
+
+    def __init__(self, store: ShardedStore) -> None:
+        self.store = store
+
+    def parameters(self, row: int, flipped: bool) -> torch.Tensor:
+        return self.store.get("flipped" if flipped else "parameters", row)
+
+
+class TextCache:
+    """Per distinct caption: the text encoder's last hidden state [tokens, width]."""
+
+    def __init__(self, store: ShardedStore, captions: list[str]) -> None:
+        self.store = store
+        self.index = {caption: position for position, caption in enumerate(captions)}
+
+    def hidden_states(self, caption: str) -> torch.Tensor:
+        return self.store.get("encoder_hidden_states", self.index[caption])
+
+
+def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list[str]:
+    values = hf_dataset.select_columns([caption_column]).with_format("arrow")[:][caption_column].to_pylist()
+    flat = (caption for value in values for caption in ([value] if isinstance(value, str) else value))
+    return sorted(set(flat))
+
+
+@torch.no_grad()
+def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Dataset, image_column: str,
+                             rows: list[int], cfg: Config, progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host."""
+    images = hf_dataset.select_columns([image_column])
+    vae = frozen.vae
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in (("parameters", "flipped") if cfg.random_flip else ("parameters",))}
+    for start in range(0, len(rows), cfg.train_micro_batch_size_per_gpu):
+        chunk = rows[start:start + cfg.train_micro_batch_size_per_gpu]
+        # A centre crop without flip draws nothing from the generator; the flip is applied below.
+        pixels = torch.stack([preprocess_image(images[row][image_column], cfg.resolution, True, False, torch.Generator())
+                              for row in chunk]).to(vae.device, vae.dtype)
+        outputs["parameters"].append(vae.encode(pixels).latent_dist.parameters.cpu())
+        if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image
+            outputs["flipped"].append(vae.encode(torch.flip(pixels, dims=[-1])).latent_dist.parameters.cpu())
+        progress(len(chunk))
+    return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in outputs.items()}
+
+
+@torch.no_grad()
+def encode_captions(frozen: FrozenComponents, captions: list[str], batch_size: int,
+                    progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    tokenizer, text_encoder = frozen.tokenizer, frozen.text_encoder
+    hidden: list[torch.Tensor] = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        input_ids = tokenizer(chunk, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                              return_tensors="pt").input_ids
+        hidden.append(text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0].cpu())
+        progress(len(chunk))
+    return {"encoder_hidden_states": torch.cat(hidden) if hidden else torch.empty(0)}
+
+
+def _load_meta(folder: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("format") == FORMAT_VERSION else None
+
+
+def build_or_reuse(key: CacheKey, cfg: Config, dist: DistInfo, num_items: int,
+                   encode: Callable[[list[int], Callable[[int], None]], dict[str, torch.Tensor]],
+                   extra_files: dict[str, str] | None = None, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """All ranks must call this. Returns the complete cache folder for `key` and its metadata.
+
+    On a miss the ranks write into a private partial folder that rank 0 renames into place once every
+    shard is there; `meta.json` is written last, so an interrupted build is never mistaken for a cache.
+    """
+    folder = key.folder(cfg.cache_dir)
+    hit = broadcast_from_main(_load_meta(folder) is not None if dist.is_main else None)
+    if not hit:
+        started = time.perf_counter()
+        partial = Path(cfg.cache_dir) / f".{folder.name}.partial-{broadcast_from_main(uuid.uuid4().hex[:8])}"
+        if dist.is_main:
+            partial.mkdir(parents=True)
+        barrier()
+        items = list(range(dist.rank, num_items, dist.world_size))
+        with tqdm(total=num_items, desc=f"caching {key.kind}", disable=not dist.is_main, mininterval=5.0) as bar:
+            # Rank 0's bar stands for all ranks: each encodes about the same share.
+            tensors = encode(items, lambda n: bar.update(n * dist.world_size))
+        shard = partial / shard_name(dist.rank, dist.world_size)
+        save_file(tensors, str(shard))
+        os.chmod(shard, 0o644)  # safetensors writes 0600; a shared cache must be readable by the team's other jobs
+        barrier()
+        if dist.is_main:
+            _publish(partial, folder, key, num_items, dist.world_size, extra_files or {})
+            log(f"{key.kind} cache: encoded {num_items} items in {time.perf_counter() - started:.1f} s into {folder}")
+        barrier()
+    elif dist.is_main:
+        log(f"{key.kind} cache: reusing {folder}")
+    meta = _load_meta(folder)
+    if not all_ranks_ok(meta is not None, dist.device):
+        raise ConfigError("cache_dir", cfg.cache_dir, f"rank {dist.rank} cannot read {folder / META_FILE} that rank 0 "
+                          "wrote; put cache_dir on a filesystem every node shares")
+    return folder, meta
+
+
+def _publish(partial: Path, folder: Path, key: CacheKey, num_items: int, num_shards: int, extra_files: dict[str, str]) -> None:
+    missing = [shard_name(s, num_shards) for s in range(num_shards) if not (partial / shard_name(s, num_shards)).is_file()]
+    if missing:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConfigError("cache_dir", str(partial.parent), f"rank 0 does not see {missing[0]} written by another rank; "
+                          "put cache_dir on a filesystem every node shares")
+    for name, text in extra_files.items():
+        (partial / name).write_text(text)
+    meta = {"format": FORMAT_VERSION, "kind": key.kind, "key": key.parts, "num_items": num_items, "num_shards": num_shards}
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+    try:
+        os.rename(partial, folder)
+    except OSError:
+        if _load_meta(folder) is None:  # not another job's identical cache: a real failure
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
+                   frozen: FrozenComponents, dist: DistInfo,
+                   log: Callable[[str], None] = print) -> tuple[LatentCache | None, TextCache | None]:
+    """All ranks must call this. The caches the config asks for, built on a miss, else reused."""
+    latent_cache = text_cache = None
+    if cfg.cache_latents:
+        key = latent_key(cfg, hf_dataset, image_column)
+        folder, meta = build_or_reuse(
+            key, cfg, dist, len(hf_dataset),
+            lambda rows, progress: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg, progress), log=log)
+        latent_cache = LatentCache(ShardedStore(folder, meta["num_shards"]))
+    if cfg.cache_text_embeddings:
+        key = text_key(cfg, hf_dataset, caption_column)
+        captions = distinct_captions(hf_dataset, caption_column)
+        folder, meta = build_or_reuse(
+            key, cfg, dist, len(captions),
+            lambda items, progress: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu, progress),
+            extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
+        text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()))
+    return latent_cache, text_cache

@@ -1,0 +1,139 @@
+"""The frozen-encoder cache: cached examples equal the encoders' outputs, the same caption and flip
+are drawn, each part of the key rebuilds on a change and reuses otherwise, and a cached run trains
+exactly like an uncached one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_diffusers.config import load_config
+from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
+from ds_diffusers.distributed import DistInfo
+from ds_diffusers.errors import ConfigError
+from ds_diffusers.models import DTYPES, load_frozen_components
+from tests.test_train_integration import REPO, assert_ok, launch, losses, run_cfg
+
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def make_cfg(model_dir: Path, dataset_dir: Path, cache_dir: Path, *overrides: str):
+    return load_config(REPO / "cfg/default.json", [
+        f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"cache_dir={cache_dir}",
+        "resolution=32", "train_micro_batch_size_per_gpu=8", "cache_latents=true", "cache_text_embeddings=true", *overrides])
+
+
+def prepare(cfg, image_column: str = "image", caption_column: str = "text"):
+    """(latent_cache, text_cache, log lines) for `cfg` in one process."""
+    messages: list[str] = []
+    dataset = load_train_dataset(cfg.dataset_dir, imagefolder=False)
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, torch.device("cpu"), DTYPES[cfg.weight_dtype_name], None)
+    latent_cache, text_cache = prepare_caches(cfg, dataset, image_column, caption_column, frozen, SINGLE, log=messages.append)
+    return latent_cache, text_cache, messages
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_assets):
+    return load_frozen_components(str(tiny_assets.model_dir), torch.device("cpu"), torch.float32, None)
+
+
+def test_cached_examples_equal_the_encoders_with_the_same_caption_and_flip(tiny_assets, tmp_path, frozen):
+    cfg = make_cfg(tiny_assets.model_dir, tiny_assets.dataset_dir, tmp_path / "cache", "random_flip=true")
+    latent_cache, text_cache, _ = prepare(cfg)
+    hf_dataset = load_train_dataset(cfg.dataset_dir, imagefolder=False)
+    common = dict(hf_dataset=hf_dataset, image_column="image", caption_column="text", tokenizer=frozen.tokenizer,
+                  resolution=32, center_crop=True, random_flip=True, seed=7)
+    plain = CaptionedImageDataset(**common)
+    cached = CaptionedImageDataset(**common, latent_cache=latent_cache, text_cache=text_cache)
+    hidden_by_caption = {}
+    flipped_seen, captions_seen = set(), set()
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in range(0, len(hf_dataset), 7):
+            want, got = plain[index], cached[index]
+            assert "pixel_values" not in got and "input_ids" not in got
+            with torch.no_grad():
+                want_parameters = frozen.vae.encode(want["pixel_values"][None]).latent_dist.parameters[0]
+                want_hidden = frozen.text_encoder(want["input_ids"][None], return_dict=False)[0][0]
+            torch.testing.assert_close(got["latent_parameters"], want_parameters, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["encoder_hidden_states"], want_hidden, atol=1e-5, rtol=1e-5)
+            unflipped = latent_cache.parameters(index, flipped=False)
+            flipped_seen.add(bool(not torch.equal(got["latent_parameters"], unflipped)))
+            hidden_by_caption.setdefault(index, set()).add(got["encoder_hidden_states"].sum().item())
+            captions_seen.add(tuple(want["input_ids"].tolist()))
+    assert flipped_seen == {True, False}, "random_flip must give both orientations from the cache"
+    assert any(len(values) > 1 for values in hidden_by_caption.values()), "rows with two captions must not always get the same one"
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("latents", "resolution=40"), ("latents", "random_flip=false"), ("latents", "bf16.enabled=true"),
+    ("latents", "vae files"), ("latents", "dataset"),
+    ("text", "caption_column"), ("text", "bf16.enabled=true"), ("text", "text_encoder files"),
+    ("text", "tokenizer files"), ("text", "dataset"),
+])
+def test_each_key_part_rebuilds_and_an_unchanged_key_is_reused(tiny_assets, tmp_path, kind, change):
+    model_dir, dataset_dir = tmp_path / "model", tmp_path / "dataset"
+    shutil.copytree(tiny_assets.model_dir, model_dir)
+    shutil.copytree(tiny_assets.dataset_dir, dataset_dir)
+    first = make_cfg(model_dir, dataset_dir, tmp_path / "cache", f"cache_latents={str(kind == 'latents').lower()}",
+                     f"cache_text_embeddings={str(kind == 'text').lower()}")
+    _, _, built = prepare(first)
+    _, _, reused = prepare(first)
+    assert [m.split(":")[1].split()[0] for m in built + reused] == ["encoded", "reusing"], built + reused
+    old_folder = next((tmp_path / "cache").glob(f"{kind}-*"))
+
+    caption_column, overrides = "text", []
+    if change.endswith(" files"):
+        config = model_dir / change.split()[0] / ("tokenizer_config.json" if change.startswith("tokenizer") else "config.json")
+        config.write_text(config.read_text() + "\n")
+    elif change == "dataset":
+        rewrite_one_caption(dataset_dir)
+    elif change == "caption_column":
+        caption_column = "color"
+    else:
+        overrides = [change]
+    changed = make_cfg(model_dir, dataset_dir, tmp_path / "cache", f"cache_latents={str(kind == 'latents').lower()}",
+                       f"cache_text_embeddings={str(kind == 'text').lower()}", *overrides)
+    _, _, rebuilt = prepare(changed, caption_column=caption_column)
+    assert "encoded" in rebuilt[0], rebuilt
+    folders = sorted((tmp_path / "cache").glob(f"{kind}-*"))
+    assert len(folders) == 2 and old_folder in folders, "a changed key must add a folder and keep the old one"
+    assert json.loads((old_folder / "meta.json").read_text())["num_items"] > 0
+
+
+def rewrite_one_caption(dataset_dir: Path) -> None:
+    """Edit the parquet file in place, as a user fixing a caption would."""
+    import pyarrow.parquet as pq
+
+    path = next(dataset_dir.rglob("*.parquet"))
+    table = pq.read_table(path)
+    texts = table.column("text").to_pylist()
+    texts[0] = ["a corrected caption"]
+    table = table.set_column(table.schema.get_field_index("text"), "text", [texts])
+    pq.write_table(table, path)
+
+
+def test_cache_latents_with_random_crop_is_refused(tiny_assets, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        make_cfg(tiny_assets.model_dir, tiny_assets.dataset_dir, tmp_path, "center_crop=false")
+    assert error.value.field == "cache_latents" and "center_crop: true" in str(error.value)
+
+
+@pytest.mark.multiprocess
+def test_cached_and_uncached_two_process_runs_have_the_same_losses(tiny_assets, tmp_path):
+    steps = 6
+    common = [*run_cfg(tiny_assets, tmp_path), f"max_train_steps={steps}", "random_flip=true"]
+    assert_ok(launch([*common, f"output_dir={tmp_path / 'plain'}"], procs=2))
+    cached = launch([*common, f"output_dir={tmp_path / 'cached'}", f"checkpoint_dir={tmp_path / 'cached_ckpt'}",
+                     "cache_latents=true", "cache_text_embeddings=true", f"cache_dir={tmp_path / 'cache'}"], procs=2)
+    assert_ok(cached)
+    meta = json.loads(next((tmp_path / "cache").glob("latents-*/meta.json")).read_text())
+    assert meta["num_shards"] == 2, "each of the two ranks encodes its share"
+    plain_losses, cached_losses = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+    assert len(cached_losses) == steps
+    assert cached_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5)
