@@ -8,6 +8,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from torch.distributed.rendezvous import register_rendezvous_handler
@@ -101,10 +102,25 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
                                init_method=f"{_RENDEZVOUS_SCHEME}://")
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
+    if accelerator.device_name() == "cpu":
+        _unlink_shm_comm_segments(local_rank)
     # One greppable line per rank: launcher logs (log/*.out under Slurm) show who joined.
     print(f"ds-diffusers: rank {rank}/{world_size} on {socket.gethostname()}", flush=True)
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _unlink_shm_comm_segments(local_rank: int) -> None:
+    """All ranks must call this. DeepSpeed's CPU all-reduce maps one 66 MB /dev/shm segment per rank,
+    named after MASTER_ADDR/MASTER_PORT, and never unlinks it: every run, finished or killed, would
+    leave them behind until /dev/shm (RAM) is full. Once every rank has mapped every segment (the
+    barrier), the names can go; the mappings live on until the processes exit."""
+    barrier()
+    if local_rank != 0:
+        return
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+    for segment in Path("/dev/shm").glob(f"{prefix}*"):
+        segment.unlink(missing_ok=True)
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
