@@ -17,6 +17,7 @@ import torch
 
 from ds_diffusers.checkpoint import LATEST, read_meta
 from ds_diffusers.config import validate_dict
+from ds_diffusers.config.deepspeed import engine_zero_stage
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.export import copy_frozen_components, write_lora, write_unet
 from ds_diffusers.models import build_unet
@@ -64,7 +65,9 @@ def export_checkpoint(checkpoint: str, out: str) -> Path:
                           "components and UNet config")
     is_lora = cfg.use_lora.action
     unet = build_unet(cfg)
-    state = _fp32_state(step_dir, cfg.zero_optimization.stage, trainable_only=is_lora)
+    # The stage the engine ran, which decides the checkpoint's layout (one process runs ZeRO-1/2 as 0).
+    stage = engine_zero_stage(cfg, meta["world_size"])
+    state = _fp32_state(step_dir, stage, trainable_only=is_lora)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_lora:
@@ -73,7 +76,7 @@ def export_checkpoint(checkpoint: str, out: str) -> Path:
     full = {**unet.state_dict(), **state}
     path = write_unet(unet.to_json_string(), full, out_dir)
     if cfg.use_ema:
-        ema = _ema_state(step_dir, unet, meta["world_size"], cfg.zero_optimization.stage)
+        ema = _ema_state(step_dir, unet, meta["world_size"], stage)
         write_unet(unet.to_json_string(), {**full, **ema}, out_dir, subfolder="unet_ema")
     copy_frozen_components(base_dir, out_dir)
     return path

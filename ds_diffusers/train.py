@@ -57,6 +57,13 @@ class RunPlan:
         return cls(batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
 
 
+def zero_description(cfg: Config, ds_config: dict) -> str:
+    engine_stage = ds_config["zero_optimization"]["stage"]
+    if engine_stage == cfg.zero_optimization.stage:
+        return f"ZeRO-{engine_stage}"
+    return f"ZeRO-{cfg.zero_optimization.stage} (run as ZeRO-{engine_stage}: one process has nothing to partition)"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -135,6 +142,11 @@ def train(cfg: Config) -> Path | None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config)
+    if dist.world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        # Averaging gradients over one rank changes nothing, but the stage-0 engine would still
+        # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their
+        # gradient buffers in that call, so they keep it.)
+        engine.enable_backward_allreduce = False
 
     ema = ShardedEMA(engine.module, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
     global_step, start_epoch, consumed_in_epoch = 0, 0, 0
@@ -149,7 +161,7 @@ def train(cfg: Config) -> Path | None:
         changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
         logger.message(f"resumed from {resume_from} at step {global_step}{changed}")
     logger.message(f"training {num_trainable:,} parameters "
-                   f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), ZeRO-{cfg.zero_optimization.stage}, "
+                   f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps")
     compute_dtype = DTYPES[cfg.weight_dtype_name]
     samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size

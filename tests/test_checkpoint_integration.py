@@ -92,6 +92,19 @@ def test_zero3_export_and_ema_equal_zero0(tiny_assets, tmp_path):
                         tensors(runs[3] / sub / "diffusion_pytorch_model.safetensors")) == 0.0
 
 
+def test_single_process_zero2_runs_as_zero0_and_exports_offline(tiny_assets, tmp_path):
+    """One process has nothing to partition: the engine runs ZeRO-2 as stage 0, and the offline
+    export must read the stage-0 layout that leaves on disk."""
+    assert_ok(launch(run_cfg(tiny_assets, tmp_path, *COMMON, "zero_optimization.stage=2", "max_train_steps=3")))
+    assert json.loads((tmp_path / "model" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+    offline = tmp_path / "offline"
+    result = subprocess.run([sys.executable, "-m", "ds_diffusers.export", "--checkpoint", str(tmp_path / "checkpoints"),
+                             "--out", str(offline)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert max_diff(tensors(offline / "unet" / "diffusion_pytorch_model.safetensors"),
+                    tensors(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors")) == 0.0
+
+
 def test_kill_during_save_keeps_previous_checkpoint(tiny_assets, tmp_path):
     overrides = run_cfg(tiny_assets, tmp_path, *COMMON, "max_train_steps=9", "save_interval=3")
     overrides = [o for o in overrides if o != "save_interval=0"]

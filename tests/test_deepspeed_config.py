@@ -90,3 +90,13 @@ def test_monitors_profiler_and_clipping_pass_through():
     assert ds["tensorboard"] == {"enabled": True, "output_path": "out/logs/tensorboard", "job_name": "ds-diffusers"}
     assert ds["csv_monitor"] == {"enabled": True, "output_path": "logs/csv", "job_name": "j"}
     assert "flops_profiler" not in translate()
+
+
+@pytest.mark.parametrize("stage, world_size, offload, engine_stage", [
+    (1, 1, "none", 0), (2, 1, "none", 0),  # one rank: nothing to partition, stage 0 makes the same update
+    (2, 1, "cpu", 2),  # optimizer offload needs ZeRO >= 1
+    (3, 1, "none", 3), (2, 2, "none", 2), (1, 4, "none", 1), (0, 1, "none", 0),
+])
+def test_single_process_runs_zero_1_and_2_as_stage_0(stage, world_size, offload, engine_stage):
+    ds = translate(world_size=world_size, zero_optimization={"stage": stage, "offload_optimizer": {"device": offload}})
+    assert ds["zero_optimization"]["stage"] == engine_stage

@@ -26,9 +26,20 @@ def _offload_block(block: Any) -> dict[str, Any] | None:
     return out
 
 
-def zero_block(cfg: Config) -> dict[str, Any]:
+def engine_zero_stage(cfg: Config, world_size: int) -> int:
+    """The stage the engine runs. ZeRO-1/2 partition optimizer state and gradients over the data-
+    parallel ranks; with one rank they partition nothing and only add per-parameter gradient hooks
+    and buffer copies (a quarter of a step for the embedded model on a CPU), so a single process
+    runs them as stage 0, which makes the same update. Optimizer offload needs stage >= 1 and
+    ZeRO-3 partitions differently, so both keep their stage."""
     zero = cfg.zero_optimization
-    out: dict[str, Any] = {"stage": zero.stage}
+    offloads = resolve_offload_device(zero.offload_optimizer.device) != "none"
+    return 0 if world_size == 1 and zero.stage in (1, 2) and not offloads else zero.stage
+
+
+def zero_block(cfg: Config, world_size: int) -> dict[str, Any]:
+    zero = cfg.zero_optimization
+    out: dict[str, Any] = {"stage": engine_zero_stage(cfg, world_size)}
     for name in ("offload_param", "offload_optimizer"):
         block = _offload_block(getattr(zero, name))
         if block is not None:
@@ -87,7 +98,7 @@ def to_deepspeed_config(
         "train_batch_size": cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * world_size,
         "steps_per_print": 10**9,  # progress is reported by our own loop, not DeepSpeed's log lines
         "wall_clock_breakdown": cfg.wall_clock_breakdown,
-        "zero_optimization": zero_block(cfg),
+        "zero_optimization": zero_block(cfg, world_size),
         "optimizer": optimizer_block(cfg, accelerator_name),
         "gradient_clipping": cfg.gradient_clipping,
         "zero_allow_untested_optimizer": True,
