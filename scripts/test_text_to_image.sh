@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sample from a trained model locally with the deepspeed launcher (prompts sharded over the processes).
+# Sample from a trained model locally: one process directly, several through the deepspeed launcher
+# (prompts sharded over the processes).
 #   bash scripts/test_text_to_image.sh                        # embedded default
 #   bash scripts/test_text_to_image.sh cfg/sd15_lora.json --set output_dir=outputs/sd15_lora/model
 # One process per GPU when GPUs are visible, else one CPU process (NUM_PROCS overrides).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train locally with the deepspeed launcher.
+# Train locally: one process directly, several through the deepspeed launcher.
 #   bash scripts/train_text_to_image.sh                       # embedded default (tiny model + data, CPU-friendly)
 #   bash scripts/train_text_to_image.sh cfg/sd15_lora.json --set train_micro_batch_size_per_gpu=2
 # One process per GPU when GPUs are visible, else one CPU process (NUM_PROCS overrides).

@@ -6,10 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from ds_diffusers.embedded.cache import DEFAULT_NUM_IMAGES, ensure_embedded_assets
-from ds_diffusers.embedded.tiny_model import DEFAULT_VAE_TRAIN_STEPS
+from ds_diffusers.embedded.cache import DEFAULT_NUM_IMAGES, DEFAULT_VAE_TRAIN_STEPS, ensure_embedded_assets
 from ds_diffusers.errors import ConfigError
 
 
@@ -20,8 +17,6 @@ def main() -> int:
     parser.add_argument("--vae-train-steps", type=int, default=DEFAULT_VAE_TRAIN_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    # Oversubscribing a small CPU box makes the VAE training several times slower.
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
         assets = ensure_embedded_assets(args.out, args.num_images, args.vae_train_steps, args.seed)
     except ConfigError as error:

@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_diffusers.embedded.shapes import write_dataset
-from ds_diffusers.embedded.tiny_model import DEFAULT_VAE_TRAIN_STEPS, build_tiny_model
-
 # Bump when anything that changes the built files changes (architecture, VAE recipe, rendering,
 # captions, tokenizer words): existing caches then rebuild instead of being silently reused.
 RECIPE_VERSION = 2
 BUILD_INFO = "BUILD_INFO.json"
 DEFAULT_NUM_IMAGES = 1536
+DEFAULT_VAE_TRAIN_STEPS = 400
+# The builders (torch, diffusers, PIL) are imported only when something must be built: the launch
+# scripts check the assets before every run, and a reuse should cost milliseconds, not imports.
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,26 @@ def ensure_embedded_assets(
     model_recipe = {"version": RECIPE_VERSION, "seed": seed, "vae_train_steps": vae_train_steps}
     dataset_recipe = {"version": RECIPE_VERSION, "seed": seed, "num_images": num_images, "layout": "hub"}
     with _exclusive_lock(root / ".lock"):
-        _build_atomically(
-            assets.model_dir, model_recipe, lambda out: build_tiny_model(out, seed=seed, vae_train_steps=vae_train_steps)
-        )
-        _build_atomically(
-            assets.dataset_dir, dataset_recipe, lambda out: write_dataset(out, num_images, seed, layout="hub")
-        )
+        _build_atomically(assets.model_dir, model_recipe, lambda out: _build_model(out, seed, vae_train_steps))
+        _build_atomically(assets.dataset_dir, dataset_recipe, lambda out: _build_dataset(out, num_images, seed))
     return assets
+
+
+def _build_model(out: Path, seed: int, vae_train_steps: int) -> None:
+    import torch
+
+    from ds_diffusers.embedded.tiny_model import build_tiny_model
+
+    # Oversubscribing a small CPU box makes the VAE training several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        build_tiny_model(out, seed=seed, vae_train_steps=vae_train_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_dataset(out: Path, num_images: int, seed: int) -> None:
+    from ds_diffusers.embedded.shapes import write_dataset
+
+    write_dataset(out, num_images, seed, layout="hub")

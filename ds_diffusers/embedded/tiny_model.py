@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ds_diffusers.embedded.cache import DEFAULT_VAE_TRAIN_STEPS
 from ds_diffusers.embedded.tokenizer import write_tokenizer
 from ds_diffusers.embedded.vae_training import latent_scaling_factor, train_vae
 
@@ -27,7 +28,6 @@ RESOLUTION = 64
 VAE_BLOCK_OUT_CHANNELS = (16, 32, 32)
 LATENT_CHANNELS = 4
 LATENT_SIZE = RESOLUTION // 4
-DEFAULT_VAE_TRAIN_STEPS = 400
 VAE_BATCH_SIZE = 8
 VAE_LR = 3e-3
 VAE_KL_WEIGHT = 1e-3

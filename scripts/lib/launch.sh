@@ -55,7 +55,13 @@ dsd_launch() {
   mkdir -p log
   log="log/${prefix}-$(date +%Y%m%d-%H%M%S).log"
   echo "ds-diffusers: $procs process(es), cfg $cfg, log $log"
-  # shellcheck disable=SC2046  # the launcher arguments are meant to split into words
-  deepspeed $(dsd_launcher_args "$procs") --module "$module" --cfg "$cfg" "$@" 2>&1 | tee "$log"
+  if [[ "$procs" -eq 1 ]]; then
+    # One process needs no launcher: the module forms a process group of one itself, and skipping
+    # the launcher's two extra Python processes (each importing torch and deepspeed) saves ~5 s.
+    python -m "$module" --cfg "$cfg" "$@" 2>&1 | tee "$log"
+  else
+    # shellcheck disable=SC2046  # the launcher arguments are meant to split into words
+    deepspeed $(dsd_launcher_args "$procs") --module "$module" --cfg "$cfg" "$@" 2>&1 | tee "$log"
+  fi
   return "${PIPESTATUS[0]}"
 }
