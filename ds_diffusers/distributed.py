@@ -153,3 +153,12 @@ def broadcast_from_main(value: object) -> object:
     holder = [value]
     torch.distributed.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def shutdown_distributed() -> None:
+    """All ranks must call this, last. Tearing the process group down explicitly, after every rank
+    is done, rather than in the interpreter's exit: there, the store and gloo threads of a rank
+    whose peer already exited can abort it ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()

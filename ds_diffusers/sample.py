@@ -20,7 +20,7 @@ import torch
 from ds_diffusers.checkpoint import check_writable
 from ds_diffusers.config import Config, load_config
 from ds_diffusers.config.checks import check_model_dir
-from ds_diffusers.distributed import DistInfo, barrier, init_distributed
+from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import DTYPES, load_frozen_components
 from ds_diffusers.sampling.generate import generate_prompt_images
@@ -82,7 +82,7 @@ def sample(cfg: Config, plan: SamplePlan, sources: list[WeightSource], run_info:
             "seconds": round(seconds, 2), "versions": _versions(),
         })
         print(f"ds-diffusers: wrote {len(records)} images in {seconds:.1f} s; grid {grid}; manifest {manifest}", flush=True)
-    barrier()
+    shutdown_distributed()
     return manifest
 
 

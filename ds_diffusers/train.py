@@ -23,7 +23,7 @@ from ds_diffusers import checkpoint, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, to_deepspeed_config
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
                                resolve_columns)
-from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks
+from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
@@ -229,6 +229,7 @@ def train(cfg: Config) -> Path | None:
     barrier()
     logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
     logger.close()
+    shutdown_distributed()
     return exported
 
 

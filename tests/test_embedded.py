@@ -126,8 +126,8 @@ def test_cached_build_is_reused_and_a_changed_recipe_rebuilds(tmp_path, monkeypa
         raise AssertionError("a cached asset was rebuilt")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cache, "build_tiny_model", no_rebuild)
-        patch.setattr(cache, "write_dataset", no_rebuild)
+        patch.setattr(cache, "_build_model", no_rebuild)
+        patch.setattr(cache, "_build_dataset", no_rebuild)
         second = ensure_embedded_assets(tmp_path, num_images=FAST_NUM_IMAGES, vae_train_steps=0)
     assert second == first
     assert (unet_weights.stat().st_mtime_ns, parquet.stat().st_mtime_ns) == stamps
@@ -145,7 +145,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
         (Path(out_dir) / "data").mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache, "write_dataset", crash_half_way)
+    monkeypatch.setattr(cache, "_build_dataset", crash_half_way)
     with pytest.raises(KeyboardInterrupt):
         ensure_embedded_assets(tmp_path, num_images=FAST_NUM_IMAGES, vae_train_steps=0)
     assert (tmp_path / "tiny-sd" / "BUILD_INFO.json").exists()  # finished before the crash
@@ -164,13 +164,13 @@ def test_concurrent_callers_build_once(tmp_path, monkeypatch):
     import ds_diffusers.embedded.cache as cache
 
     builds = []
-    real_build = cache.build_tiny_model
+    real_build = cache._build_model
 
     def counting_build(*args, **kwargs):
         builds.append(threading.get_ident())
         real_build(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "build_tiny_model", counting_build)
+    monkeypatch.setattr(cache, "_build_model", counting_build)
     results = []
     callers = [
         threading.Thread(
