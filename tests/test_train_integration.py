@@ -72,7 +72,8 @@ def assert_full_export_loads(tmp_path: Path, base_dir: Path) -> None:
     assert sum(changed) > 0.9 * len(changed), "export does not hold the trained weights"
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+# One process runs ZeRO-1/2 as stage 0 (tested in test_deepspeed_config), so stage 3 is the other path.
+@pytest.mark.parametrize("stage", [0, 3])
 def test_full_finetune_single_process(tiny_assets, tmp_path, stage):
     result = launch(run_cfg(tiny_assets, tmp_path, f"zero_optimization.stage={stage}", "max_train_steps=30"))
     assert_ok(result)
