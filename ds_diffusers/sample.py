@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ds_diffusers.checkpoint import check_writable
-from ds_diffusers.config import Config, load_config
+from ds_diffusers.config import Config, load_config, parse_cfg_args
 from ds_diffusers.config.checks import check_model_dir
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
@@ -95,13 +95,9 @@ def _versions() -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ds_diffusers.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--cfg", required=True, help="the training JSON config file (see cfg/ and README.md)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set sample.weights='[\"baseline\",\"lora\"]' sample.lora_scale=0.5")
-    # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_cfg_args(argv, prog="python -m ds_diffusers.sample", description=__doc__.splitlines()[0],
+                          cfg_help="the training JSON config file (see cfg/ and README.md)",
+                          set_example="sample.weights='[\"baseline\",\"lora\"]' sample.lora_scale=0.5")
 
 
 def main(argv: list[str] | None = None) -> int:

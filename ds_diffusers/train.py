@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ds_diffusers import checkpoint, preemption, validation
-from ds_diffusers.config import Config, check_environment, load_config, to_deepspeed_config
+from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
                                resolve_columns)
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown_distributed
@@ -234,13 +234,9 @@ def train(cfg: Config) -> Path | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ds_diffusers.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--cfg", required=True, help="JSON config file (see cfg/ and README.md)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, dotted for nested keys, e.g. --set use_lora.rank=8 seed=1")
-    # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_cfg_args(argv, prog="python -m ds_diffusers.train", description=__doc__.splitlines()[0],
+                          cfg_help="JSON config file (see cfg/ and README.md)",
+                          set_example="use_lora.rank=8 seed=1 (dotted for nested keys)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ writes to disk.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 from pathlib import Path
@@ -95,3 +96,14 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
     check_consistency(cfg)
     return cfg
+
+
+def parse_cfg_args(argv: list[str] | None, *, prog: str, description: str, cfg_help: str, set_example: str) -> argparse.Namespace:
+    """`--cfg PATH [--set KEY=VALUE ...]`, the command line of every entrypoint that reads a cfg file."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--cfg", required=True, help=cfg_help)
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help=f"override config keys, e.g. --set {set_example}")
+    # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
