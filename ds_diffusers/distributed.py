@@ -138,12 +138,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _reduce_flag(value: bool, op: torch.distributed.ReduceOp, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if value else 0.0], device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=op)
+    return bool(flag.item())
+
+
 def all_ranks_ok(ok: bool, device: torch.device) -> bool:
     """All ranks must call this: True only when `ok` holds on every rank."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    return _reduce_flag(ok, torch.distributed.ReduceOp.MIN, device)
+
+
+def any_rank(value: bool, device: torch.device) -> bool:
+    """All ranks must call this: True when `value` holds on at least one rank."""
+    return _reduce_flag(value, torch.distributed.ReduceOp.MAX, device)
 
 
 def broadcast_from_main(value: object) -> object:

@@ -12,6 +12,8 @@ from types import FrameType
 
 import torch
 
+from ds_diffusers.distributed import any_rank
+
 # EX_TEMPFAIL: the run is incomplete but saved; the caller is invited to start it again (requeue).
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -30,10 +32,7 @@ def install() -> None:
 
 def stop_requested(device: torch.device) -> bool:
     """All ranks must call this (one small all-reduce)."""
-    flag = torch.tensor([1.0 if _received else 0.0], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(bool(_received), device)
 
 
 def signal_names() -> str:
