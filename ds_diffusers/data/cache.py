@@ -179,16 +179,22 @@ def _load_meta(folder: Path) -> dict[str, Any] | None:
     return meta if meta.get("format") == FORMAT_VERSION else None
 
 
-def build_or_reuse(key: CacheKey, cfg: Config, dist: DistInfo, num_items: int,
+def build_or_reuse(make_key: Callable[[], CacheKey], cfg: Config, dist: DistInfo, num_items: int,
                    encode: Callable[[list[int], Callable[[int], None]], dict[str, torch.Tensor]],
                    extra_files: dict[str, str] | None = None, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
-    """All ranks must call this. Returns the complete cache folder for `key` and its metadata.
+    """All ranks must call this. Returns the complete cache folder for the key and its metadata.
+
+    Only rank 0 runs `make_key`, which reads every encoder file to hash it; the others receive the key.
 
     On a miss the ranks write into a private partial folder that rank 0 renames into place once every
     shard is there; `meta.json` is written last, so an interrupted build is never mistaken for a cache.
     """
+    def decide() -> tuple[CacheKey, bool]:
+        key = make_key()
+        return key, _load_meta(key.folder(cfg.cache_dir)) is not None
+
+    key, hit = broadcast_from_main(decide() if dist.is_main else None)
     folder = key.folder(cfg.cache_dir)
-    hit = broadcast_from_main(_load_meta(folder) is not None if dist.is_main else None)
     if not hit:
         started = time.perf_counter()
         partial = Path(cfg.cache_dir) / f".{folder.name}.partial-{broadcast_from_main(uuid.uuid4().hex[:8])}"
@@ -240,16 +246,14 @@ def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str,
     """All ranks must call this. The caches the config asks for, built on a miss, else reused."""
     latent_cache = text_cache = None
     if cfg.cache_latents:
-        key = latent_key(cfg, hf_dataset, image_column)
         folder, meta = build_or_reuse(
-            key, cfg, dist, len(hf_dataset),
+            lambda: latent_key(cfg, hf_dataset, image_column), cfg, dist, len(hf_dataset),
             lambda rows, progress: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg, progress), log=log)
         latent_cache = LatentCache(ShardedStore(folder, meta["num_shards"]))
     if cfg.cache_text_embeddings:
-        key = text_key(cfg, hf_dataset, caption_column)
         captions = distinct_captions(hf_dataset, caption_column)
         folder, meta = build_or_reuse(
-            key, cfg, dist, len(captions),
+            lambda: text_key(cfg, hf_dataset, caption_column), cfg, dist, len(captions),
             lambda items, progress: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu, progress),
             extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
         text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()))
