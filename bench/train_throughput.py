@@ -24,7 +24,6 @@ import re
 import selectors
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from ds_diffusers.config import Config, load_config
 from ds_diffusers.data import load_train_dataset
+from ds_diffusers.distributed import free_port
 from ds_diffusers.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's own helper modules
@@ -180,12 +180,6 @@ def check_configs(bench: Bench, variants: list[Variant]) -> None:
 
 
 # --- children ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def read_lines(fd: int, log_file: BinaryIO, deadline: float) -> list[tuple[float, str]]:
     """Every output line with the time its text arrived. tqdm ends a line only with the next \\r,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_diffusers.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ds_diffusers.distributed import free_port
+
 NODES = ("dsdnode1", "dsdnode2")
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 TEMPLATE = Path(__file__).with_name("slurm.conf.in")
@@ -49,12 +51,6 @@ def _unresolved_nodes() -> list[str]:
         except OSError:
             unresolved.append(node)
     return unresolved
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(what: str, check, timeout_s: float, interval_s: float = 0.5, on_timeout=lambda: ""):
