@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.distributed.rendezvous import register_rendezvous_handler
 
+from ds_diffusers.devices import bind_device, check_accelerator_expected, visible_devices
 from ds_diffusers.errors import ConfigError
 
 # Seconds a rank waits to reach rank 0's rendezvous store (and rank 0 for all ranks to arrive)
@@ -95,9 +96,10 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     accelerator = get_accelerator()
+    check_accelerator_expected(accelerator.device_name())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
+    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = bind_device(accelerator, local_rank, local_size)
     _register_rendezvous()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=timedelta(seconds=timeout_s),
                                init_method=f"{_RENDEZVOUS_SCHEME}://")
@@ -105,9 +107,9 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     world_size = torch.distributed.get_world_size()
     if accelerator.device_name() == "cpu":
         _unlink_shm_comm_segments(local_rank)
-    # One greppable line per rank: launcher logs (log/*.out under Slurm) show who joined.
-    print(f"ds-diffusers: rank {rank}/{world_size} on {socket.gethostname()}", flush=True)
-    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    # One greppable line per rank: launcher logs (log/*.out under Slurm) show who joined, on which device.
+    print(f"ds-diffusers: rank {rank}/{world_size} on {socket.gethostname()} device {device} "
+          f"(local rank {local_rank}/{local_size}{visible_devices(accelerator)})", flush=True)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -20,6 +20,7 @@ import torch
 from ds_diffusers.checkpoint import check_writable
 from ds_diffusers.config import Config, load_config, parse_cfg_args
 from ds_diffusers.config.checks import check_model_dir
+from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import DTYPES, load_frozen_components
@@ -45,6 +46,7 @@ def sampling_dtype(cfg: Config) -> torch.dtype:
 def prepare(cfg: Config) -> tuple[SamplePlan, list[WeightSource]]:
     """Every check that can fail on user input, before any process group or model exists."""
     plan = SamplePlan.from_config(cfg)
+    check_accelerator_expected()
     check_model_dir(cfg.pretrained_model_name_or_path)
     check_against_model(plan, cfg.pretrained_model_name_or_path)
     sources = resolve_weights(cfg, plan)

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
 
 
@@ -120,6 +121,7 @@ def check_environment(cfg: Config) -> None:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
+    check_accelerator_expected(accelerator.device_name())
     if cfg.use_fp16.enabled and not accelerator.is_fp16_supported():
         hint = "set use_fp16.enabled false and bf16.enabled true" if accelerator.is_bf16_supported() else "set use_fp16.enabled false"
         raise ConfigError("use_fp16.enabled", True, f"the {accelerator.device_name()} accelerator has no fp16 training; {hint}")
