@@ -32,7 +32,8 @@ from ds_diffusers.errors import ConfigError, TrainingError
 
 META_FILE = "ds_diffusers.json"
 LATEST = "latest"
-# Test hook: "kill_during_save:<step>" kills rank 0 between the files of that step's checkpoint.
+# Test hooks, each SIGKILLs rank 0 like a lost rank: "kill_during_save:<step>" between the files of
+# that step's checkpoint, "kill_after_save:<step>" once it is complete (a crash resumable from it).
 FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
@@ -205,6 +206,8 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
         _write_atomically(Path(cfg.checkpoint_dir) / LATEST, tag)
         _prune(cfg.checkpoint_dir, cfg.checkpoints_total_limit, protected=global_step)
     barrier()
+    if os.environ.get(FAULT_ENV) == f"kill_after_save:{global_step}" and dist.is_main:
+        os.kill(os.getpid(), signal.SIGKILL)
     return step_dir
 
 

@@ -30,14 +30,67 @@ dsd_enter_repo() {
 
 # The first host of the allocation hosts the rendezvous store (rank 0 runs there: srun's default
 # block distribution gives task 0 to the first node). The port is derived from the job id, so two
-# jobs sharing a node do not collide and a requeued job (same id) gets the same port back.
+# jobs sharing a node do not collide and a requeued job (same id) gets the same port back; it stays
+# in 20000-31999, below Linux's ephemeral range (32768-60999), where the kernel hands out the local
+# ports of outgoing connections and could already have taken it.
+dsd_master_port() {
+  echo $((20000 + $1 % 12000))
+}
+
 dsd_rendezvous() {
   MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
-  MASTER_PORT="${DSD_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  MASTER_PORT="${DSD_MASTER_PORT:-$(dsd_master_port "$SLURM_JOB_ID")}"
   export MASTER_ADDR MASTER_PORT
   dsd_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_JOB_NUM_NODES} node(s)" \
     "[$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd' ')], ${SLURM_NTASKS} task(s)," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT"
+  # What reaches NCCL (interface, debug level) is the first thing to check when ranks hang at start.
+  local nccl
+  nccl="$(env | grep '^NCCL_' | sort | paste -sd' ' || true)"
+  [[ -z "$nccl" ]] || dsd_log "NCCL settings: $nccl"
+}
+
+# Tasks of this job on node NODE (default: this task's node), from e.g. SLURM_TASKS_PER_NODE="2(x3),1".
+dsd_tasks_on_node() {
+  local spec="${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}"
+  local node="${1:-${SLURM_STEP_NODEID:-${SLURM_NODEID:-0}}}" item count repeat
+  local -a items
+  IFS=, read -ra items <<<"$spec"
+  for item in "${items[@]}"; do
+    count="${item%%(*}"
+    repeat=1
+    if [[ "$item" == *"(x"* ]]; then
+      repeat="${item#*(x}"
+      repeat="${repeat%)}"
+    fi
+    if ((node < repeat)); then
+      echo "$count"
+      return
+    fi
+    node=$((node - repeat))
+  done
+  echo 1
+}
+
+# One task drives one GPU, so the GPUs the job got on a node (--gres=gpu:N, --gpus-per-node,
+# --gpus-per-task) must equal the tasks started there (--ntasks-per-node). #SBATCH lines cannot share
+# a variable, so instead of trusting two numbers to be edited together this checks them in the batch
+# shell (first node) before anything starts, and stops the job (exit 2) naming both. No GPUs: no check.
+dsd_check_gpus_per_node() {
+  local gpus=0 tasks
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    gpus="$SLURM_GPUS_ON_NODE"
+  elif [[ -n "${SLURM_JOB_GPUS:-}" ]]; then
+    gpus=$(( $(tr -cd , <<<"$SLURM_JOB_GPUS" | wc -c) + 1 ))
+  fi
+  ((gpus > 0)) || return 0
+  tasks="$(dsd_tasks_on_node 0)"
+  if ((gpus != tasks)); then
+    echo "ds-diffusers: this job has $gpus GPU(s) on its first node but starts $tasks task(s) there" \
+      "(--ntasks-per-node=${SLURM_NTASKS_PER_NODE:-$tasks}); one task drives one GPU: submit with the same N for both," \
+      "e.g. sbatch --gres=gpu:$gpus --ntasks-per-node=$gpus, or edit the two #SBATCH lines together" >&2
+    exit 2
+  fi
 }
 
 # True when the arguments already set KEY (as `--set KEY=...` or inside a later `--set` list).
@@ -96,29 +149,62 @@ dsd_srun() {
   return "$rc"
 }
 
-# dsd_srun, plus: when the tasks stopped on a preemption request (exit 75 after saving, or any
-# failure after the batch shell got USR1), requeue this job; it resumes from `latest` when it starts
-# again (the caller passes resume_from_checkpoint=latest). Exits the batch shell.
+# Whether a job whose tasks ended with exit code RC is requeued; prints why. Returns 0 to requeue.
+#   dsd_requeue_reason RC GOT_USR1 GOT_TERM RESTART_COUNT MAX_RESTARTS
+# Preemption (exit 75, or any failure after USR1 was forwarded) always requeues. A crash (NCCL
+# timeout, a lost node or rank: any other non-zero code) requeues while the job has been restarted
+# fewer than MAX_RESTARTS times. Never: success, a config error (2), a stopped training (3: it would
+# stop again), or a TERM (scancel, the time limit: what happens then is Slurm's call).
+dsd_requeue_reason() {
+  local rc="$1" got_usr1="$2" got_term="$3" restarts="$4" max="$5"
+  if ((rc == 0)); then
+    echo "tasks finished"
+    return 1
+  fi
+  if ((got_term)); then
+    echo "tasks stopped with exit code $rc after TERM; not requeued"
+    return 1
+  fi
+  if ((rc == DSD_EXIT_PREEMPTED || got_usr1)); then
+    echo "tasks stopped for preemption (exit code $rc)"
+    return 0
+  fi
+  if ((rc == 2 || rc == 3)); then
+    echo "tasks stopped with exit code $rc ($( ((rc == 2)) && echo "a config error" || echo "training stopped")); not requeued"
+    return 1
+  fi
+  if ((restarts < max)); then
+    echo "tasks failed with exit code $rc (a crash); restart $((restarts + 1)) of DSD_MAX_RESTARTS=$max"
+    return 0
+  fi
+  echo "tasks failed with exit code $rc (a crash); not requeued: the job has already been restarted $restarts time(s)" \
+    "(DSD_MAX_RESTARTS=$max)"
+  return 1
+}
+
+# dsd_srun, plus requeueing this job when dsd_requeue_reason says so; the requeued job resumes from
+# `latest` when it starts again (the caller passes resume_from_checkpoint=latest). Exits the batch shell.
 dsd_srun_preemptible() {
-  local rc=0
+  local rc=0 reason max="${DSD_MAX_RESTARTS:-3}"
+  if [[ ! "$max" =~ ^[0-9]+$ ]]; then
+    echo "ds-diffusers: DSD_MAX_RESTARTS=$max: must be a whole number >= 0 (default 3), the crash requeues allowed" >&2
+    exit 2
+  fi
   if ((DSD_GOT_USR1)); then
     rc=$DSD_EXIT_PREEMPTED
   else
     dsd_srun "$@" || rc=$?
   fi
-  if ((rc == 0)); then
-    dsd_log "tasks finished"
-    exit 0
-  fi
-  if ((DSD_GOT_TERM)) || { ((rc != DSD_EXIT_PREEMPTED)) && ((!DSD_GOT_USR1)); }; then
-    dsd_log "tasks stopped with exit code $rc"
+  if ! reason="$(dsd_requeue_reason "$rc" "$DSD_GOT_USR1" "$DSD_GOT_TERM" "${SLURM_RESTART_COUNT:-0}" "$max")"; then
+    dsd_log "$reason"
     exit "$rc"
   fi
-  dsd_log "tasks stopped for preemption (exit code $rc); requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+  dsd_log "$reason; requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
   if ! scontrol requeue "$SLURM_JOB_ID"; then
     dsd_log "scontrol requeue failed (submitted with --no-requeue, or requeue disabled on this cluster);" \
       "resubmit the same command to resume from the last checkpoint"
-    exit "$DSD_EXIT_PREEMPTED"
+    ((DSD_GOT_USR1)) && rc=$DSD_EXIT_PREEMPTED
+    exit "$rc"
   fi
   exit 0
 }

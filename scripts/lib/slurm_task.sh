@@ -6,27 +6,8 @@
 # MASTER_ADDR and MASTER_PORT come from the batch script (scripts/lib/slurm.sh: dsd_rendezvous).
 set -euo pipefail
 
-# Tasks of this step on this node, from e.g. SLURM_STEP_TASKS_PER_NODE="2(x3),1" and the node index.
-dsd_tasks_on_this_node() {
-  local spec="${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}"
-  local node="${SLURM_STEP_NODEID:-${SLURM_NODEID:-0}}" item count repeat
-  local -a items
-  IFS=, read -ra items <<<"$spec"
-  for item in "${items[@]}"; do
-    count="${item%%(*}"
-    repeat=1
-    if [[ "$item" == *"(x"* ]]; then
-      repeat="${item#*(x}"
-      repeat="${repeat%)}"
-    fi
-    if ((node < repeat)); then
-      echo "$count"
-      return
-    fi
-    node=$((node - repeat))
-  done
-  echo 1
-}
+# Shared helpers (dsd_tasks_on_node).
+. "$(dirname "${BASH_SOURCE[0]}")/slurm.sh"
 
 : "${SLURM_PROCID:?not inside an srun task; start this through srun (see scripts/train_text_to_image.slurm)}"
 : "${MASTER_ADDR:?set by the batch script (dsd_rendezvous in scripts/lib/slurm.sh)}"
@@ -36,7 +17,7 @@ export LOCAL_RANK="$SLURM_LOCALID"
 export WORLD_SIZE="${SLURM_STEP_NUM_TASKS:-$SLURM_NTASKS}"
 # DeepSpeed's CPU shared-memory all-reduce is used only when LOCAL_SIZE equals the world size (all
 # ranks on one node); torchrun-style code reads LOCAL_WORLD_SIZE.
-LOCAL_SIZE="$(dsd_tasks_on_this_node)"
+LOCAL_SIZE="$(dsd_tasks_on_node)"
 export LOCAL_SIZE LOCAL_WORLD_SIZE="$LOCAL_SIZE"
 # One BLAS/OpenMP thread pool per task sized to its CPUs, not to the whole node.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"

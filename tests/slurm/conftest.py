@@ -58,7 +58,8 @@ class Submitter:
         self.cluster = cluster
         self.workdir = workdir
         # OMP_NUM_THREADS is not set here: slurm_task.sh derives it from --cpus-per-task (1).
-        self.env = {"PYTHONUNBUFFERED": "1", "DSD_RENDEZVOUS_TIMEOUT": "120"}
+        # DSD_ALLOW_CPU: this cluster has no GPUs; a Slurm job refuses to run on the CPU without it.
+        self.env = {"PYTHONUNBUFFERED": "1", "DSD_RENDEZVOUS_TIMEOUT": "120", "DSD_ALLOW_CPU": "1"}
 
     def command(self, script: Path, name: str, sbatch_args: list[str], script_args: list[str]) -> list[str]:
         return ["sbatch", "--wait", f"--job-name={name}", f"--output={self.workdir}/%x-%j.out", "--cpus-per-task=1",

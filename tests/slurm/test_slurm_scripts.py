@@ -48,6 +48,7 @@ def test_two_nodes_train_and_export(slurm_cluster, two_node_run, tiny_assets):
     assert job.returncode == 0, job.explain()
     assert job.ranks() == {(0, 2), (1, 2)}, job.explain()
     assert f"2 node(s) [{' '.join(NODES)}]" in job.log, job.explain()
+    assert job.log.count("device cpu (local rank 0/1)") == 2, job.explain()
     assert metrics_steps(run_dir / "model") == list(range(1, 7))
     assert_unet_trained(run_dir / "model", tiny_assets.model_dir)
 
@@ -89,6 +90,23 @@ def test_preemption_saves_requeues_and_resumes(slurm_cluster, tiny_assets, submi
     assert metrics_steps(output_dir) == list(range(1, steps + 1))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
     assert_unet_trained(output_dir, tiny_assets.model_dir)
+
+
+def test_crash_requeues_and_resumes_from_latest(slurm_cluster, tiny_assets, submitter, tmp_path):
+    """Rank 0 dies (SIGKILL) right after the checkpoint of step 3: srun ends the step, the batch shell
+    requeues the job as a crash, and the second run resumes from `latest` and finishes."""
+    steps = 6
+    cfg = write_tiny_cfg(tiny_assets, tmp_path, max_train_steps=steps, save_interval=3)
+    submitter.env["DSD_FAULT_INJECT"] = "kill_after_save:3"
+    job = submitter.run(TRAIN, "dsd-crash", ONE_NODE_TWO_TASKS, [str(cfg)], timeout_s=420)
+
+    assert job.returncode == 0, job.explain()
+    assert re.search(r"tasks failed with exit code \d+ \(a crash\); restart 1 of DSD_MAX_RESTARTS=3; requeueing job",
+                     job.log), job.explain()
+    assert "(restart 1)" in job.log and re.search(r"resumed from \S+/step_3 at step 3", job.log), job.explain()
+    assert f"done: {steps} steps" in job.log, job.explain()
+    assert metrics_steps(tmp_path / "model") == list(range(1, steps + 1))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
 
 
 TASK_SCRIPT = """
@@ -134,7 +152,28 @@ def test_usr1_reaches_every_task_on_every_node(submitter, tmp_path):
     assert f"task 0/2 on {NODES[0]} got USR1" in job.log, job.explain()
     assert f"task 1/2 on {NODES[1]} got USR1" in job.log, job.explain()
     assert "requeueing job" in job.log, job.explain()
-    port = 20000 + int(job_id) % 20000
+    port = 20000 + int(job_id) % 12000
     for rank, node in enumerate(NODES):
         resumed = f"task {rank}/2 local 0/1 on {node} master {NODES[0]}:{port} resumed, setup=sourced"
         assert resumed in job.log, job.explain()
+
+
+CRASHING_TASK = """
+echo "task $RANK run ${SLURM_RESTART_COUNT:-0} crashing"
+exit 1
+"""
+
+
+def test_crash_past_the_limit_is_not_requeued(submitter, tmp_path):
+    """With DSD_MAX_RESTARTS=1 a task that always crashes runs twice: requeued once, then the job fails."""
+    (tmp_path / "task.sh").write_text(CRASHING_TASK)
+    (tmp_path / "batch.sh").write_text(BATCH_SCRIPT)
+    submitter.env.update({"DSD_REPO": str(REPO), "DSD_MAX_RESTARTS": "1"})
+    job = submitter.run(tmp_path / "batch.sh", "dsd-crash-limit", ["--nodes=1", "--ntasks-per-node=1"],
+                        [str(tmp_path / "task.sh")], timeout_s=120)
+
+    assert job.returncode != 0, job.explain()
+    assert "task 0 run 0 crashing" in job.log and "task 0 run 1 crashing" in job.log, job.explain()
+    assert "task 0 run 2" not in job.log, job.explain()
+    assert "restart 1 of DSD_MAX_RESTARTS=1; requeueing job" in job.log, job.explain()
+    assert "not requeued: the job has already been restarted 1 time(s) (DSD_MAX_RESTARTS=1)" in job.log, job.explain()
