@@ -103,6 +103,22 @@ def test_requeue_decision():
     assert not requeue(75, term=1)[0] and not requeue(1, term=1)[0]
 
 
+@pytest.mark.parametrize("lines, rc, expected", [
+    # A rank stopped in order, srun then killed its peers: srun says 143, the reason is 2.
+    (["srun: error: n1: task 1: Exited with exit code 2", "srun: error: n1: task 0: Terminated"], 143, 2),
+    (["srun: error: n1: tasks 0-3: Exited with exit code 3"], 3, 3),
+    (["srun: error: n2: task 5: Exited with exit code 75", "srun: error: n1: task 0: Killed"], 137, 75),
+    (["srun: error: n1: task 1: Exited with exit code 1", "srun: error: n1: task 0: Terminated"], 143, 143),
+    (["srun: error: n1: task 0: Exited with exit code 12"], 12, 12),
+    ([], 0, 0),
+])
+def test_step_exit_code(tmp_path, lines, rc, expected):
+    exits = tmp_path / "exits"
+    exits.write_text("".join(f"{line}\n" for line in lines))
+    result = bash(f". scripts/lib/slurm.sh; dsd_step_exit_code {rc} {exits}")
+    assert result.stdout.strip() == str(expected), result.stderr
+
+
 def test_bad_max_restarts_stops_before_srun():
     result = bash(". scripts/lib/slurm.sh; dsd_srun() { echo STARTED; }; dsd_srun_preemptible true",
                   {"DSD_MAX_RESTARTS": "three"})

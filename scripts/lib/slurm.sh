@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Shared by scripts/*.slurm, sourced in the batch shell (which runs on the first node of the job):
 # repository set-up, the rendezvous address, and srun with preemption handling. See the Slurm section of README.md.
-# The per-task side (Slurm ids -> RANK/LOCAL_RANK/WORLD_SIZE) is scripts/lib/slurm_task.sh.
+# The per-task side (Slurm ids -> RANK/LOCAL_RANK/WORLD_SIZE) is scripts/lib/slurm_task.sh, which
+# sources this file for dsd_tasks_on_node (only functions and constants are defined at the top level).
 
 DSD_EXIT_PREEMPTED=75 # ds_diffusers.preemption.EXIT_PREEMPTED: checkpoint saved, start again to continue
 DSD_GOT_USR1=0
@@ -128,16 +129,26 @@ dsd_trap_preemption() {
   trap _dsd_on_term TERM
 }
 
+# srun's own line about a task that exited with a code, e.g.
+#   srun: error: node1: task 1: Exited with exit code 2     (also "tasks 0-3: ...")
+DSD_TASK_EXIT_LINE='^srun: error: .*: tasks? [0-9,-]+: Exited with exit code [0-9]+$'
+DSD_TASK_EXIT_END="# srun stderr closed"
+
 # Start one task per allocated slot through scripts/lib/slurm_task.sh and wait for all of them.
-# Returns the step's exit code. A trapped signal interrupts `wait`, so wait again until srun is gone.
+# Returns why the step ended (dsd_step_exit_code). A trapped signal interrupts `wait`, so wait again
+# until srun is gone.
 dsd_srun() {
-  local rc=0
+  local rc=0 exits
   local -a cpus=()
   # srun does not take --cpus-per-task from the job on every Slurm version; pass it explicitly.
   [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  exits="$(mktemp "${TMPDIR:-/tmp}/dsd-srun-exits.XXXXXX")"
   # --kill-on-bad-exit: one failed rank ends the step at once instead of leaving its peers blocked
   # in a collective until the process-group timeout. --label prefixes each line with its rank.
-  srun --kill-on-bad-exit=1 --label "${cpus[@]}" bash "$PWD/scripts/lib/slurm_task.sh" "$@" &
+  # srun's stderr still goes to the job log; a copy of its task-exit lines goes to $exits (the
+  # filter ignores USR1: were it killed, srun would die of SIGPIPE on its next error line).
+  srun --kill-on-bad-exit=1 --label "${cpus[@]}" bash "$PWD/scripts/lib/slurm_task.sh" "$@" \
+    2> >(trap '' USR1; tee >(grep -E "$DSD_TASK_EXIT_LINE" >"$exits"; echo "$DSD_TASK_EXIT_END" >>"$exits") >&2) &
   DSD_SRUN_PID=$!
   wait "$DSD_SRUN_PID" || rc=$?
   # An exited but unreaped srun still answers kill -0, so no exit status is lost in between.
@@ -146,7 +157,35 @@ dsd_srun() {
     wait "$DSD_SRUN_PID" || rc=$?
   done
   DSD_SRUN_PID=""
-  return "$rc"
+  # The filter finishes once srun's stderr is closed; bounded, in case it was killed.
+  local tries
+  for ((tries = 0; tries < 100; tries++)); do
+    grep -qxF "$DSD_TASK_EXIT_END" "$exits" && break
+    sleep 0.1
+  done
+  local step_rc
+  step_rc="$(dsd_step_exit_code "$rc" "$exits")"
+  rm -f "$exits"
+  ((step_rc == rc)) || dsd_log "srun exit code $rc, but a task exited with $step_rc and srun then stopped its peers: using $step_rc"
+  return "$step_rc"
+}
+
+# Why a step ended, from srun's exit code RC and its task-exit lines in FILE. srun returns the highest
+# of its tasks' codes, counting a task killed by a signal as 128+signal, so when one rank stops in
+# order (2: config error, 3: training stopped, 75: preempted) before its peers and srun kills them
+# (--kill-on-bad-exit), it returns 143 or 137, which would read as a crash. An orderly code that any
+# task exited with wins, in that order.
+dsd_step_exit_code() {
+  local rc="$1" file="$2" code
+  if ((rc != 0)); then
+    for code in 2 3 "$DSD_EXIT_PREEMPTED"; do
+      if grep -Eq "Exited with exit code $code\$" "$file"; then
+        echo "$code"
+        return
+      fi
+    done
+  fi
+  echo "$rc"
 }
 
 # Whether a job whose tasks ended with exit code RC is requeued; prints why. Returns 0 to requeue.

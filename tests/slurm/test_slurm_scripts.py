@@ -158,22 +158,30 @@ def test_usr1_reaches_every_task_on_every_node(submitter, tmp_path):
         assert resumed in job.log, job.explain()
 
 
-CRASHING_TASK = """
-echo "task $RANK run ${SLURM_RESTART_COUNT:-0} crashing"
-exit 1
+FAILING_TASK = """
+if [[ $RANK == 1 ]]; then
+  echo "task 1 run ${SLURM_RESTART_COUNT:-0} exits $TASK_EXIT"
+  exit "$TASK_EXIT"
+fi
+for _ in $(seq 600); do sleep 0.1; done  # rank 0 waits for its peer, as in a collective
 """
 
 
-def test_crash_past_the_limit_is_not_requeued(submitter, tmp_path):
-    """With DSD_MAX_RESTARTS=1 a task that always crashes runs twice: requeued once, then the job fails."""
-    (tmp_path / "task.sh").write_text(CRASHING_TASK)
+@pytest.mark.parametrize("task_exit, runs", [(1, 2), (2, 1)], ids=["crash-past-the-limit", "config-error"])
+def test_failed_task_requeue(submitter, tmp_path, task_exit, runs):
+    """Two tasks; rank 1 fails, srun kills rank 0 (exit 143 from srun either way). With
+    DSD_MAX_RESTARTS=1 a crash (1) is requeued once, then the job fails; a config error (2) never is."""
+    (tmp_path / "task.sh").write_text(FAILING_TASK)
     (tmp_path / "batch.sh").write_text(BATCH_SCRIPT)
-    submitter.env.update({"DSD_REPO": str(REPO), "DSD_MAX_RESTARTS": "1"})
-    job = submitter.run(tmp_path / "batch.sh", "dsd-crash-limit", ["--nodes=1", "--ntasks-per-node=1"],
-                        [str(tmp_path / "task.sh")], timeout_s=120)
+    submitter.env.update({"DSD_REPO": str(REPO), "DSD_MAX_RESTARTS": "1", "TASK_EXIT": str(task_exit)})
+    job = submitter.run(tmp_path / "batch.sh", "dsd-fail", ONE_NODE_TWO_TASKS, [str(tmp_path / "task.sh")], timeout_s=120)
 
-    assert job.returncode != 0, job.explain()
-    assert "task 0 run 0 crashing" in job.log and "task 0 run 1 crashing" in job.log, job.explain()
-    assert "task 0 run 2" not in job.log, job.explain()
-    assert "restart 1 of DSD_MAX_RESTARTS=1; requeueing job" in job.log, job.explain()
-    assert "not requeued: the job has already been restarted 1 time(s) (DSD_MAX_RESTARTS=1)" in job.log, job.explain()
+    assert job.returncode == (143 if task_exit == 1 else 2), job.explain()
+    assert [f"task 1 run {run} exits {task_exit}" in job.log for run in range(3)] == [r < runs for r in range(3)], \
+        job.explain()
+    if task_exit == 1:
+        assert "restart 1 of DSD_MAX_RESTARTS=1; requeueing job" in job.log, job.explain()
+        assert "not requeued: the job has already been restarted 1 time(s) (DSD_MAX_RESTARTS=1)" in job.log, job.explain()
+    else:
+        assert "srun exit code 143, but a task exited with 2" in job.log, job.explain()
+        assert "tasks stopped with exit code 2 (a config error); not requeued" in job.log, job.explain()
