@@ -51,6 +51,7 @@ TAIL = "--master_port 29999 --module ds_diffusers.train --cfg cfg/sd15_lora.json
     ({"NUM_PROCS": "2"}, f"deepspeed --num_gpus 2 {TAIL}"),
     # One process needs no launcher; it inherits CUDA_VISIBLE_DEVICES as it is.
     ({"CUDA_VISIBLE_DEVICES": "5"}, "python -m ds_diffusers.train --cfg cfg/sd15_lora.json --set seed=1"),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-5d3c"}, "python -m ds_diffusers.train --cfg cfg/sd15_lora.json --set seed=1"),
 ])
 def test_launch_command_on_gpus(gpu_machine, env, command):
     result = dry_run(env, gpu_machine)
@@ -61,7 +62,7 @@ def test_launch_command_on_gpus(gpu_machine, env, command):
 @pytest.mark.parametrize("env, message", [
     ({"CUDA_VISIBLE_DEVICES": "2,3", "NUM_PROCS": "3"}, "NUM_PROCS=3 but only 2 GPU(s) to use (2,3)"),
     ({"NUM_PROCS": "9"}, "NUM_PROCS=9 but only 8 GPU(s)"),
-    ({"CUDA_VISIBLE_DEVICES": "GPU-5d3c"}, "CUDA_VISIBLE_DEVICES=GPU-5d3c: the deepspeed launcher takes GPU indices"),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-5d3c,GPU-77ab"}, "CUDA_VISIBLE_DEVICES=GPU-5d3c,GPU-77ab: the deepspeed launcher takes GPU indices"),
 ])
 def test_launch_refuses(gpu_machine, env, message):
     result = dry_run(env, gpu_machine)

@@ -1,20 +1,15 @@
 # Shared by scripts/*.sh: how many processes and which launcher arguments for this machine.
 
-# The GPU indices this run may use, comma-separated: CUDA_VISIBLE_DEVICES when it is set (the
-# deepspeed launcher drops that variable unless it gets the ids as --include localhost:2,3), else
-# every GPU nvidia-smi lists. Empty on a machine without GPUs, where CUDA_VISIBLE_DEVICES is left for
-# ds-diffusers to refuse (GPUs expected, none found) unless DSD_ALLOW_CPU=1.
+# The GPUs this run may use, comma-separated: CUDA_VISIBLE_DEVICES when it is set (the deepspeed
+# launcher drops that variable unless it gets the ids as --include localhost:2,3), else the indices
+# of every GPU nvidia-smi lists. Empty on a machine without GPUs, where CUDA_VISIBLE_DEVICES is left
+# for ds-diffusers to refuse (GPUs expected, none found) unless DSD_ALLOW_CPU=1.
 dsd_visible_gpus() {
   local count
   if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     return 0
   fi
   if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-    if [[ ! "$CUDA_VISIBLE_DEVICES" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
-      echo "ds-diffusers: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: the deepspeed launcher takes GPU indices;" \
-        "use the numbers \`nvidia-smi -L\` shows, e.g. CUDA_VISIBLE_DEVICES=2,3" >&2
-      return 2
-    fi
     echo "$CUDA_VISIBLE_DEVICES"
     return 0
   fi
@@ -66,7 +61,12 @@ dsd_launcher_args() {
   fi
   if ((${#ids[@]} > 0)) && [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     # The launcher ignores CUDA_VISIBLE_DEVICES next to --num_gpus; --include makes it set the
-    # variable to exactly these GPUs for its processes.
+    # variable to exactly these GPUs for its processes. It takes indices, not UUIDs.
+    if [[ ! "$gpus" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+      echo "ds-diffusers: CUDA_VISIBLE_DEVICES=$gpus: the deepspeed launcher takes GPU indices;" \
+        "use the numbers \`nvidia-smi -L\` shows, e.g. CUDA_VISIBLE_DEVICES=2,3" >&2
+      return 2
+    fi
     echo "--include localhost:$(IFS=,; echo "${ids[*]:0:procs}") --master_port $port"
   else
     echo "--num_gpus $procs --master_port $port"
@@ -122,6 +122,7 @@ dsd_launch() {
   dsd_export_threads "$procs"
   mkdir -p log
   log="log/${prefix}-$(date +%Y%m%d-%H%M%S).log"
+  [[ -z "$gpus" ]] || gpus="$(cut -d, -f1-"$procs" <<<"$gpus")"
   echo "ds-diffusers: $procs process(es)${gpus:+ on GPU(s) $gpus}, cfg $cfg, log $log"
   "${cmd[@]}" 2>&1 | tee "$log"
   return "${PIPESTATUS[0]}"
