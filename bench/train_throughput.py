@@ -266,10 +266,12 @@ def peer_steps(child: ChildRun, steps: int) -> dict[int, float]:
 
 
 def measure(bench: Bench, variant: Variant, child: ChildRun, times: dict[int, float], records: list[dict]) -> Result:
-    """Steady state after step `warmup`: the median duration of the steps whose start and end are both
-    stamped (tqdm may skip a refresh). The median, not the mean, because on a shared or virtual
-    machine single steps stall for tens of milliseconds now and then, whichever program runs."""
-    durations = [times[step] - times[step - 1] for step in sorted(times) if step > bench.warmup and step - 1 in times]
+    """Steady state after step `warmup`: the median time per step between consecutive stamped steps
+    (every step for the floor and the peer, every log point for ds-diffusers: `log_every_n_steps`).
+    The median, not the mean, because on a shared or virtual machine single steps stall for tens of
+    milliseconds now and then, whichever program runs."""
+    stamped = [step for step in sorted(times) if step >= bench.warmup]
+    durations = [(times[end] - times[start]) / (end - start) for start, end in zip(stamped, stamped[1:])]
     if len(durations) < 5:
         raise BenchError(f"{variant.name}: only {len(durations)} timed steps after step {bench.warmup}; "
                          "raise --steps or lower --warmup-steps")

@@ -126,13 +126,14 @@ def _unlink_shm_comm_segments(local_rank: int) -> None:
         segment.unlink(missing_ok=True)
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """All ranks must call this. A NaN on any rank makes the mean NaN, so every rank sees it."""
-    reduced = value.detach().float().reshape(1).clone()
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """All ranks must call this. The element-wise sum of `values` over all ranks, as a tensor on its
+    own device: no host read here, so a caller can batch several quantities into one collective
+    and read them back (one device-to-host copy) when it needs them."""
+    reduced = values.detach().clone()
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(reduced)
-        reduced /= torch.distributed.get_world_size()
-    return float(reduced.item())
+    return reduced
 
 
 def barrier() -> None:
@@ -141,21 +142,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def _reduce_flag(value: bool, op: torch.distributed.ReduceOp, device: torch.device) -> bool:
-    flag = torch.tensor([1.0 if value else 0.0], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=op)
-    return bool(flag.item())
-
-
 def all_ranks_ok(ok: bool, device: torch.device) -> bool:
     """All ranks must call this: True only when `ok` holds on every rank."""
-    return _reduce_flag(ok, torch.distributed.ReduceOp.MIN, device)
-
-
-def any_rank(value: bool, device: torch.device) -> bool:
-    """All ranks must call this: True when `value` holds on at least one rank."""
-    return _reduce_flag(value, torch.distributed.ReduceOp.MAX, device)
+    failed = sum_over_ranks(torch.tensor([0.0 if ok else 1.0], device=device))
+    return float(failed.item()) == 0.0
 
 
 def broadcast_from_main(value: object) -> object:

@@ -53,10 +53,16 @@ class RunLogger:
                 dir=cfg.output_dir, config=cfg.model_dump(), mode="offline" if cfg.offline else "online",
             )
 
+    def advance(self) -> None:
+        """One optimizer step done; host-side only, so the bar moves every step between log points."""
+        if self.is_main:
+            self.bar.update(1)
+
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """At a log point: `metrics` hold the values all ranks agreed on (the loss is the mean over the
+        interval since the previous log point), and every sink gets the same numbers."""
         if not self.is_main:
             return
-        self.bar.update(1)
         # Wall-clock time and peak memory on every line: benchmarks read start-up and throughput from here.
         record = {"step": step, "time": time.time(), **metrics, **peak_memory_mb()}
         self.metrics_file.write(json.dumps(record) + "\n")

@@ -132,3 +132,39 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> tuple[list[dict[str, An
         groups.append(group)
         scales.append(scale)
     return groups, scales
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 matmuls and convolutions on Ampere and newer GPUs: ~10 mantissa bits in the products,
+    fp32 accumulation; no effect on CPUs or on fp16/bf16 compute."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; the old flags are deprecated
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def attention_description(unet: torch.nn.Module, accelerator_name: str) -> str:
+    """Which attention the UNet runs, for the start-up line: diffusers' processors by class, and for
+    PyTorch SDPA (AttnProcessor2_0) the backends SDPA may pick from on this accelerator."""
+    processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    if not any(name.endswith("2_0") for name in processors):
+        return f"attention {'/'.join(processors)}"
+    if accelerator_name == "cpu":
+        backends = "CPU kernels"
+    elif accelerator_name == "cuda":
+        enabled = {"flash": torch.backends.cuda.flash_sdp_enabled(), "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                   "cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}
+        backends = "/".join(name for name, on in enabled.items() if on) + " enabled"
+    else:
+        backends = accelerator_name
+    return f"attention PyTorch SDPA ({backends})"
+
+
+def to_channels_last(unet: torch.nn.Module) -> None:
+    """NHWC weights for cuDNN's faster convolution kernels. Under ZeRO and bf16/fp16 DeepSpeed
+    re-points parameters into flat (contiguous) buffers, so the channels-last inputs the training
+    step passes are what keeps the convolutions NHWC there (cuDNN follows the input's format)."""
+    unet.to(memory_format=torch.channels_last)

@@ -1,18 +1,15 @@
 """Graceful stop on a signal (Slurm's `--signal=B:USR1@N` warning, SIGTERM from a scheduler).
 
-The handler only sets a flag; the loop asks `stop_requested()` once per optimizer step, and the flag
-is agreed across ranks (any rank signalled -> all stop at the same step), so every rank reaches the
-collective checkpoint save together instead of one rank vanishing mid-step.
+The handler only sets a flag. The loop reads it locally (`signalled()`, no collective) and sends it
+with the loss sums in the one all-reduce of each log point (see `step_window`), so the ranks agree
+on the stop (any rank signalled -> all stop at the same step) without a collective of its own, and
+every rank reaches the collective checkpoint save together instead of one vanishing mid-step.
 """
 
 from __future__ import annotations
 
 import signal
 from types import FrameType
-
-import torch
-
-from ds_diffusers.distributed import any_rank
 
 # EX_TEMPFAIL: the run is incomplete but saved; the caller is invited to start it again (requeue).
 EXIT_PREEMPTED = 75
@@ -30,9 +27,9 @@ def install() -> None:
         signal.signal(signum, _handler)
 
 
-def stop_requested(device: torch.device) -> bool:
-    """All ranks must call this (one small all-reduce)."""
-    return any_rank(bool(_received), device)
+def signalled() -> bool:
+    """Whether this process got a stop signal; local, no collective."""
+    return bool(_received)
 
 
 def signal_names() -> str:

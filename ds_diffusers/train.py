@@ -21,15 +21,19 @@ import torch
 
 from ds_diffusers import checkpoint, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
-from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
-                               resolve_columns)
-from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown_distributed
+from ds_diffusers.config.checks import fused_adam_unavailable
+from ds_diffusers.data import (build_train_dataloader, check_dataset_size, default_num_workers, load_train_dataset,
+                               num_batches_per_epoch, prepare_caches, resolve_columns, to_device)
+from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
-from ds_diffusers.models import DTYPES, build_unet, load_frozen_components, param_groups
+from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32,
+                                 to_channels_last)
+from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message, skip_nonfinite_steps
 from ds_diffusers.objective import diffusion_loss, encode_batch
+from ds_diffusers.step_window import StepWindow
 
 
 class Preempted(Exception):
@@ -117,27 +121,35 @@ def train(cfg: Config) -> Path | None:
         checkpoint.clear_previous_run(cfg)
     barrier()
     check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
-    seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
-    weight_dtype = DTYPES[cfg.weight_dtype_name]
-    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
-    unet = build_unet(cfg)
-    groups, lr_scales = param_groups(unet, cfg)
-    num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
-
-    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
-    loader, sampler, dataset = build_train_dataloader(
-        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
-        num_workers=cfg.dataloader_num_workers, rank=dist.rank, world_size=dist.world_size,
-        latent_cache=latent_cache, text_cache=text_cache,
-    )
-    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    accelerator_name = get_accelerator().device_name()
+    set_tf32(cfg.allow_tf32 if cfg.allow_tf32 is not None else accelerator_name == "cuda")
+    seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
+    weight_dtype = DTYPES[cfg.weight_dtype_name]
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
+    unet = build_unet(cfg)
+    if cfg.channels_last:
+        to_channels_last(unet)
+    groups, lr_scales = param_groups(unet, cfg)
+    num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
+
+    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
+    num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
+    loader, sampler, dataset = build_train_dataloader(
+        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
+        num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
+        latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
+    )
+    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
+
+    fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
     ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, total_steps=plan.total_steps,
-                                    accelerator_name=get_accelerator().device_name(), group_lr_scales=lr_scales)
+                                    accelerator_name=accelerator_name, group_lr_scales=lr_scales,
+                                    fused_adam_ok=fused_adam_problem is None)
     if dist.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -147,6 +159,9 @@ def train(cfg: Config) -> Path | None:
         # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their
         # gradient buffers in that call, so they keep it.)
         engine.enable_backward_allreduce = False
+    skip_nonfinite_steps(engine)
+    if cfg.compile:
+        engine.compile()
 
     ema = ShardedEMA(engine.module, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
     global_step, start_epoch, consumed_in_epoch = 0, 0, 0
@@ -160,18 +175,32 @@ def train(cfg: Config) -> Path | None:
     if resume_from is not None:
         changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
         logger.message(f"resumed from {resume_from} at step {global_step}{changed}")
+    if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
+        logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
+                       "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
     logger.message(f"training {num_trainable:,} parameters "
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config)}, "
-                   f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps")
+                   f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
+                   f"{attention_description(engine.module, accelerator_name)}, {num_workers} loader worker(s)"
+                   + "".join(f", {name}" for name, on in (("TF32", cfg.allow_tf32 is not False and accelerator_name == "cuda"),
+                                                          ("channels_last", cfg.channels_last), ("compiled", cfg.compile)) if on))
     compute_dtype = DTYPES[cfg.weight_dtype_name]
     samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def unet_forward(noisy_latents, timesteps, encoder_hidden_states):
-        return engine(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return engine(noisy_latents.contiguous(memory_format=memory_format), timesteps, encoder_hidden_states,
+                      return_dict=False)[0]
 
-    validated_at = -1
+    def save(epoch: int) -> None:
+        check_weights_before_writing(engine, dist.device, "checkpoint", global_step)
+        checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+
+    window = StepWindow(dist.device, cfg.log_every_n_steps)
+    first_step = global_step + 1
+    validated_at = saved_at = -1
     epoch = start_epoch
-    step_started = time.perf_counter()
+    window_started = time.perf_counter()
     for epoch, batch in epoch_batches(loader, sampler, dataset, start_epoch, plan.num_epochs, consumed_in_epoch // dist.world_size):
         if global_step >= plan.total_steps:
             break
@@ -181,46 +210,57 @@ def train(cfg: Config) -> Path | None:
                 run_validation(cfg, dist, frozen, engine, global_step, logger)
                 validated_at = global_step
             continue
-        latents, encoder_hidden_states = encode_batch(frozen, batch)
+        latents, encoder_hidden_states = encode_batch(frozen, to_device(batch, dist.device))
         loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
                               noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
-        loss_value = mean_over_ranks(loss)
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss is {loss_value} at step {global_step + 1} (epoch {epoch}); no weights were written from this state. "
-                "Likely causes: learning rate too high (lower optimizer.params.lr or add warmup), fp16 overflow "
-                "(use bf16.enabled, or lower use_fp16.initial_scale_power), or corrupt input images.")
         engine.backward(loss)
+        window.add_micro_batch(loss)
+        # The accumulation boundary is DeepSpeed's to decide (it counts micro-steps); everything
+        # below the `continue` happens once per optimizer step.
         at_boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()
+        engine.step()  # skips (and counts in engine.skipped_steps) an update with nan/inf gradients
         consumed_in_epoch += cfg.train_micro_batch_size_per_gpu * dist.world_size
         if not at_boundary:
             continue
         global_step += 1
-        now = time.perf_counter()
-        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else engine.get_lr()[0]
-        logger.log_step(global_step, {"loss": loss_value, "lr": lr, "samples_per_s": samples_per_step / (now - step_started),
-                                      "epoch": epoch, "skipped_steps": float(engine.skipped_steps)})
+        window.end_optimizer_step()
+        logger.advance()
+        last = global_step >= plan.total_steps
+        save_due = bool(cfg.save_interval) and global_step % cfg.save_interval == 0 and not last
+        stop = False
+        if save_due or last or global_step == first_step or global_step % cfg.log_every_n_steps == 0:
+            stats = window.sync(preemption.signalled())  # the interval's one collective
+            now = time.perf_counter()
+            lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else engine.get_lr()[0]
+            logger.log_step(global_step, {"loss": stats.mean_loss, "lr": lr,
+                                          "samples_per_s": samples_per_step * stats.steps / (now - window_started),
+                                          "epoch": epoch, "skipped_steps": float(engine.skipped_steps),
+                                          "nonfinite_losses": float(stats.nonfinite_losses)})
+            window_started = now
+            if stats.longest_nonfinite_run >= cfg.max_nonfinite_steps:
+                raise TrainingError(nonfinite_stop_message(stats.longest_nonfinite_run, global_step, epoch, cfg.use_fp16.enabled))
+            stop = stats.stop_requested and not last
         if cfg.validation_steps and global_step % cfg.validation_steps == 0:
             run_validation(cfg, dist, frozen, engine, global_step, logger)
             validated_at = global_step
         if ema is not None:
             ema.update(global_step)
-        if cfg.save_interval and global_step % cfg.save_interval == 0 and global_step < plan.total_steps:
-            checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
-        if global_step >= plan.total_steps:
-            break
-        if preemption.stop_requested(dist.device):
-            checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+        if save_due or stop:  # once, also when a save step is the stop step
+            save(epoch)
+            saved_at = global_step
+        if stop:
             logger.message(f"stopped by {preemption.signal_names()} at step {global_step}; checkpoint saved in "
                            f"{cfg.checkpoint_dir}; start again with resume_from_checkpoint=latest to continue")
             logger.close()
             raise Preempted(global_step)
-        step_started = time.perf_counter()
+        if last:
+            break
 
     if (cfg.validation_steps or cfg.validation_epochs) and validated_at != global_step:
         run_validation(cfg, dist, frozen, engine, global_step, logger)
-    checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+    if saved_at != global_step:
+        save(epoch)
+    check_weights_before_writing(engine, dist.device, "export", global_step)
     exported = export_model(engine.module, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
                             out_dir=cfg.output_dir, rank=dist.rank)
     if ema is not None:
@@ -229,7 +269,6 @@ def train(cfg: Config) -> Path | None:
     barrier()
     logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
     logger.close()
-    shutdown_distributed()
     return exported
 
 
@@ -242,10 +281,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     preemption.install()  # first: a scheduler's warning signal may come while models still load
     args = parse_args(argv)
+    together = False  # every rank leaves train() at the same point: tearing the group down is safe
     try:
         cfg = load_config(args.cfg, args.overrides)
         check_environment(cfg)
         train(cfg)
+        together = True
+        return 0
     except ConfigError as err:
         print(f"ds-diffusers: config error: {err}", file=sys.stderr)
         return 2
@@ -253,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-diffusers: training stopped: {err}", file=sys.stderr)
         return 3
     except Preempted:
+        together = True
         return preemption.EXIT_PREEMPTED
-    return 0
+    finally:
+        # Not after other errors: one rank may have failed alone, and its peers, waiting in a
+        # collective, would never reach the teardown's barrier (the launcher ends them instead).
+        if together:
+            shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
@@ -135,3 +137,24 @@ def check_environment(cfg: Config) -> None:
         block = getattr(cfg.zero_optimization, name)
         if block.device == "nvme" and block.nvme_path and not Path(block.nvme_path).is_dir():
             raise ConfigError(f"zero_optimization.{name}.nvme_path", block.nvme_path, "no such folder; create it on a local NVMe disk")
+
+
+def fused_adam_unavailable(accelerator: Any) -> str | None:
+    """Why DeepSpeed's fused Adam cannot run here, or None when it is prebuilt (`DS_BUILD_FUSED_ADAM=1
+    pip install deepspeed`) or can be JIT-built on first use (which needs ninja and the CUDA compiler
+    on every node)."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("fused_adam"):
+        return None
+    builder = accelerator.create_op_builder("FusedAdamBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        return f"DeepSpeed has no fused Adam for the {accelerator.device_name()} accelerator here"
+    if shutil.which("ninja") is None:
+        return "it is not prebuilt and ninja is not installed to build it"
+    if accelerator.device_name() == "cuda":
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+            return "it is not prebuilt and nvcc (the CUDA toolkit) is not found to build it"
+    return None

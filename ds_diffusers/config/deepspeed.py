@@ -49,13 +49,19 @@ def zero_block(cfg: Config, world_size: int) -> dict[str, Any]:
     return out
 
 
-def optimizer_block(cfg: Config, accelerator_name: str) -> dict[str, Any]:
+def optimizer_block(cfg: Config, accelerator_name: str, fused_adam_ok: bool = True) -> dict[str, Any]:
+    """`fused_adam_ok`: DeepSpeed's fused Adam kernel is prebuilt or can be built here (see
+    `checks.fused_adam_unavailable`); when not, torch's fused AdamW makes the same update."""
     params = dict(cfg.optimizer.params)
     offloads_optimizer = resolve_offload_device(cfg.zero_optimization.offload_optimizer.device) != "none"
-    if cfg.optimizer.type.lower() in ("adam", "adamw") and accelerator_name == "cpu" and not offloads_optimizer:
-        # On the CPU accelerator DeepSpeed would JIT-compile its fused Adam kernel (a minute per
-        # fresh machine); torch's AdamW computes the same update.
-        params.setdefault("torch_adam", True)
+    if cfg.optimizer.type.lower() in ("adam", "adamw") and not offloads_optimizer:
+        if accelerator_name == "cpu":
+            # On the CPU accelerator DeepSpeed would JIT-compile its fused Adam kernel (a minute per
+            # fresh machine); torch's AdamW computes the same update.
+            params.setdefault("torch_adam", True)
+        elif not fused_adam_ok:
+            params.setdefault("torch_adam", True)
+            params.setdefault("fused", True)  # DeepSpeed passes it through to torch.optim.AdamW
     return {"type": cfg.optimizer.type, "params": params}
 
 
@@ -90,6 +96,7 @@ def to_deepspeed_config(
     total_steps: int,
     accelerator_name: str = "cpu",
     group_lr_scales: Sequence[float] = (1.0,),
+    fused_adam_ok: bool = True,
 ) -> dict[str, Any]:
     """`total_steps` is the number of optimizer steps of the run (fills total_num_steps)."""
     ds: dict[str, Any] = {
@@ -99,7 +106,7 @@ def to_deepspeed_config(
         "steps_per_print": 10**9,  # progress is reported by our own loop, not DeepSpeed's log lines
         "wall_clock_breakdown": cfg.wall_clock_breakdown,
         "zero_optimization": zero_block(cfg, world_size),
-        "optimizer": optimizer_block(cfg, accelerator_name),
+        "optimizer": optimizer_block(cfg, accelerator_name, fused_adam_ok),
         "gradient_clipping": cfg.gradient_clipping,
         "zero_allow_untested_optimizer": True,
     }

@@ -130,6 +130,8 @@ class Config(Block):
     validation_prompts: list[str] = []
     save_interval: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0 = only at the end
     checkpoints_total_limit: int = Field(3, ge=1)
+    log_every_n_steps: int = Field(10, ge=1)  # optimizer steps between log points (loss, stop signals)
+    max_nonfinite_steps: int = Field(10, ge=1)  # nan/inf losses in a row before training stops
     overwrite_output_dir: bool = False
     seed: int = Field(42, ge=0)
     # --- paths (seed keys)
@@ -145,7 +147,7 @@ class Config(Block):
     resolution: int = Field(512, ge=8)
     center_crop: bool = False
     random_flip: bool = False
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: Optional[int] = Field(None, ge=0)  # None = min(8, CPUs available - 1)
     # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
     cache_latents: bool = False
     cache_text_embeddings: bool = False
@@ -159,6 +161,10 @@ class Config(Block):
     noise_offset: float = Field(0.0, ge=0.0)
     snr_gamma: Optional[float] = Field(None, gt=0.0)
     gradient_checkpointing: bool = False
+    # --- kernels (numerics-neutral except allow_tf32)
+    allow_tf32: Optional[bool] = None  # None = true on CUDA
+    channels_last: bool = False
+    compile: bool = False
     # --- DeepSpeed
     use_fp16: Fp16Cfg = Fp16Cfg()
     bf16: Bf16Cfg = Bf16Cfg()

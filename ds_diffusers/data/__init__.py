@@ -6,7 +6,9 @@ from ds_diffusers.data.dataset import (
     build_train_dataloader,
     check_dataset_size,
     collate_examples,
+    default_num_workers,
     num_batches_per_epoch,
+    to_device,
 )
 from ds_diffusers.data.loading import CAPTION_COLUMN_CANDIDATES, load_train_dataset, resolve_columns
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
@@ -23,6 +25,7 @@ __all__ = [
     "check_dataset_size",
     "choose_caption",
     "collate_examples",
+    "default_num_workers",
     "load_train_dataset",
     "num_batches_per_epoch",
     "prepare_caches",
@@ -31,4 +34,5 @@ __all__ = [
     "resolve_columns",
     "seeded_generator",
     "shard_length",
+    "to_device",
 ]

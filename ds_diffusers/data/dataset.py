@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Optional
 
 import datasets
@@ -104,9 +105,10 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            tokenizer: PreTrainedTokenizerBase, *, resolution: int, center_crop: bool,
                            random_flip: bool, seed: int, micro_batch_size: int, num_workers: int,
                            rank: int, world_size: int, latent_cache: Optional[LatentCache] = None,
-                           text_cache: Optional[TextCache] = None,
+                           text_cache: Optional[TextCache] = None, pin_memory: bool = False,
                            ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
-    """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch."""
+    """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch.
+    `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously."""
     check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
                                     center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache)
@@ -118,11 +120,25 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
         drop_last=True,
         num_workers=num_workers,
         collate_fn=collate_examples,
-        # torch.accelerator rather than a CUDA check: pinning helps any accelerator, never a CPU run.
-        pin_memory=torch.accelerator.is_available(),
+        pin_memory=pin_memory,
+        # Workers stay for the whole run (their epoch is shared memory, see CaptionedImageDataset), and
+        # each keeps two batches ready: enough to hide decode jitter without holding much host memory.
         persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
         # Its own generator: a new iterator (each epoch, or a resume mid-epoch) would otherwise draw
         # a worker seed from the global torch RNG and shift the noise stream of the training loop.
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler, dataset
+
+
+def default_num_workers() -> int:
+    """`dataloader_num_workers` when unset: one worker per CPU this process may run on, less one for
+    the training loop itself, at most 8 (more rarely helps one GPU and multiplies host memory)."""
+    return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copies that do not block the host: from pinned memory they overlap the copy with compute
+    already queued; on the CPU they are the same tensors."""
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}

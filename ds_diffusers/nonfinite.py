@@ -1,0 +1,103 @@
+"""Non-finite losses and weights: skip the optimizer steps they would spoil, stop after too many in a
+row, and never write non-finite weights to a checkpoint or an export.
+
+Skipping is DeepSpeed's own mechanism wherever it has one: its optimizer wrappers set `overflow`,
+and the engine then skips the update and the LR scheduler step and counts `engine.skipped_steps`.
+fp16 (loss scaler), bf16 without ZeRO (BF16_Optimizer) and bf16 ZeRO-1/2 check every step already;
+`skip_nonfinite_steps` switches the same check on where DeepSpeed leaves it off (fp32 and ZeRO-3),
+so no precision steps a nan/inf gradient into the weights.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from ds_diffusers.distributed import all_ranks_ok
+from ds_diffusers.errors import TrainingError
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    # inf-norm per tensor in one multi-tensor kernel: nan if any element is nan, inf if any is inf.
+    return bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+
+
+def _guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """A torch optimizer stepped by the engine directly (ZeRO-0, fp32). Its gradients were averaged
+    over the ranks in the backward pass, so every rank sees the same ones and decides the same."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    plain_step = optimizer.step
+
+    def step(self: Any, closure: Any = None) -> Any:
+        self.overflow = not _grads_finite(params)
+        if self.overflow:
+            return None  # the engine zeroes the gradients and counts the skip
+        return plain_step(closure)
+
+    optimizer.overflow = False
+    optimizer.step = types.MethodType(step, optimizer)
+
+
+def _guard_zero3(optimizer: Any) -> None:
+    """DeepSpeed's ZeRO-3 checks its (collectively reduced) overflow flag only under fp16; run the
+    same check for every dtype. Its loss scaler is static (1) outside fp16, so the scale stays."""
+
+    def overflow_check(self: Any, update_scale: bool = True) -> bool:
+        self.overflow = False
+        self.check_overflow()
+        if not update_scale:
+            return self.overflow
+        return self._loss_scale_update_and_overflow_cleanup()
+
+    optimizer._overflow_check_and_loss_scale_update = types.MethodType(overflow_check, optimizer)
+
+
+def skip_nonfinite_steps(engine: Any) -> None:
+    """Make the engine skip (not apply) optimizer steps whose gradients hold nan or inf."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "check_grad_overflow"):  # ZeRO-1/2: off by DeepSpeed's default under fp32
+        optimizer.check_grad_overflow = True
+    elif hasattr(optimizer, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
+        _guard_zero3(optimizer)
+    elif not hasattr(optimizer, "overflow"):  # a plain torch optimizer; the others check already
+        _guard_plain_optimizer(optimizer)
+
+
+def master_weights_finite(engine: Any, device: torch.device) -> bool:
+    """All ranks must call this. Every rank checks the fp32 master weights (or partitions) its
+    optimizer holds; true only when they are finite on every rank."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wrappers keep the torch optimizer here
+    tensors = [p for group in inner.param_groups for p in group["params"] if p.numel()]
+    finite = True
+    if tensors:
+        finite = bool(torch.stack([norm.to(device) for norm in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())
+    return all_ranks_ok(finite, device)
+
+
+def check_weights_before_writing(engine: Any, device: torch.device, what: str, global_step: int) -> None:
+    """All ranks must call this before a checkpoint or an export."""
+    if not master_weights_finite(engine, device):
+        raise TrainingError(f"the weights hold nan/inf at step {global_step}; no {what} was written from this state. "
+                            "Resume from the last checkpoint with a lower optimizer.params.lr, warm-up "
+                            "(lr_warmup_steps) or gradient_clipping (e.g. 1.0).")
+
+
+def nonfinite_stop_message(run: int, global_step: int, epoch: int, fp16: bool) -> str:
+    """Why training stops after `max_nonfinite_steps` non-finite losses in a row, and what to change."""
+    if fp16:
+        # The loss scale multiplies the gradients, not the forward pass: lowering it cannot help a
+        # forward that overflows fp16's range (65504).
+        causes = ("the forward pass overflows fp16 (the loss scale only affects gradients, so changing "
+                  "use_fp16.initial_scale_power does not help): use bf16.enabled (fp32's range) or fp32, or lower "
+                  "optimizer.params.lr / add lr_warmup_steps / set gradient_clipping (e.g. 1.0) if the weights diverged")
+    else:
+        causes = ("learning rate too high (lower optimizer.params.lr, add lr_warmup_steps or set gradient_clipping, "
+                  "e.g. 1.0), or corrupt input images")
+    return (f"loss is nan/inf at {run} optimizer steps in a row (up to step {global_step}, epoch {epoch}); those "
+            f"steps were skipped and no weights were written from them. Likely causes: {causes}. "
+            "max_nonfinite_steps sets how many in a row are tolerated.")

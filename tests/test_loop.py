@@ -1,0 +1,143 @@
+"""The hot loop's pieces without processes: the device-side loss window and its one reduction, the
+non-finite guards, the optimizer fallback, the loader defaults and the kernel options."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from ds_diffusers import nonfinite
+from ds_diffusers.config import to_deepspeed_config, validate_dict
+from ds_diffusers.config.checks import fused_adam_unavailable
+from ds_diffusers.data import default_num_workers, to_device
+from ds_diffusers.step_window import StepWindow
+from tests.test_config import with_changes
+
+
+def window_of(micro_losses_per_step: list[list[float]], capacity: int = 2) -> StepWindow:
+    window = StepWindow(torch.device("cpu"), capacity)
+    for step in micro_losses_per_step:
+        for loss in step:
+            window.add_micro_batch(torch.tensor(loss))
+        window.end_optimizer_step()
+    return window
+
+
+def test_logged_loss_is_the_mean_over_accumulation_and_interval():
+    # accumulation 2, log interval 2: four micro-batch losses in one log point
+    stats = window_of([[1.0, 2.0], [3.0, 6.0]]).sync(stop_requested=False)
+    assert stats.mean_loss == pytest.approx(3.0) and stats.steps == 2
+    assert stats.nonfinite_losses == 0 and stats.longest_nonfinite_run == 0 and not stats.stop_requested
+
+
+def test_window_resets_after_sync_and_grows_past_its_capacity():
+    window = window_of([[1.0], [2.0], [3.0]], capacity=1)  # more steps than the capacity: no loss dropped
+    assert window.sync(False).mean_loss == pytest.approx(2.0)
+    window.add_micro_batch(torch.tensor(10.0))
+    window.end_optimizer_step()
+    stats = window.sync(True)
+    assert stats.mean_loss == pytest.approx(10.0) and stats.steps == 1 and stats.stop_requested
+
+
+def test_nonfinite_losses_are_counted_not_averaged_and_runs_carry_across_windows():
+    window = window_of([[1.0, math.nan], [math.inf, 2.0], [3.0, 3.0]])
+    stats = window.sync(False)
+    assert stats.mean_loss == pytest.approx(9.0 / 4) and stats.nonfinite_losses == 2
+    assert stats.longest_nonfinite_run == 2  # steps 1 and 2, then a clean step 3
+    for _ in range(2):
+        window.add_micro_batch(torch.tensor(math.nan))
+        window.end_optimizer_step()
+    assert window.sync(False).longest_nonfinite_run == 2
+    window.add_micro_batch(torch.tensor(math.nan))
+    window.end_optimizer_step()
+    stats = window.sync(False)
+    assert stats.longest_nonfinite_run == 3 and math.isnan(stats.mean_loss)  # no finite loss to average
+
+
+def test_plain_optimizer_skips_nonfinite_gradients_and_reports_overflow():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    engine = types.SimpleNamespace(optimizer=optimizer)
+    nonfinite.skip_nonfinite_steps(engine)
+    weight.grad = torch.tensor([1.0, math.nan, 1.0])
+    optimizer.step()
+    assert optimizer.overflow and torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert not optimizer.overflow and (weight.detach() < 1).all()
+
+
+def test_zero_1_2_optimizer_gets_deepspeeds_own_overflow_check():
+    optimizer = types.SimpleNamespace(check_grad_overflow=False, overflow=False)
+    nonfinite.skip_nonfinite_steps(types.SimpleNamespace(optimizer=optimizer))
+    assert optimizer.check_grad_overflow is True
+
+
+def test_weight_check_reads_the_fp32_masters_inside_a_deepspeed_wrapper():
+    master = torch.nn.Parameter(torch.zeros(4))
+    inner = torch.optim.SGD([master], lr=1.0)
+    engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=inner))
+    assert nonfinite.master_weights_finite(engine, torch.device("cpu"))
+    nonfinite.check_weights_before_writing(engine, torch.device("cpu"), "checkpoint", 3)
+    master.data[2] = math.inf
+    assert not nonfinite.master_weights_finite(engine, torch.device("cpu"))
+    with pytest.raises(nonfinite.TrainingError, match="no checkpoint was written"):
+        nonfinite.check_weights_before_writing(engine, torch.device("cpu"), "checkpoint", 3)
+
+
+def test_fp16_stop_message_does_not_blame_the_loss_scale():
+    text = nonfinite.nonfinite_stop_message(10, 42, 1, fp16=True)
+    assert "loss is nan/inf at 10 optimizer steps in a row" in text and "bf16.enabled" in text
+    assert "does not help" in text and "lower use_fp16.initial_scale_power" not in text
+    assert "max_nonfinite_steps" in nonfinite.nonfinite_stop_message(10, 42, 1, fp16=False)
+
+
+def translate(accelerator: str, fused_adam_ok: bool, **changes) -> dict:
+    cfg = validate_dict(with_changes(use_fp16={"enabled": False}, **changes))
+    return to_deepspeed_config(cfg, world_size=1, total_steps=10, accelerator_name=accelerator, fused_adam_ok=fused_adam_ok)
+
+
+def test_cuda_without_buildable_fused_adam_falls_back_to_torch_fused_adamw():
+    assert translate("cuda", True)["optimizer"]["params"].keys() & {"torch_adam", "fused"} == set()
+    params = translate("cuda", False)["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    offloaded = translate("cuda", False, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+    assert "fused" not in offloaded["optimizer"]["params"]  # DeepSpeed's CPU Adam runs there
+    assert "fused" not in translate("cpu", False)["optimizer"]["params"]
+
+
+def test_fused_adam_check_follows_the_op_builder(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    builder = accelerator.create_op_builder("FusedAdamBuilder")
+    monkeypatch.setattr(type(builder), "is_compatible", lambda self, verbose=False: False)
+    assert "no fused Adam" in fused_adam_unavailable(accelerator)
+    monkeypatch.setattr(type(builder), "is_compatible", lambda self, verbose=False: True)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "ninja" in fused_adam_unavailable(accelerator)
+    import deepspeed.git_version_info as info
+
+    monkeypatch.setitem(info.installed_ops, "fused_adam", True)
+    assert fused_adam_unavailable(accelerator) is None  # prebuilt
+
+
+def test_default_workers_leave_one_cpu_to_the_loop(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)))
+    assert default_num_workers() == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert default_num_workers() == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert default_num_workers() == 0
+    from ds_diffusers.config import Config
+
+    assert Config.model_fields["dataloader_num_workers"].default is None  # unset means this default
+
+
+def test_to_device_keeps_every_tensor():
+    batch = {"pixel_values": torch.rand(2, 3, 8, 8), "input_ids": torch.arange(4).reshape(2, 2)}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved.keys() == batch.keys() and all(torch.equal(moved[k], batch[k]) for k in batch)
