@@ -32,8 +32,9 @@ from ds_diffusers.errors import ConfigError, TrainingError
 
 META_FILE = "ds_diffusers.json"
 LATEST = "latest"
-# Test hooks, each SIGKILLs rank 0 like a lost rank: "kill_during_save:<step>" between the files of
-# that step's checkpoint, "kill_after_save:<step>" once it is complete (a crash resumable from it).
+# Test hooks: "kill_during_save:<step>" and "kill_after_save:<step>" SIGKILL rank 0 like a lost rank,
+# between the files of that step's checkpoint or once it is complete (a crash resumable from it);
+# "usr1_at_step:<step>" makes rank 0 send itself SIGUSR1 at that optimizer step (see preemption).
 FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
@@ -42,7 +43,8 @@ _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validati
                  "checkpoint_dir", "output_dir", "resume_from_checkpoint", "checkpoints_total_limit",
                  "overwrite_output_dir", "dataloader_num_workers", "offline", "wandb", "tensorboard", "csv_monitor",
                  "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir", "sample",
-                 "cache_latents", "cache_text_embeddings", "cache_dir"}
+                 "cache_latents", "cache_text_embeddings", "cache_dir", "log_every_n_steps", "max_nonfinite_steps",
+                 "channels_last", "compile"}
 
 
 def step_tag(global_step: int) -> str:

@@ -68,6 +68,12 @@ def zero_description(cfg: Config, ds_config: dict) -> str:
     return f"ZeRO-{cfg.zero_optimization.stage} (run as ZeRO-{engine_stage}: one process has nothing to partition)"
 
 
+def kernel_description(cfg: Config, unet: torch.nn.Module, accelerator_name: str, tf32: bool) -> str:
+    options = [name for name, on in (("TF32", tf32 and accelerator_name == "cuda"), ("channels_last", cfg.channels_last),
+                                     ("compiled", cfg.compile)) if on]
+    return ", ".join([attention_description(unet, accelerator_name), *options])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -126,7 +132,8 @@ def train(cfg: Config) -> Path | None:
     from deepspeed.accelerator import get_accelerator
 
     accelerator_name = get_accelerator().device_name()
-    set_tf32(cfg.allow_tf32 if cfg.allow_tf32 is not None else accelerator_name == "cuda")
+    tf32 = cfg.allow_tf32 if cfg.allow_tf32 is not None else accelerator_name == "cuda"
+    set_tf32(tf32)
     seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
@@ -181,9 +188,7 @@ def train(cfg: Config) -> Path | None:
     logger.message(f"training {num_trainable:,} parameters "
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
-                   f"{attention_description(engine.module, accelerator_name)}, {num_workers} loader worker(s)"
-                   + "".join(f", {name}" for name, on in (("TF32", cfg.allow_tf32 is not False and accelerator_name == "cuda"),
-                                                          ("channels_last", cfg.channels_last), ("compiled", cfg.compile)) if on))
+                   f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
     compute_dtype = DTYPES[cfg.weight_dtype_name]
     samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -194,7 +199,8 @@ def train(cfg: Config) -> Path | None:
 
     def save(epoch: int) -> None:
         check_weights_before_writing(engine, dist.device, "checkpoint", global_step)
-        checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+        saved = checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
+        logger.message(f"checkpoint saved: {saved}")
 
     window = StepWindow(dist.device, cfg.log_every_n_steps)
     first_step = global_step + 1
@@ -229,7 +235,7 @@ def train(cfg: Config) -> Path | None:
         save_due = bool(cfg.save_interval) and global_step % cfg.save_interval == 0 and not last
         stop = False
         if save_due or last or global_step == first_step or global_step % cfg.log_every_n_steps == 0:
-            stats = window.sync(preemption.signalled())  # the interval's one collective
+            stats = window.sync(preemption.signalled(global_step, dist.rank))  # the interval's one collective
             now = time.perf_counter()
             lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else engine.get_lr()[0]
             logger.log_step(global_step, {"loss": stats.mean_loss, "lr": lr,

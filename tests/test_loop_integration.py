@@ -1,0 +1,60 @@
+"""The hot loop end to end on the embedded tiny model: what is logged at a log point, a stop signal
+on a save step, and the numerics-neutral kernel options. Short runs through the real launcher."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ds_diffusers.preemption import EXIT_PREEMPTED
+from tests.test_train_integration import assert_ok, launch, losses, run_cfg
+
+pytestmark = pytest.mark.multiprocess
+ACCUMULATE = ("gradient_accumulation_steps=2", "max_train_steps=4", "train_micro_batch_size_per_gpu=4")
+
+
+def logged(output_dir) -> dict[int, float]:
+    import json
+
+    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def test_logged_loss_is_the_mean_over_the_log_interval_and_channels_last_changes_nothing(tiny_assets, tmp_path):
+    every_step, interval = tmp_path / "every", tmp_path / "interval"
+    assert_ok(launch(run_cfg(tiny_assets, every_step, *ACCUMULATE)))
+    # run_cfg logs every step; this one every 3rd: log points at the first step, step 3 and the last (4)
+    assert_ok(launch(run_cfg(tiny_assets, interval, *ACCUMULATE, "log_every_n_steps=3", "channels_last=true")))
+    a, b = logged(every_step / "model"), logged(interval / "model")
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 3, 4]
+    # each of a's values is already the mean of its two micro-batches (unit-tested in test_loop)
+    assert b[1] == pytest.approx(a[1], rel=1e-5)
+    assert b[3] == pytest.approx((a[2] + a[3]) / 2, rel=1e-5)
+    assert b[4] == pytest.approx(a[4], rel=1e-5)
+
+
+def test_stop_signal_on_a_save_step_saves_once_and_exits_75(tiny_assets, tmp_path):
+    overrides = run_cfg(tiny_assets, tmp_path, "max_train_steps=6", "save_interval=2", "log_every_n_steps=5")
+    os.environ["DSD_FAULT_INJECT"] = "usr1_at_step:2"
+    try:
+        result = launch(overrides)
+    finally:
+        del os.environ["DSD_FAULT_INJECT"]
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert output.count("checkpoint saved: ") == 1 and "stopped by SIGUSR1 at step 2" in output
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_2"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_2"]
+    assert not (tmp_path / "model" / "unet").exists()
+    assert "terminate called" not in output  # the process group was torn down before exit
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_losses(tiny_assets, tmp_path):
+    """torch.compile (inductor) on the CPU takes minutes to compile; hence two steps only."""
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    assert_ok(launch(run_cfg(tiny_assets, plain, "max_train_steps=2")))
+    assert_ok(launch(run_cfg(tiny_assets, compiled, "max_train_steps=2", "compile=true"), timeout=1800))
+    assert losses(compiled / "model") == pytest.approx(losses(plain / "model"), rel=1e-4)
