@@ -162,9 +162,3 @@ def attention_description(unet: torch.nn.Module, accelerator_name: str) -> str:
         backends = accelerator_name
     return f"attention PyTorch SDPA ({backends})"
 
-
-def to_channels_last(unet: torch.nn.Module) -> None:
-    """NHWC weights for cuDNN's faster convolution kernels. Under ZeRO and bf16/fp16 DeepSpeed
-    re-points parameters into flat (contiguous) buffers, so the channels-last inputs the training
-    step passes are what keeps the convolutions NHWC there (cuDNN follows the input's format)."""
-    unet.to(memory_format=torch.channels_last)

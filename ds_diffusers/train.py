@@ -29,8 +29,7 @@ from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
-from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32,
-                                 to_channels_last)
+from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32)
 from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message, skip_nonfinite_steps
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.step_window import StepWindow
@@ -138,8 +137,6 @@ def train(cfg: Config) -> Path | None:
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
     unet = build_unet(cfg)
-    if cfg.channels_last:
-        to_channels_last(unet)
     groups, lr_scales = param_groups(unet, cfg)
     num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
 
@@ -191,6 +188,9 @@ def train(cfg: Config) -> Path | None:
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
     compute_dtype = DTYPES[cfg.weight_dtype_name]
     samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
+    # channels_last: NHWC latents make cuDNN (and oneDNN) pick NHWC convolution kernels, which follow
+    # the input's format. The weights stay contiguous: DeepSpeed's parameter broadcast views them as
+    # bytes and ZeRO/bf16 re-point them into flat buffers, both of which need the default layout.
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def unet_forward(noisy_latents, timesteps, encoder_hidden_states):

@@ -15,6 +15,7 @@ from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.data import default_num_workers, to_device
 from ds_diffusers.step_window import StepWindow
 from tests.test_config import with_changes
+from tests.test_data import tokenizer  # noqa: F401  (fixture)
 
 
 def window_of(micro_losses_per_step: list[list[float]], capacity: int = 2) -> StepWindow:
@@ -141,3 +142,42 @@ def test_to_device_keeps_every_tensor():
     batch = {"pixel_values": torch.rand(2, 3, 8, 8), "input_ids": torch.arange(4).reshape(2, 2)}
     moved = to_device(batch, torch.device("cpu"))
     assert moved.keys() == batch.keys() and all(torch.equal(moved[k], batch[k]) for k in batch)
+
+
+def test_worker_loader_resumes_mid_epoch_like_the_in_process_one(tokenizer):
+    """The default now starts workers: a resume (start mid-epoch, in a later epoch) must still see
+    exactly the samples a worker-less loader sees."""
+    from ds_diffusers.data import build_train_dataloader
+    from tests.test_data import RESOLUTION, in_memory_dataset
+
+    def resumed_epoch(num_workers: int) -> list[torch.Tensor]:
+        loader, sampler, dataset = build_train_dataloader(
+            in_memory_dataset(8), "image", "text", tokenizer, resolution=RESOLUTION, center_crop=False, random_flip=True,
+            seed=0, micro_batch_size=2, num_workers=num_workers, rank=0, world_size=1)
+        sampler.set_epoch(1)
+        dataset.set_epoch(1)
+        sampler.set_start(4)
+        return [tensor for batch in loader for tensor in (batch["pixel_values"], batch["input_ids"], batch["index"])]
+
+    with_worker, in_process = resumed_epoch(1), resumed_epoch(0)
+    assert len(in_process) == 2 * 3 and all(torch.equal(a, b) for a, b in zip(with_worker, in_process, strict=True))
+
+
+def test_tf32_switch_and_the_attention_named_in_the_start_up_line():
+    from diffusers import UNet2DConditionModel
+
+    from ds_diffusers.models import attention_description, set_tf32
+
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+        set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, layers_per_block=1,
+                                norm_num_groups=4, attention_head_dim=2, sample_size=8)
+    assert attention_description(unet, "cpu") == "attention PyTorch SDPA (CPU kernels)"
+    assert "flash" in attention_description(unet, "cuda") or "math" in attention_description(unet, "cuda")
