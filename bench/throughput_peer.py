@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ds_diffusers.config import Config
-from ds_diffusers.data import load_train_dataset, resolve_columns
+from ds_diffusers.data import default_num_workers, load_train_dataset, resolve_columns
 
 PEER_SCHEDULER = {"WarmupLR": "constant_with_warmup", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine",
                   "none": "constant"}
@@ -75,7 +75,8 @@ def peer_command(cfg: Config, steps: int, threads: int, peer_dir: Path, imagefol
         "--adam_weight_decay": params.get("weight_decay", 0.01), "--adam_epsilon": params.get("eps", 1e-8),
         "--max_grad_norm": cfg.gradient_clipping, "--mixed_precision": "no",
         "--image_interpolation_mode": "bilinear",  # ours resizes bilinearly; the peer's default is lanczos
-        "--dataloader_num_workers": cfg.dataloader_num_workers, "--seed": cfg.seed,
+        "--dataloader_num_workers": (cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None
+                                     else default_num_workers()), "--seed": cfg.seed,
         "--checkpointing_steps": steps + 1,  # no checkpoint among the measured steps (default: every 500)
         "--output_dir": run_dir / "model",
     }

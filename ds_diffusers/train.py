@@ -219,8 +219,8 @@ def train(cfg: Config) -> Path | None:
         latents, encoder_hidden_states = encode_batch(frozen, to_device(batch, dist.device))
         loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
                               noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+        window.add_micro_batch(loss)  # before backward, which may scale the loss (accumulation, fp16)
         engine.backward(loss)
-        window.add_micro_batch(loss)
         # The accumulation boundary is DeepSpeed's to decide (it counts micro-steps); everything
         # below the `continue` happens once per optimizer step.
         at_boundary = engine.is_gradient_accumulation_boundary()
