@@ -108,7 +108,7 @@ def write_tiny_cfg(tiny_assets, run_dir: Path, **overrides) -> Path:
         "pretrained_model_name_or_path": str(tiny_assets.model_dir), "dataset_dir": str(tiny_assets.dataset_dir),
         "output_dir": str(run_dir / "model"), "checkpoint_dir": str(run_dir / "checkpoints"),
         "validation_steps": 0, "save_interval": 0, "train_micro_batch_size_per_gpu": 8, "resolution": 32,
-        "lr_warmup_steps": 2, **overrides,
+        "lr_warmup_steps": 2, "log_every_n_steps": 1, **overrides,  # a metrics line (and stop check) per step
     })
     path = run_dir / "cfg.json"
     path.write_text(json.dumps(cfg, indent=2))
