@@ -123,18 +123,6 @@ def resume_target(cfg: Config) -> Path | None:
     return step_dir
 
 
-def check_writable(folder: str, field: str) -> None:
-    """Fail before training, not at the first save, when a folder cannot be written."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(field, folder, f"cannot write there ({err.strerror}); choose a writable folder with free space") from None
-
-
 def check_fresh_start(cfg: Config) -> None:
     """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`.
 

@@ -14,6 +14,9 @@ class ConfigError(Exception):
         self.fix = fix
         super().__init__(f"{field}={value!r}: {fix}")
 
+    def __reduce__(self):  # picklable, so rank 0's refusal can be broadcast to the other ranks
+        return (ConfigError, (self.field, self.value, self.fix))
+
 
 class TrainingError(Exception):
     """A run that must stop (e.g. a non-finite loss); the message says why and what to try."""

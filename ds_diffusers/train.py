@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_diffusers import checkpoint, preemption, validation
+from ds_diffusers import checkpoint, lock, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
                                resolve_columns)
-from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown_distributed
+from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, mean_over_ranks, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
@@ -104,19 +104,20 @@ def train(cfg: Config) -> Path | None:
     hf_dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
     image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
 
+    lock.check_not_locked(cfg)
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         checkpoint.check_fresh_start(cfg)
-    checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
-    checkpoint.check_writable(cfg.output_dir, "output_dir")
-    if cfg.cache_latents or cfg.cache_text_embeddings:
-        checkpoint.check_writable(cfg.cache_dir, "cache_dir")
 
     dist = init_distributed()
+    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
+    # The folders are created here, with their locks, once every check of the input has passed.
+    refusal = broadcast_from_main(lock.lock_run_folders(cfg) if dist.is_main else None)
+    if refusal is not None:
+        raise refusal
     if resume_from is None and dist.is_main:
         checkpoint.clear_previous_run(cfg)
     barrier()
-    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
     seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except Preempted:
         return preemption.EXIT_PREEMPTED
+    finally:
+        lock.release_all()
     return 0
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
+import shutil
 from pathlib import Path
 
+from ds_diffusers.config.optimizers import check_optimizer_backend, check_optimizer_block
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
@@ -51,6 +54,7 @@ def check_consistency(cfg: Config) -> None:
 
 def _check_optimizer(cfg: Config) -> None:
     params = cfg.optimizer.params
+    check_optimizer_block(cfg.optimizer.type, params)
     lr = params.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
         raise ConfigError("optimizer.params.lr", lr, "set a positive learning rate, e.g. 1e-4")
@@ -100,15 +104,48 @@ def check_model_dir(value: str) -> None:
                           f"not a diffusers model folder (no {', '.join(missing)} subfolder); use the folder that holds model_index.json")
 
 
-def _check_output_paths(cfg: Config) -> None:
-    for field in ("output_dir", "checkpoint_dir"):
-        value = getattr(cfg, field)
-        path = Path(value)
-        if path.exists() and not path.is_dir():
-            raise ConfigError(field, value, "exists and is a file; choose a folder path (the file is left untouched)")
-        existing_parent = next((p for p in [path, *path.parents] if p.exists()), None)
-        if existing_parent is not None and not existing_parent.is_dir():
-            raise ConfigError(field, value, f"{existing_parent} is a file, so this folder cannot be created; choose another path")
+def check_writable_folder(value: str, field: str) -> None:
+    """The folder exists and takes a file, or can be created; creates nothing (a rejected run leaves
+    the disk as it was; the run itself makes its folders once every check has passed)."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, value, "exists and is a file; choose a folder path (the file is left untouched)")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(field, value, f"{existing} is a file, so this folder cannot be created; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(field, value, f"cannot write in {existing} (permission denied); choose a writable folder")
+    if shutil.disk_usage(existing).free < 2**20:
+        raise ConfigError(field, value, f"no space left on {existing}; free space or choose another disk")
+
+
+def _check_file_target(value: str, field: str) -> None:
+    """A file DeepSpeed opens for writing without creating its folder (the flops profiler's)."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(field, value, "is a folder; give a file path, e.g. outputs/flops.txt")
+    if not path.absolute().parent.is_dir():
+        raise ConfigError(field, value, f"its folder {path.absolute().parent} does not exist; create it or use null (print to the log)")
+    check_writable_folder(str(path.absolute().parent), field)
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Every `use_lora.target_modules` entry names a module of this UNet, matched as peft matches a
+    name (the whole name or its dotted suffix); the UNet is built from its config on the meta device
+    (no weights read). peft itself only fails when nothing at all matches."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet_config = UNet2DConditionModel.load_config(cfg.pretrained_model_name_or_path, subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    names = [name for name, _ in unet.named_modules() if name]
+    for target in cfg.use_lora.target_modules:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "attn" in name} | {"to_out.0"})
+            close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else "use e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]"
+            raise ConfigError("use_lora.target_modules", target, f"matches no module of the UNet; {hint}")
 
 
 def check_environment(cfg: Config) -> None:
@@ -117,7 +154,18 @@ def check_environment(cfg: Config) -> None:
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")
-    _check_output_paths(cfg)
+    for field in ("output_dir", "checkpoint_dir"):
+        check_writable_folder(getattr(cfg, field), field)
+    if cfg.cache_latents or cfg.cache_text_embeddings:
+        check_writable_folder(cfg.cache_dir, "cache_dir")
+    for field in ("tensorboard", "csv_monitor"):
+        block = getattr(cfg, field)
+        if block.enabled and block.output_path:
+            check_writable_folder(block.output_path, f"{field}.output_path")
+    if cfg.flops_profiler.enabled and cfg.flops_profiler.output_file:
+        _check_file_target(cfg.flops_profiler.output_file, "flops_profiler.output_file")
+    if cfg.use_lora.action:
+        check_lora_targets(cfg)
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -135,3 +183,7 @@ def check_environment(cfg: Config) -> None:
         block = getattr(cfg.zero_optimization, name)
         if block.device == "nvme" and block.nvme_path and not Path(block.nvme_path).is_dir():
             raise ConfigError(f"zero_optimization.{name}.nvme_path", block.nvme_path, "no such folder; create it on a local NVMe disk")
+        if block.device == "nvme" and block.nvme_path:
+            check_writable_folder(block.nvme_path, f"zero_optimization.{name}.nvme_path")
+    offloads = resolve_offload_device(cfg.zero_optimization.offload_optimizer.device) != "none"
+    check_optimizer_backend(cfg.optimizer.type, cfg.optimizer.params, offloads, accelerator.device_name())
