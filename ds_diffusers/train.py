@@ -21,8 +21,8 @@ import torch
 
 from ds_diffusers import checkpoint, lock, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
-from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
-                               resolve_columns)
+from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, load_train_dataset, num_batches_per_epoch,
+                               prepare_caches, resolve_columns)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, mean_over_ranks, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
@@ -103,6 +103,7 @@ def train(cfg: Config) -> Path | None:
     # Data problems (missing columns, too few rows) surface before any process group exists.
     hf_dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
     image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
+    missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
 
     lock.check_not_locked(cfg)
     resume_from = checkpoint.resume_target(cfg)
@@ -130,7 +131,7 @@ def train(cfg: Config) -> Path | None:
         hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=cfg.dataloader_num_workers, rank=dist.rank, world_size=dist.world_size,
-        latent_cache=latent_cache, text_cache=text_cache,
+        latent_cache=latent_cache, text_cache=text_cache, skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
@@ -161,6 +162,8 @@ def train(cfg: Config) -> Path | None:
     if resume_from is not None:
         changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
         logger.message(f"resumed from {resume_from} at step {global_step}{changed}")
+    if missing_images:
+        logger.message(f"skipping {len(missing_images)} row(s) whose image file is missing (skip_bad_images), first: row {missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps")
@@ -228,6 +231,8 @@ def train(cfg: Config) -> Path | None:
         export_model(engine.module, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
                      rank=dist.rank, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
     barrier()
+    if dataset.bad_rows():
+        logger.message(f"skipped {len(dataset.bad_rows())} unreadable or missing image row(s) on rank 0 (skip_bad_images): {dataset.bad_rows()[:20]}")
     logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
     logger.close()
     shutdown_distributed()

@@ -43,6 +43,9 @@ def check_consistency(cfg: Config) -> None:
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", True, "a random crop (center_crop: false) picks a new window every epoch, which "
                           "one cached encoding per image cannot hold; set center_crop: true or cache_latents: false")
+    if cfg.skip_bad_images and cfg.cache_latents:
+        raise ConfigError("skip_bad_images", True, "cannot be combined with cache_latents (a cached row has no image to "
+                          "replace); fix or remove the unreadable images, or set cache_latents: false")
     if cfg.use_ema and cfg.use_lora.action:
         raise ConfigError("use_ema", True, "EMA of LoRA adapters is not supported; set use_ema false or use_lora.action false")
     _check_optimizer(cfg)

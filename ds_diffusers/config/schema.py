@@ -146,6 +146,7 @@ class Config(Block):
     center_crop: bool = False
     random_flip: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
+    skip_bad_images: bool = False  # skip (and report) unreadable/missing images instead of stopping
     # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
     cache_latents: bool = False
     cache_text_embeddings: bool = False
