@@ -73,6 +73,44 @@ def test_backend_follows_the_engine_and_checks_its_params():
     assert "pip install mup" in info.value.fix
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda model: (model / "unet" / "config.json").unlink(), "config.json is missing"),
+    (lambda model: (model / "vae" / "config.json").write_text("{"), "unreadable"),
+    (lambda model: (model / "text_encoder" / "model.safetensors").unlink(), "holds no weights"),
+    (lambda model: (model / "tokenizer" / "vocab.json").unlink(), "no vocab.json"),
+])
+def test_incomplete_model_folder_is_named_before_diffusers_reads_it(tmp_path, damage, fragment):
+    cfg = _environment_cfg(tmp_path)
+    damage(tmp_path / "model")
+    with pytest.raises(ConfigError) as info:
+        check_environment(cfg)
+    assert info.value.field == "pretrained_model_name_or_path" and fragment in info.value.fix
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"seed": 2**64}, "seed"),
+    ({"use_lora": {"action": True, "init": "loftq"}}, "use_lora.init"),
+    ({"skip_bad_images": True, "cache_latents": True, "center_crop": True}, "skip_bad_images"),
+])
+def test_other_values_that_reached_libraries_unchecked(change, field):
+    assert error_of(with_changes(**change)).field == field
+
+
+def test_nvme_offload_needs_the_async_io_op(tmp_path, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    class NoAio:
+        def is_compatible(self, verbose=False):
+            return False
+
+    monkeypatch.setattr(type(get_accelerator()), "create_op_builder", lambda self, name: NoAio())
+    (tmp_path / "nvme").mkdir()
+    cfg = _environment_cfg(tmp_path, zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "nvme")}})
+    with pytest.raises(ConfigError) as info:
+        check_environment(cfg)
+    assert info.value.field == "zero_optimization.offload_param.device" and "libaio" in info.value.fix
+
+
 def snapshot(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -87,7 +125,7 @@ def snapshot(root: Path) -> list[str]:
 def test_paths_handed_to_deepspeed_are_checked(tmp_path, field, value, fragment):
     (tmp_path / "a_file").write_text("keep")
     cfg = _environment_cfg(tmp_path, **{field: json.loads(json.dumps(value).replace("{tmp}", str(tmp_path)))})
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path)  # taken after the cfg's model and data folders exist
     with pytest.raises(ConfigError) as info:
         check_environment(cfg)
     assert info.value.field.startswith(field) and fragment in info.value.fix

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -43,6 +44,11 @@ def check_consistency(cfg: Config) -> None:
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", True, "a random crop (center_crop: false) picks a new window every epoch, which "
                           "one cached encoding per image cannot hold; set center_crop: true or cache_latents: false")
+    if cfg.seed > 2**63 - 1:
+        raise ConfigError("seed", cfg.seed, "torch seeds are 64-bit; use a seed below 2**63")
+    if cfg.use_lora.action and cfg.use_lora.init == "loftq":
+        raise ConfigError("use_lora.init", "loftq", "LoftQ needs a quantized base and a loftq_config, which ds-diffusers does not "
+                          "set up; use true, false, \"gaussian\", \"pissa\" or \"olora\"")
     if cfg.skip_bad_images and cfg.cache_latents:
         raise ConfigError("skip_bad_images", True, "cannot be combined with cache_latents (a cached row has no image to "
                           "replace); fix or remove the unreadable images, or set cache_latents: false")
@@ -95,16 +101,37 @@ def _check_scheduler(cfg: Config) -> None:
         raise ConfigError("scheduler.params.warmup_type", warmup_type, "use 'log' or 'linear'")
 
 
+# What `from_pretrained` reads from each part of a diffusers model folder: a config, and weights
+# (single-file, sharded with an index, or a precision variant).
+_MODEL_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json", "tokenizer": None}
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
+
+
 def check_model_dir(value: str) -> None:
     path = Path(value)
     if not path.is_dir():
         raise ConfigError("pretrained_model_name_or_path", value,
                           "no such folder; point it at a local diffusers model folder (with model_index.json), "
                           "e.g. a downloaded stable-diffusion-v1-5, or run `python -m ds_diffusers.embedded` for the tiny default")
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+    missing = [sub for sub in _MODEL_PARTS if not (path / sub).is_dir()]
     if missing:
         raise ConfigError("pretrained_model_name_or_path", value,
                           f"not a diffusers model folder (no {', '.join(missing)} subfolder); use the folder that holds model_index.json")
+    for sub, config_name in _MODEL_PARTS.items():
+        if config_name is not None:
+            config_file = path / sub / config_name
+            try:
+                json.loads(config_file.read_text())
+            except (OSError, ValueError) as err:
+                reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
+                raise ConfigError("pretrained_model_name_or_path", value, f"{config_file} is {reason}; download or copy the model again")
+        if sub in ("unet", "vae", "text_encoder") and not any(next((path / sub).glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+            raise ConfigError("pretrained_model_name_or_path", value, f"{path / sub} holds no weights (*.safetensors or *.bin); "
+                              "download or copy the model again")
+    if not any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        raise ConfigError("pretrained_model_name_or_path", value, f"{path / 'tokenizer'} holds no vocab.json or tokenizer.json; "
+                          "download or copy the model again")
 
 
 def check_writable_folder(value: str, field: str) -> None:
@@ -143,6 +170,8 @@ def check_lora_targets(cfg: Config) -> None:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
     names = [name for name, _ in unet.named_modules() if name]
+    if not cfg.use_lora.target_modules:
+        raise ConfigError("use_lora.target_modules", [], "name at least one UNet module, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]")
     for target in cfg.use_lora.target_modules:
         if not any(name == target or name.endswith(f".{target}") for name in names):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "attn" in name} | {"to_out.0"})
@@ -188,5 +217,9 @@ def check_environment(cfg: Config) -> None:
             raise ConfigError(f"zero_optimization.{name}.nvme_path", block.nvme_path, "no such folder; create it on a local NVMe disk")
         if block.device == "nvme" and block.nvme_path:
             check_writable_folder(block.nvme_path, f"zero_optimization.{name}.nvme_path")
+            aio = accelerator.create_op_builder("AsyncIOBuilder")
+            if aio is None or not aio.is_compatible(verbose=False):
+                raise ConfigError(f"zero_optimization.{name}.device", "nvme", "DeepSpeed's async_io op cannot be built here "
+                                  "(it needs libaio: apt install libaio-dev, then reinstall deepspeed); use cpu offload instead")
     offloads = resolve_offload_device(cfg.zero_optimization.offload_optimizer.device) != "none"
     check_optimizer_backend(cfg.optimizer.type, cfg.optimizer.params, offloads, accelerator.device_name())
