@@ -3,8 +3,9 @@ for the whole run, so a second run into the same folders (started at the same ti
 while the first still writes) is refused instead of interleaving metrics and overwriting step folders.
 
 The lock file holds the holder's host, pid and process start time. A lock whose holder is gone (same
-host, and no process with that pid and start time) is stale and taken over with a notice; a lock
-held from another host cannot be checked from here, so the message says how to remove it.
+host, and no process with that pid and start time) is stale and taken over with a notice, as is one
+left by an earlier attempt of the same Slurm job (a requeued job may start on another node); a lock
+held from another host otherwise cannot be checked from here, so the message says how to remove it.
 Release removes the lock files, and the folders the lock created when they are still empty, so a
 run refused after taking its locks leaves the disk as it found it.
 """
@@ -56,6 +57,11 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is None or _start_time(pid) in (None, started)
 
 
+def _slurm_attempt() -> tuple[str | None, int]:
+    """(job id, restart count) under Slurm; a requeued job keeps its id and counts its restarts."""
+    return os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
 def _holder(lock_file: Path) -> dict | None:
     try:
         return json.loads(lock_file.read_text())
@@ -80,6 +86,9 @@ def holder_if_live(folder: str) -> dict | None:
         except FileNotFoundError:
             return None
         return {"host": "?", "pid": "?", "time": time.time()} if young else None
+    job, restarts = _slurm_attempt()
+    if job is not None and holder.get("slurm_job") == job and int(holder.get("slurm_restart", -1)) < restarts:
+        return None  # an earlier attempt of this requeued job, possibly on another node
     if holder.get("host") != socket.gethostname():
         return holder  # cannot be checked from this host
     return holder if _alive(int(holder["pid"]), holder.get("started")) else None
@@ -104,7 +113,9 @@ def acquire(folder: str, field: str) -> RunLock:
     created = tuple(p for p in [path, *path.parents] if not p.exists())
     path.mkdir(parents=True, exist_ok=True)
     lock_file = path / LOCK_NAME
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()), "time": time.time()}
+    job, restarts = _slurm_attempt()
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()), "time": time.time(),
+              "slurm_job": job, "slurm_restart": restarts}
     for _ in range(3):
         try:
             handle = os.open(lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

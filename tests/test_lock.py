@@ -66,6 +66,20 @@ def test_live_holder_refuses_and_stale_holder_is_taken_over(tmp_path, live_proce
         lock.acquire(str(tmp_path / "remote"), "output_dir")
 
 
+def test_earlier_attempt_of_a_requeued_slurm_job_is_stale_even_from_another_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    held = lock.acquire(str(tmp_path / "ckpt"), "checkpoint_dir")
+    record = json.loads(held.path.read_text())
+    record["host"] = "node-that-died"
+    held.path.write_text(json.dumps(record))
+    assert lock.holder_if_live(str(tmp_path / "ckpt")) is not None  # same attempt: a live run elsewhere
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert lock.holder_if_live(str(tmp_path / "ckpt")) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "999")  # another job's lock is not ours to take
+    assert lock.holder_if_live(str(tmp_path / "ckpt")) is not None
+
+
 def test_second_folder_refused_releases_the_first(tmp_path, live_process):
     cfg = validate_dict(with_changes(checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
     write_lock(tmp_path / "out", live_process)
