@@ -65,6 +65,11 @@ def test_backend_follows_the_engine_and_checks_its_params():
     with pytest.raises(ConfigError) as info:  # DeepSpeed's kernel takes it, torch's AdamW (CPU, no offload) does not
         check_optimizer_backend("AdamW", {"lr": 1.0, "bias_correction": False}, False, "cpu")
     assert info.value.field == "optimizer.params.bias_correction" and "torch's class" in info.value.fix
+    for type_, params in (("SGD", {}), ("AdamW", {"torch_adam": True}), ("Adagrad", {})):
+        with pytest.raises(ConfigError) as info:  # DeepSpeed raises ZeRORuntimeException for these under offload
+            check_optimizer_backend(type_, {"lr": 1.0, **params}, True, "cpu")
+        assert info.value.field == "zero_optimization.offload_optimizer.device"
+    check_optimizer_backend("Lion", {"lr": 1.0}, True, "cpu")
     with pytest.raises(ConfigError) as info:
         check_optimizer_backend("Lamb", {"lr": 1.0}, False, "cpu")
     assert "needs a GPU" in info.value.fix

@@ -127,6 +127,12 @@ def check_optimizer_backend(optimizer_type: str, params: dict[str, Any], offload
     """The class this run builds exists here and takes every param; call after `check_optimizer_block`."""
     kind = backend(optimizer_type, params, offloads_optimizer, accelerator_name)
     name = optimizer_type.lower()
+    if offloads_optimizer and not (kind == "cpu" and name in ("adam", "adamw", "lion")):
+        # engine._configure_zero_optimizer: any other class under offload is a ZeRORuntimeException
+        # (unless zero_force_ds_cpu_optimizer is false, which ds-diffusers does not set).
+        what = "torch_adam: true" if params.get("torch_adam") else optimizer_type
+        raise ConfigError("zero_optimization.offload_optimizer.device", "cpu/nvme", f"with optimizer offload DeepSpeed only runs "
+                          f"its CPU Adam, AdamW or Lion kernels, not {what}; choose one of those (without torch_adam) or turn offload off")
     if kind == "mup" and importlib.util.find_spec("mup") is None:
         raise ConfigError("optimizer.type", optimizer_type, "needs the mup package; `pip install mup` or choose AdamW")
     if kind == "fused" and name in ("lamb", "lion") and accelerator_name == "cpu":
