@@ -68,7 +68,7 @@ def test_skip_bad_images_replaces_the_row_and_reports_it_once(tmp_path, tokenize
     assert tokenizer.decode(replaced["input_ids"], skip_special_tokens=True).replace(" ", "") == "colour2"
     assert torch.equal(dataset[4]["pixel_values"], dataset[5]["pixel_values"])
     dataset[1]
-    assert capsys.readouterr().err.count("skipping unreadable image") == 1
+    assert capsys.readouterr().err.count("skipping image[row 1]") == 1
     assert dataset.bad_rows() == [1, 4]
 
 

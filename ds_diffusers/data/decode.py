@@ -103,7 +103,8 @@ class BadImageLog:
     def record(self, row: int, error: ConfigError) -> None:
         if not bool(self.flags[row]):
             self.flags[row] = True
-            print(f"ds-diffusers: skipping unreadable image: {error}", file=sys.stderr, flush=True)
+            reason = error.fix.split(";")[0]
+            print(f"ds-diffusers: skipping {error.field}={error.value!r}: {reason} (skip_bad_images)", file=sys.stderr, flush=True)
 
     def rows(self) -> list[int]:
         return self.flags.nonzero().flatten().tolist()
