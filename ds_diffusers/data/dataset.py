@@ -73,11 +73,10 @@ class CaptionedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         generator = seeded_generator(self.seed, self.epoch, index)
-        image = None
-        source = index
         if self.latent_cache is None:
-            source, image = first_readable(self.rows, self.image_column, index, self.resolution, self.bad_log)
-        row = self.rows[source]
+            source, row, image = first_readable(self.rows, self.image_column, index, self.resolution, self.bad_log)
+        else:
+            source, row, image = index, self.rows[index], None
         caption = choose_caption(row[self.caption_column], generator, row=source)
         example: dict[str, Any] = {"index": index}
         if self.latent_cache is not None:

@@ -111,16 +111,17 @@ class BadImageLog:
 
 
 def first_readable(rows: datasets.Dataset, image_column: str, index: int, resolution: int,
-                   bad_log: Optional[BadImageLog]) -> tuple[int, Image.Image]:
-    """(row, image) of row `index`; with a `bad_log` (skip_bad_images) an unreadable row is recorded
+                   bad_log: Optional[BadImageLog]) -> tuple[int, dict[str, Any], Image.Image]:
+    """(row, its record, its decoded image) for row `index`; with a `bad_log` (skip_bad_images) an unreadable row is recorded
     and the next readable row (wrapping around) takes its place, so batches keep their size and a
     resumed run sees the same substitutes."""
     for offset in range(len(rows)):
         row = (index + offset) % len(rows)
         if bad_log is not None and bool(bad_log.flags[row]):
             continue
+        record = rows[row]
         try:
-            return row, open_image(rows[row][image_column], row=row, image_column=image_column, resolution=resolution)
+            return row, record, open_image(record[image_column], row=row, image_column=image_column, resolution=resolution)
         except ConfigError as err:
             if bad_log is None:
                 raise
