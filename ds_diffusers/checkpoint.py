@@ -13,13 +13,17 @@ Layout of `checkpoint_dir`:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,8 @@ META_FILE = "ds_diffusers.json"
 LATEST = "latest"
 # Test hooks: "kill_during_save:<step>" and "kill_after_save:<step>" SIGKILL rank 0 like a lost rank,
 # between the files of that step's checkpoint or once it is complete (a crash resumable from it);
-# "usr1_at_step:<step>" makes rank 0 send itself SIGUSR1 at that optimizer step (see preemption).
+# "usr1_at_step:<step>" makes rank 0 send itself SIGUSR1 at that optimizer step (see preemption);
+# "enospc_during_save:<step>" fails that save on every rank as a full disk does.
 FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
@@ -106,35 +111,68 @@ def complete_steps(checkpoint_dir: str) -> list[int]:
     return sorted(steps)
 
 
+def damaged_file(step_dir: Path) -> Path | None:
+    """The first file of a complete-looking checkpoint that cannot be read back, or None.
+
+    Cheap enough for start-up (no tensor is read): the metadata must parse, each rank's RNG file
+    must exist, and every torch file must end in a zip central directory, which a file truncated
+    by a crash, a full disk or a partial copy lacks."""
+    meta_file = step_dir / META_FILE
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return meta_file
+    expected = [step_dir / f"rank_{rank}.pt" for rank in range(int(meta.get("world_size", 0)))]
+    for path in [*expected, *sorted(set(step_dir.glob("*.pt")) - set(expected))]:
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return path
+    return None
+
+
+def _intact_before(checkpoint_dir: str, step: int) -> Path | None:
+    """The newest complete, undamaged checkpoint older than `step`."""
+    for older in reversed([s for s in complete_steps(checkpoint_dir) if s < step]):
+        if damaged_file(Path(checkpoint_dir) / step_tag(older)) is None:
+            return Path(checkpoint_dir) / step_tag(older)
+    return None
+
+
 def resume_target(cfg: Config) -> Path | None:
     """The step folder to resume from, or None to start fresh.
 
     `true`/"latest" use `checkpoint_dir/latest` when it exists (a fresh start otherwise, as in the seed
-    project); a path names one step folder; `false` never resumes.
+    project), falling back with a warning to the previous intact step when its files are damaged; a
+    path names one step folder, refused when damaged; `false` never resumes.
     """
     value = cfg.resume_from_checkpoint
     if value is False:
         return None
     if value is True or value == "latest":
         latest = Path(cfg.checkpoint_dir) / LATEST
-        return Path(cfg.checkpoint_dir) / latest.read_text().strip() if latest.is_file() else None
-    step_dir = Path(value)
-    if not (step_dir / META_FILE).is_file():
-        raise ConfigError("resume_from_checkpoint", value, "not a complete ds-diffusers checkpoint folder (no "
-                          f"{META_FILE}); use true/\"latest\", false, or a folder such as {cfg.checkpoint_dir}/step_100")
-    return step_dir
-
-
-def check_writable(folder: str, field: str) -> None:
-    """Fail before training, not at the first save, when a folder cannot be written."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(field, folder, f"cannot write there ({err.strerror}); choose a writable folder with free space") from None
+        if not latest.is_file():
+            return None
+        step_dir = Path(cfg.checkpoint_dir) / latest.read_text().strip()
+    else:
+        step_dir = Path(value)
+        if not (step_dir / META_FILE).is_file():
+            raise ConfigError("resume_from_checkpoint", value, "not a complete ds-diffusers checkpoint folder (no "
+                              f"{META_FILE}); use true/\"latest\", false, or a folder such as {cfg.checkpoint_dir}/step_100")
+    damaged = damaged_file(step_dir)
+    if damaged is None:
+        return step_dir
+    match = _STEP_DIR.match(step_dir.name)
+    previous = _intact_before(str(step_dir.parent), int(match.group(1))) if match else None
+    if previous is not None and value in (True, "latest"):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ds-diffusers: warning: {damaged} is damaged (truncated or unreadable); resuming from the previous "
+                  f"complete checkpoint {previous} instead of {step_dir}", file=sys.stderr, flush=True)
+        return previous
+    fix = (f"resume from the previous complete step with resume_from_checkpoint={previous}" if previous is not None else
+           "no earlier complete step is left; set resume_from_checkpoint=false (and overwrite_output_dir=true) to start again")
+    raise ConfigError("resume_from_checkpoint", str(value), f"{damaged} is damaged (truncated or unreadable); {fix}")
 
 
 def check_fresh_start(cfg: Config) -> None:
@@ -182,30 +220,68 @@ def _prune(checkpoint_dir: str, keep: int, protected: int) -> None:
             shutil.rmtree(Path(checkpoint_dir) / step_tag(step), ignore_errors=True)
 
 
-def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int], ema: Any = None) -> Path:
-    """All ranks must call this. `latest` moves only after every rank has written everything."""
+def _write_error(err: Exception, step_dir: Path) -> str:
+    """One line for a failed write. A full disk shows up as OSError(ENOSPC) from our files and as
+    torch's zip writer's "unexpected pos" RuntimeError from DeepSpeed's."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(err) or "No space left" in str(err):
+        return f"no space left on {step_dir.parent}"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err} ({err.filename or step_dir})"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({step_dir})"
+
+
+def _inject_fault(global_step: int, dist: DistInfo) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"kill_during_save:{global_step}" and dist.is_main:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"enospc_during_save:{global_step}":
+        # What torch's zip writer raises when the disk fills up under it.
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
+
+
+def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, global_step: int, ema: Any) -> None:
     tag = step_tag(global_step)
-    step_dir = Path(cfg.checkpoint_dir) / tag
+    # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
+    engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
+    _inject_fault(global_step, dist)
+    rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
+    torch.save(rank_state, Path(cfg.checkpoint_dir) / tag / f"rank_{dist.rank}.pt")
+
+
+def _mark_complete(cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int]) -> None:
+    step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
+    meta = {"global_step": global_step, **position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
+            "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
+            "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve())}
+    _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
+    _write_atomically(Path(cfg.checkpoint_dir) / LATEST, step_tag(global_step))
+
+
+def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int], ema: Any = None) -> Path:
+    """All ranks must call this. `latest` moves only after every rank has written everything; a
+    failed save removes its partial step folder and stops every rank with one message."""
+    step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
+    latest = Path(cfg.checkpoint_dir) / LATEST
+    previous = latest.read_text().strip() if latest.is_file() else None
     error = ""
     try:
-        # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
-        engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
-        if os.environ.get(FAULT_ENV) == f"kill_during_save:{global_step}" and dist.is_main:
-            os.kill(os.getpid(), signal.SIGKILL)
-        rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
-        torch.save(rank_state, step_dir / f"rank_{dist.rank}.pt")
-    except OSError as err:
-        error = f"{err.strerror or err} ({err.filename or step_dir})"
+        _write_rank_files(engine, cfg, dist, global_step, ema)
+    except (OSError, RuntimeError) as err:
+        error = _write_error(err, step_dir)
+    if all_ranks_ok(not error, dist.device) and dist.is_main:
+        try:
+            _mark_complete(cfg, dist, global_step, position)
+        except OSError as err:
+            error = _write_error(err, step_dir)
     if not all_ranks_ok(not error, dist.device):
-        raise TrainingError(f"saving checkpoint {step_dir} failed on at least one rank: {error or 'see that rank'}; "
-                            f"'{LATEST}' still names the previous checkpoint. Free space or fix permissions, then resume.")
-    barrier()
+        if dist.is_main and previous != step_dir.name:
+            shutil.rmtree(step_dir, ignore_errors=True)
+        barrier()
+        kept = f"'{LATEST}' still names {previous}" if previous else f"no complete checkpoint is in {cfg.checkpoint_dir} yet"
+        raise TrainingError(f"saving checkpoint {step_dir} failed: {error or 'on another rank, see its message'}; the partial "
+                            f"folder was removed and {kept}. Free space or fix permissions (or lower checkpoints_total_limit), "
+                            "then resume with resume_from_checkpoint=latest.")
     if dist.is_main:
-        meta = {"global_step": global_step, **position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
-                "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
-                "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve())}
-        _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
-        _write_atomically(Path(cfg.checkpoint_dir) / LATEST, tag)
         _prune(cfg.checkpoint_dir, cfg.checkpoints_total_limit, protected=global_step)
     barrier()
     if os.environ.get(FAULT_ENV) == f"kill_after_save:{global_step}" and dist.is_main:
@@ -218,7 +294,11 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
     if not meta_file.is_file():
         raise ConfigError("resume_from_checkpoint", str(step_dir), f"incomplete checkpoint (no {META_FILE}); "
                           "resume from an earlier step folder or set resume_from_checkpoint=false")
-    return json.loads(meta_file.read_text())
+    try:
+        return json.loads(meta_file.read_text())
+    except ValueError:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), f"{meta_file} is damaged (not valid JSON); "
+                          "resume from an earlier step folder or set resume_from_checkpoint=false") from None
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
@@ -236,12 +316,19 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, ema: Any = No
     """All ranks must call this. Restores engine, RNG and EMA state; returns the checkpoint's metadata."""
     meta = read_meta(step_dir)
     meta["changed_keys"] = check_compatible(meta, cfg, dist.world_size, step_dir)
-    path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)
+    try:
+        path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)
+        rank_state = torch.load(step_dir / f"rank_{dist.rank}.pt", weights_only=False) if path is not None else None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        path, reason = None, f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    else:
+        reason = ""
     if path is None:
-        raise ConfigError("resume_from_checkpoint", str(step_dir), "DeepSpeed could not read this checkpoint; "
-                          "resume from another step folder or set resume_from_checkpoint=false")
-    rank_state = torch.load(step_dir / f"rank_{dist.rank}.pt", weights_only=False)
+        previous = _intact_before(str(step_dir.parent), int(meta["global_step"]))
+        fix = f"resume_from_checkpoint={previous}" if previous else "resume_from_checkpoint=false"
+        raise ConfigError("resume_from_checkpoint", str(step_dir), f"DeepSpeed could not read this checkpoint{reason}; "
+                          f"resume from the previous complete step with {fix}")
     set_rng_state(rank_state["rng"])
     if ema is not None:
         ema.load_state_dict(rank_state["ema"])

@@ -6,15 +6,20 @@ them unconditionally and rank discipline lives here alone.
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tqdm import tqdm
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.errors import ConfigError
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -28,6 +33,52 @@ def peak_memory_mb() -> dict[str, float]:
     return stats
 
 
+def wandb_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why wandb's server cannot be reached from here (None when it can): a TCP connect to its host.
+    Without this, an online `wandb.init` on a machine without network retries for about two minutes."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"cannot reach {url.hostname}:{port} ({err.strerror or err})"
+    return None
+
+
+def wandb_mode(cfg: Config) -> tuple[str | None, str | None]:
+    """(mode for wandb.init, notice for the log). `offline: true` and an explicit WANDB_MODE are
+    obeyed; otherwise an unreachable server means offline mode, said once, instead of a hang."""
+    if cfg.offline:
+        return "offline", None
+    if os.environ.get("WANDB_MODE"):
+        return None, None  # wandb reads it itself
+    reason = wandb_unreachable()
+    if reason is None:
+        return "online", None
+    return "offline", (f"wandb: {reason}; logging offline to {Path(cfg.output_dir) / 'wandb'} instead "
+                       "(upload later with `wandb sync`; set offline: true or WANDB_MODE=offline to skip this check)")
+
+
+def start_wandb(cfg: Config) -> Any:
+    """Rank 0. A wandb run, or ConfigError (one line) with nothing of this attempt left on disk."""
+    import wandb
+
+    mode, notice = wandb_mode(cfg)
+    if notice:
+        print(f"ds-diffusers: {notice}", file=sys.stderr, flush=True)
+    wandb_dir = Path(cfg.output_dir) / "wandb"
+    existed = wandb_dir.exists()
+    try:
+        return wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, entity=cfg.wandb.entity, name=cfg.wandb.name,
+                          dir=cfg.output_dir, config=cfg.model_dump(), mode=mode)
+    except Exception as err:  # wandb raises its own types (UsageError, CommError, ...) and plain ones
+        if not existed:
+            shutil.rmtree(wandb_dir, ignore_errors=True)
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError("wandb.enabled", True, f"wandb could not start ({type(err).__name__}: {first_line}); run `wandb login` "
+                          "or set WANDB_API_KEY, or log offline with offline: true (or WANDB_MODE=offline)") from None
+
+
 class RunLogger:
     def __init__(self, cfg: Config, *, is_main: bool, total_steps: int, initial_step: int, monitor: Any = None) -> None:
         self.is_main = is_main
@@ -37,6 +88,9 @@ class RunLogger:
         self.metrics_file = None
         if not is_main:
             return
+        # wandb first: a failed start must not leave logs/ behind, which would block a plain re-run.
+        if cfg.wandb.enabled:
+            self.wandb_run = start_wandb(cfg)
         # One JSON line per optimizer step: the run's history, readable without any logging service.
         metrics_path = Path(cfg.output_dir) / "logs" / "metrics.jsonl"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,13 +99,6 @@ class RunLogger:
         # would take for a non-terminal and silence. Through a pipe, refresh less often.
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True, file=sys.stderr,
                         mininterval=1.0 if sys.stderr.isatty() else 5.0, disable=False)
-        if cfg.wandb.enabled:
-            import wandb
-
-            self.wandb_run = wandb.init(
-                project=cfg.wandb.project, group=cfg.wandb.group, entity=cfg.wandb.entity, name=cfg.wandb.name,
-                dir=cfg.output_dir, config=cfg.model_dump(), mode="offline" if cfg.offline else "online",
-            )
 
     def advance(self) -> None:
         """One optimizer step done; host-side only, so the bar moves every step between log points."""

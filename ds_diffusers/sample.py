@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
-from ds_diffusers.checkpoint import check_writable
 from ds_diffusers.config import Config, load_config, parse_cfg_args
-from ds_diffusers.config.checks import check_model_dir
+from ds_diffusers.config.checks import check_model_dir, check_writable_folder
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
@@ -50,7 +49,7 @@ def prepare(cfg: Config) -> tuple[SamplePlan, list[WeightSource]]:
     check_model_dir(cfg.pretrained_model_name_or_path)
     check_against_model(plan, cfg.pretrained_model_name_or_path)
     sources = resolve_weights(cfg, plan)
-    check_writable(plan.output_dir, "sample.output_dir")
+    check_writable_folder(plan.output_dir, "sample.output_dir")
     return plan, sources
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_diffusers import checkpoint, preemption, validation
+from ds_diffusers import checkpoint, lock, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.checks import fused_adam_unavailable
-from ds_diffusers.data import (build_train_dataloader, check_dataset_size, default_num_workers, load_train_dataset,
-                               num_batches_per_epoch, prepare_caches, resolve_columns, to_device)
-from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
+                               load_train_dataset, num_batches_per_epoch, prepare_caches, resolve_columns, to_device)
+from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
@@ -112,20 +112,22 @@ def train(cfg: Config) -> Path | None:
     # Data problems (missing columns, too few rows) surface before any process group exists.
     hf_dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
     image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
+    missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
 
+    lock.check_not_locked(cfg)
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         checkpoint.check_fresh_start(cfg)
-    checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
-    checkpoint.check_writable(cfg.output_dir, "output_dir")
-    if cfg.cache_latents or cfg.cache_text_embeddings:
-        checkpoint.check_writable(cfg.cache_dir, "cache_dir")
 
     dist = init_distributed()
+    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
+    # The folders are created here, with their locks, once every check of the input has passed.
+    refusal = broadcast_from_main(lock.lock_run_folders(cfg) if dist.is_main else None)
+    if refusal is not None:
+        raise refusal
     if resume_from is None and dist.is_main:
         checkpoint.clear_previous_run(cfg)
     barrier()
-    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -147,6 +149,7 @@ def train(cfg: Config) -> Path | None:
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
         latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
+        skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
@@ -182,6 +185,8 @@ def train(cfg: Config) -> Path | None:
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
+    if missing_images:
+        logger.message(f"skipping {len(missing_images)} row(s) whose image file is missing (skip_bad_images), first: row {missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
@@ -273,6 +278,8 @@ def train(cfg: Config) -> Path | None:
         export_model(engine.module, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
                      rank=dist.rank, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
     barrier()
+    if dataset.bad_rows():
+        logger.message(f"skipped {len(dataset.bad_rows())} unreadable or missing image row(s) on rank 0 (skip_bad_images): {dataset.bad_rows()[:20]}")
     logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
     logger.close()
     return exported
@@ -304,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         together = True
         return preemption.EXIT_PREEMPTED
     finally:
+        lock.release_all()
         # Not after other errors: one rank may have failed alone, and its peers, waiting in a
         # collective, would never reach the teardown's barrier (the launcher ends them instead).
         if together:

@@ -122,6 +122,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_assets, tmp_path):
     resumed = launch(overrides + ["resume_from_checkpoint=latest"])
     assert_ok(resumed)
     assert "resumed from" in resumed.stdout + resumed.stderr and "at step 3" in resumed.stdout + resumed.stderr
+    assert "taking over the stale lock" in resumed.stdout + resumed.stderr  # the killed rank 0 could not release it
     assert (checkpoints / "latest").read_text() == "step_9"
     # steps 4-6 are repeated (the ones since the last complete checkpoint), nothing else
     logged = [json.loads(line)["step"] for line in (tmp_path / "model" / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -115,8 +115,11 @@ def test_load_config_reports_bad_json_and_missing_file(tmp_path):
 
 def _environment_cfg(tmp_path: Path, **changes):
     model = tmp_path / "model"
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                      ("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")):
         (model / sub).mkdir(parents=True)
+        (model / sub / name).write_text("{}")
+        (model / sub / "model.safetensors").write_bytes(b"")
     (tmp_path / "data").mkdir()
     raw = with_changes(pretrained_model_name_or_path=str(model), dataset_dir=str(tmp_path / "data"),
                        output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ckpt"),

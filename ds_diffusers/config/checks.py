@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from ds_diffusers.config.optimizers import check_optimizer_backend, check_optimizer_block
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
@@ -42,6 +45,14 @@ def check_consistency(cfg: Config) -> None:
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", True, "a random crop (center_crop: false) picks a new window every epoch, which "
                           "one cached encoding per image cannot hold; set center_crop: true or cache_latents: false")
+    if cfg.seed > 2**63 - 1:
+        raise ConfigError("seed", cfg.seed, "torch seeds are 64-bit; use a seed below 2**63")
+    if cfg.use_lora.action and cfg.use_lora.init == "loftq":
+        raise ConfigError("use_lora.init", "loftq", "LoftQ needs a quantized base and a loftq_config, which ds-diffusers does not "
+                          "set up; use true, false, \"gaussian\", \"pissa\" or \"olora\"")
+    if cfg.skip_bad_images and cfg.cache_latents:
+        raise ConfigError("skip_bad_images", True, "cannot be combined with cache_latents (a cached row has no image to "
+                          "replace); fix or remove the unreadable images, or set cache_latents: false")
     if cfg.use_ema and cfg.use_lora.action:
         raise ConfigError("use_ema", True, "EMA of LoRA adapters is not supported; set use_ema false or use_lora.action false")
     _check_optimizer(cfg)
@@ -53,6 +64,7 @@ def check_consistency(cfg: Config) -> None:
 
 def _check_optimizer(cfg: Config) -> None:
     params = cfg.optimizer.params
+    check_optimizer_block(cfg.optimizer.type, params)
     lr = params.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
         raise ConfigError("optimizer.params.lr", lr, "set a positive learning rate, e.g. 1e-4")
@@ -90,27 +102,83 @@ def _check_scheduler(cfg: Config) -> None:
         raise ConfigError("scheduler.params.warmup_type", warmup_type, "use 'log' or 'linear'")
 
 
+# What `from_pretrained` reads from each part of a diffusers model folder: a config, and weights
+# (single-file, sharded with an index, or a precision variant).
+_MODEL_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json", "tokenizer": None}
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
+
+
 def check_model_dir(value: str) -> None:
     path = Path(value)
     if not path.is_dir():
         raise ConfigError("pretrained_model_name_or_path", value,
                           "no such folder; point it at a local diffusers model folder (with model_index.json), "
                           "e.g. a downloaded stable-diffusion-v1-5, or run `python -m ds_diffusers.embedded` for the tiny default")
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+    missing = [sub for sub in _MODEL_PARTS if not (path / sub).is_dir()]
     if missing:
         raise ConfigError("pretrained_model_name_or_path", value,
                           f"not a diffusers model folder (no {', '.join(missing)} subfolder); use the folder that holds model_index.json")
+    for sub, config_name in _MODEL_PARTS.items():
+        if config_name is not None:
+            config_file = path / sub / config_name
+            try:
+                json.loads(config_file.read_text())
+            except (OSError, ValueError) as err:
+                reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
+                raise ConfigError("pretrained_model_name_or_path", value, f"{config_file} is {reason}; download or copy the model again")
+        if sub in ("unet", "vae", "text_encoder") and not any(next((path / sub).glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+            raise ConfigError("pretrained_model_name_or_path", value, f"{path / sub} holds no weights (*.safetensors or *.bin); "
+                              "download or copy the model again")
+    if not any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        raise ConfigError("pretrained_model_name_or_path", value, f"{path / 'tokenizer'} holds no vocab.json or tokenizer.json; "
+                          "download or copy the model again")
 
 
-def _check_output_paths(cfg: Config) -> None:
-    for field in ("output_dir", "checkpoint_dir"):
-        value = getattr(cfg, field)
-        path = Path(value)
-        if path.exists() and not path.is_dir():
-            raise ConfigError(field, value, "exists and is a file; choose a folder path (the file is left untouched)")
-        existing_parent = next((p for p in [path, *path.parents] if p.exists()), None)
-        if existing_parent is not None and not existing_parent.is_dir():
-            raise ConfigError(field, value, f"{existing_parent} is a file, so this folder cannot be created; choose another path")
+def check_writable_folder(value: str, field: str) -> None:
+    """The folder exists and takes a file, or can be created; creates nothing (a rejected run leaves
+    the disk as it was; the run itself makes its folders once every check has passed)."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, value, "exists and is a file; choose a folder path (the file is left untouched)")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(field, value, f"{existing} is a file, so this folder cannot be created; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(field, value, f"cannot write in {existing} (permission denied); choose a writable folder")
+    if shutil.disk_usage(existing).free < 2**20:
+        raise ConfigError(field, value, f"no space left on {existing}; free space or choose another disk")
+
+
+def _check_file_target(value: str, field: str) -> None:
+    """A file DeepSpeed opens for writing without creating its folder (the flops profiler's)."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(field, value, "is a folder; give a file path, e.g. outputs/flops.txt")
+    if not path.absolute().parent.is_dir():
+        raise ConfigError(field, value, f"its folder {path.absolute().parent} does not exist; create it or use null (print to the log)")
+    check_writable_folder(str(path.absolute().parent), field)
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Every `use_lora.target_modules` entry names a module of this UNet, matched as peft matches a
+    name (the whole name or its dotted suffix); the UNet is built from its config on the meta device
+    (no weights read). peft itself only fails when nothing at all matches."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet_config = UNet2DConditionModel.load_config(cfg.pretrained_model_name_or_path, subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    names = [name for name, _ in unet.named_modules() if name]
+    if not cfg.use_lora.target_modules:
+        raise ConfigError("use_lora.target_modules", [], "name at least one UNet module, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]")
+    for target in cfg.use_lora.target_modules:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "attn" in name} | {"to_out.0"})
+            close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else "use e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]"
+            raise ConfigError("use_lora.target_modules", target, f"matches no module of the UNet; {hint}")
 
 
 def check_environment(cfg: Config) -> None:
@@ -119,7 +187,18 @@ def check_environment(cfg: Config) -> None:
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")
-    _check_output_paths(cfg)
+    for field in ("output_dir", "checkpoint_dir"):
+        check_writable_folder(getattr(cfg, field), field)
+    if cfg.cache_latents or cfg.cache_text_embeddings:
+        check_writable_folder(cfg.cache_dir, "cache_dir")
+    for field in ("tensorboard", "csv_monitor"):
+        block = getattr(cfg, field)
+        if block.enabled and block.output_path:
+            check_writable_folder(block.output_path, f"{field}.output_path")
+    if cfg.flops_profiler.enabled and cfg.flops_profiler.output_file:
+        _check_file_target(cfg.flops_profiler.output_file, "flops_profiler.output_file")
+    if cfg.use_lora.action:
+        check_lora_targets(cfg)
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -137,6 +216,14 @@ def check_environment(cfg: Config) -> None:
         block = getattr(cfg.zero_optimization, name)
         if block.device == "nvme" and block.nvme_path and not Path(block.nvme_path).is_dir():
             raise ConfigError(f"zero_optimization.{name}.nvme_path", block.nvme_path, "no such folder; create it on a local NVMe disk")
+        if block.device == "nvme" and block.nvme_path:
+            check_writable_folder(block.nvme_path, f"zero_optimization.{name}.nvme_path")
+            aio = accelerator.create_op_builder("AsyncIOBuilder")
+            if aio is None or not aio.is_compatible(verbose=False):
+                raise ConfigError(f"zero_optimization.{name}.device", "nvme", "DeepSpeed's async_io op cannot be built here "
+                                  "(it needs libaio: apt install libaio-dev, then reinstall deepspeed); use cpu offload instead")
+    offloads = resolve_offload_device(cfg.zero_optimization.offload_optimizer.device) != "none"
+    check_optimizer_backend(cfg.optimizer.type, cfg.optimizer.params, offloads, accelerator.device_name())
 
 
 def fused_adam_unavailable(accelerator: Any) -> str | None:

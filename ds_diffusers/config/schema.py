@@ -148,6 +148,7 @@ class Config(Block):
     center_crop: bool = False
     random_flip: bool = False
     dataloader_num_workers: Optional[int] = Field(None, ge=0)  # None = min(8, CPUs available - 1)
+    skip_bad_images: bool = False  # skip (and report) unreadable/missing images instead of stopping
     # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
     cache_latents: bool = False
     cache_text_embeddings: bool = False

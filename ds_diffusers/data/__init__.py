@@ -10,6 +10,7 @@ from ds_diffusers.data.dataset import (
     num_batches_per_epoch,
     to_device,
 )
+from ds_diffusers.data.decode import check_image_files, open_image
 from ds_diffusers.data.loading import CAPTION_COLUMN_CANDIDATES, load_train_dataset, resolve_columns
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
@@ -23,11 +24,13 @@ __all__ = [
     "ShardedEpochSampler",
     "build_train_dataloader",
     "check_dataset_size",
+    "check_image_files",
     "choose_caption",
     "collate_examples",
     "default_num_workers",
     "load_train_dataset",
     "num_batches_per_epoch",
+    "open_image",
     "prepare_caches",
     "preprocess_image",
     "resize_shorter_side",

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.data.decode import open_image, undecoded
 from ds_diffusers.data.transforms import preprocess_image
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
 from ds_diffusers.errors import ConfigError
@@ -142,13 +143,14 @@ def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list
 def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Dataset, image_column: str,
                              rows: list[int], cfg: Config, progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
     """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host."""
-    images = hf_dataset.select_columns([image_column])
+    images = undecoded(hf_dataset.select_columns([image_column]), image_column)
     vae = frozen.vae
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in (("parameters", "flipped") if cfg.random_flip else ("parameters",))}
     for start in range(0, len(rows), cfg.train_micro_batch_size_per_gpu):
         chunk = rows[start:start + cfg.train_micro_batch_size_per_gpu]
         # A centre crop without flip draws nothing from the generator; the flip is applied below.
-        pixels = torch.stack([preprocess_image(images[row][image_column], cfg.resolution, True, False, torch.Generator())
+        pixels = torch.stack([preprocess_image(open_image(images[row][image_column], row=row, image_column=image_column,
+                                                          resolution=cfg.resolution), cfg.resolution, True, False, torch.Generator())
                               for row in chunk]).to(vae.device, vae.dtype)
         outputs["parameters"].append(vae.encode(pixels).latent_dist.parameters.cpu())
         if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import datasets
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ds_diffusers.data.decode import BadImageLog, first_readable, undecoded
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.data.transforms import choose_caption, preprocess_image
@@ -27,14 +29,22 @@ class CaptionedImageDataset(Dataset):
     Caption choice, crop offset and flip come from a generator seeded with (seed, epoch, index),
     so a sample is the same whatever the worker count or order, and again after a resume. The
     cached path draws from it in the same order, so it picks the same caption and flip.
+
+    With `skip_bad_images`, an unreadable image's row is replaced by the next readable row
+    (`decode.first_readable`); `bad_rows()` lists the rows skipped so far, in every worker.
     """
 
     def __init__(self, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
                  tokenizer: PreTrainedTokenizerBase, resolution: int, center_crop: bool,
                  random_flip: bool, seed: int, epoch: int = 0, latent_cache: Optional[LatentCache] = None,
-                 text_cache: Optional[TextCache] = None) -> None:
-        # Decode only the columns needed: with cached latents the images are never read.
-        self.rows = hf_dataset.select_columns([caption_column] if latent_cache else [image_column, caption_column])
+                 text_cache: Optional[TextCache] = None, skip_bad_images: bool = False,
+                 known_bad_rows: Sequence[int] = ()) -> None:
+        # Decode only the columns needed: with cached latents the images are never read. Images are
+        # decoded here rather than by `datasets`, so that a failure names its file and row.
+        columns = [caption_column] if latent_cache else [image_column, caption_column]
+        rows = hf_dataset.select_columns(columns)
+        self.rows = rows if latent_cache else undecoded(rows, image_column)
+        self.bad_log = BadImageLog(len(hf_dataset), list(known_bad_rows)) if skip_bad_images else None
         self.latent_cache = latent_cache
         self.text_cache = text_cache
         self.image_column = image_column
@@ -58,19 +68,24 @@ class CaptionedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def bad_rows(self) -> list[int]:
+        return self.bad_log.rows() if self.bad_log is not None else []
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         generator = seeded_generator(self.seed, self.epoch, index)
-        row = self.rows[index]
-        caption = choose_caption(row[self.caption_column], generator, row=index)
+        if self.latent_cache is None:
+            source, row, image = first_readable(self.rows, self.image_column, index, self.resolution, self.bad_log)
+        else:
+            source, row, image = index, self.rows[index], None
+        caption = choose_caption(row[self.caption_column], generator, row=source)
         example: dict[str, Any] = {"index": index}
         if self.latent_cache is not None:
             # The cache holds centre crops only (a random crop is refused), so the flip is the one draw.
             flipped = self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
             example["latent_parameters"] = self.latent_cache.parameters(index, flipped)
         else:
-            example["pixel_values"] = preprocess_image(row[self.image_column], self.resolution, self.center_crop,
-                                                       self.random_flip, generator)
+            example["pixel_values"] = preprocess_image(image, self.resolution, self.center_crop, self.random_flip, generator)
         if self.text_cache is not None:
             example["encoder_hidden_states"] = self.text_cache.hidden_states(caption)
         else:
@@ -106,12 +121,14 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            random_flip: bool, seed: int, micro_batch_size: int, num_workers: int,
                            rank: int, world_size: int, latent_cache: Optional[LatentCache] = None,
                            text_cache: Optional[TextCache] = None, pin_memory: bool = False,
+                           skip_bad_images: bool = False, known_bad_rows: Sequence[int] = (),
                            ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch.
     `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously."""
     check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
-                                    center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache)
+                                    center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache,
+                                    skip_bad_images=skip_bad_images, known_bad_rows=known_bad_rows)
     sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
     loader = DataLoader(
         dataset,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ds_diffusers.data.decode import to_rgb8
 from ds_diffusers.errors import ConfigError
 
 
@@ -39,10 +40,10 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
 
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                      generator: torch.Generator) -> torch.Tensor:
-    """RGB, resize shorter side, crop to resolution², maybe flip, normalise: FloatTensor [3,R,R]."""
+    """8-bit RGB, resize shorter side, crop to resolution², maybe flip, normalise: FloatTensor [3,R,R]."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-    image = resize_shorter_side(image.convert("RGB"), resolution)
+    image = resize_shorter_side(to_rgb8(image), resolution)
     top, left = crop_offsets(image.width, image.height, resolution, center_crop, generator)
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and float(torch.rand(1, generator=generator)) < 0.5:

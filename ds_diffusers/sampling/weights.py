@@ -10,6 +10,8 @@ lora      the base UNet plus peft adapters: the `sample.loras` files, or the tra
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,31 @@ def _find_lora(path: Path) -> Path | None:
     return next((place for place in _lora_places(path) if place.is_file()), None)
 
 
+def check_lora_file(path: Path, field: str, value: object) -> None:
+    """A readable safetensors file holding LoRA tensors, checked from its header alone (no tensor is
+    read): a truncated copy or a full UNet file given as a LoRA fails here, naming the file, rather
+    than as a traceback once the models are loaded."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(handle.read(header_len))
+        tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ConfigError(field, value, f"{path} is not a readable safetensors file ({err}); export the LoRA again "
+                          "(python -m ds_diffusers.export) or copy it again") from None
+    if 8 + header_len + end > size:
+        raise ConfigError(field, value, f"{path} is truncated ({size} bytes, its header needs {8 + header_len + end}); "
+                          "copy or export it again")
+    if not any("lora" in name.lower() for name in tensors):
+        example = next(iter(tensors), "no tensors at all")
+        raise ConfigError(field, value, f"{path} holds no LoRA weights ({len(tensors)} tensors such as '{example}'; "
+                          "a full UNet's weights belong in a model folder, sampled as tuned); give a LoRA file")
+
+
 def _missing(field: str, value: object, places: list[Path], fix: str) -> ConfigError:
     return ConfigError(field, value, f"no weight file found; looked in {', '.join(str(place) for place in places)}; {fix}")
 
@@ -68,6 +95,7 @@ def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
         if kind == "full" and _has_unet(full):
             return WeightSource("tuned", str(full))
         if kind == "lora" and lora.is_file():
+            check_lora_file(lora, "sample.weights", "tuned")
             return WeightSource("tuned", baseline.unet_dir, (LoraFile(str(lora), 1.0),))
     places = {"full": [full / "config.json", *_unet_places(full)], "lora": [lora]}
     raise _missing("sample.weights", "tuned", [place for kind in kinds for place in places[kind]],
@@ -88,6 +116,7 @@ def _lora(cfg: Config, plan: SamplePlan, baseline: WeightSource) -> WeightSource
         if not path.is_file():
             raise _missing("sample.weights", "lora", [path], "train with use_lora.action true, or list LoRA files "
                            "in sample.loras ([{\"path\": ..., \"weight\": 1.0}])")
+        check_lora_file(path, "sample.weights", "lora")
         return WeightSource("lora", baseline.unet_dir, (LoraFile(str(path), plan.lora_scale),))
     files = []
     for index, entry in enumerate(plan.loras):
@@ -95,13 +124,14 @@ def _lora(cfg: Config, plan: SamplePlan, baseline: WeightSource) -> WeightSource
         if found is None:
             raise _missing(f"sample.loras[{index}].path", entry.path, _lora_places(Path(entry.path)),
                            "give a .safetensors LoRA file or a folder holding pytorch_lora_weights.safetensors")
+        check_lora_file(found, f"sample.loras[{index}].path", entry.path)
         files.append(LoraFile(str(found), entry.weight * plan.lora_scale))
     return WeightSource("lora", baseline.unet_dir, tuple(files))
 
 
 def resolve_weights(cfg: Config, plan: SamplePlan) -> list[WeightSource]:
     """One source per name in `plan.weights`, in that order; ConfigError naming every place looked
-    at when a file is missing. Reads nothing but file names."""
+    at when a file is missing, or the LoRA file that is damaged or no LoRA. Reads no tensor."""
     baseline = _baseline(cfg)  # the LoRA weights sit on the base UNet, so it must exist in any case
     sources = []
     for name in plan.weights:

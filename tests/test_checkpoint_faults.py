@@ -1,0 +1,94 @@
+"""Checkpoint faults without processes: a full disk during a save, truncated files in the newest
+checkpoint (named, with the previous complete step to resume from)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_diffusers import checkpoint
+from ds_diffusers.distributed import DistInfo
+from ds_diffusers.errors import ConfigError, TrainingError
+from tests.test_checkpoint_unit import make_cfg as unit_cfg
+
+DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def make_cfg(tmp_path, **changes):
+    unet_config = tmp_path / "model" / "unet" / "config.json"
+    unet_config.parent.mkdir(parents=True, exist_ok=True)
+    unet_config.write_text("{}")
+    return unit_cfg(tmp_path, pretrained_model_name_or_path=str(tmp_path / "model"), **changes)
+
+
+class FakeEngine:
+    """Writes a DeepSpeed-like model-states file; `fail` is raised after the first bytes are out."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, **_):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.ones(4)}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+        if self.fail is not None:
+            raise self.fail
+
+
+def save(cfg, step, engine=None):
+    return checkpoint.save(engine or FakeEngine(), cfg, DIST, step, {"epoch": 0, "samples_in_epoch": step})
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024"),
+    OSError(28, "No space left on device"),
+    None,  # the injected fault, as the integration tests and users reproducing it use it
+])
+def test_full_disk_during_save_names_the_disk_and_removes_the_partial_folder(tmp_path, monkeypatch, failure):
+    cfg = make_cfg(tmp_path)
+    save(cfg, 3)
+    if failure is None:
+        monkeypatch.setenv(checkpoint.FAULT_ENV, "enospc_during_save:6")
+    with pytest.raises(TrainingError) as info:
+        save(cfg, 6, FakeEngine(failure))
+    message = str(info.value)
+    assert f"no space left on {tmp_path / 'ckpt'}" in message and "still names step_3" in message and "\n" not in message
+    assert not (tmp_path / "ckpt" / "step_6").exists()
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_3"
+    assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "rank_0.pt", checkpoint.META_FILE])
+def test_truncated_newest_checkpoint_is_named_and_latest_falls_back(tmp_path, capsys, victim):
+    cfg = make_cfg(tmp_path)
+    for step in (3, 6):
+        save(cfg, step)
+    assert checkpoint.damaged_file(tmp_path / "ckpt" / "step_6") is None
+    damaged = tmp_path / "ckpt" / "step_6" / victim
+    truncate(damaged)
+    assert checkpoint.damaged_file(tmp_path / "ckpt" / "step_6") == damaged
+
+    assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
+    warning = capsys.readouterr().err
+    assert f"{damaged} is damaged" in warning and "resuming from the previous complete checkpoint" in warning
+
+    explicit = str(tmp_path / "ckpt" / "step_6")
+    with pytest.raises(ConfigError) as info:
+        checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint=explicit))
+    assert str(damaged) in info.value.fix and f"resume_from_checkpoint={tmp_path / 'ckpt' / 'step_3'}" in info.value.fix
+
+
+def test_damaged_only_checkpoint_says_to_start_again(tmp_path):
+    cfg = make_cfg(tmp_path)
+    save(cfg, 3)
+    (tmp_path / "ckpt" / "step_3" / "rank_0.pt").unlink()
+    with pytest.raises(ConfigError) as info:
+        checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    assert "rank_0.pt is damaged" in info.value.fix and "no earlier complete step" in info.value.fix
+    assert json.loads((tmp_path / "ckpt" / "step_3" / checkpoint.META_FILE).read_text())["global_step"] == 3
