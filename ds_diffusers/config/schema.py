@@ -60,7 +60,9 @@ class OptimizerCfg(Block):
 
 
 class SchedulerCfg(Block):
-    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "none"] = "WarmupLR"
+    # DeepSpeed's names (the seed's) and diffusers' get_scheduler names; see config/schedules.py.
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "constant", "constant_with_warmup", "linear", "cosine",
+                  "cosine_with_restarts", "polynomial", "none"] = "WarmupLR"
     params: dict[str, Any] = {}
 
 
@@ -146,6 +148,7 @@ class Config(Block):
     center_crop: bool = False
     random_flip: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)  # probability a sample trains on the empty prompt
     # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
     cache_latents: bool = False
     cache_text_embeddings: bool = False

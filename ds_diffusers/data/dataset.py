@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
-from ds_diffusers.data.transforms import choose_caption, preprocess_image
+from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image
 from ds_diffusers.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,15 +23,16 @@ class CaptionedImageDataset(Dataset):
     """Row `index` -> {"pixel_values", "input_ids", "index"}; with a latent cache "latent_parameters"
     replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids".
 
-    Caption choice, crop offset and flip come from a generator seeded with (seed, epoch, index),
-    so a sample is the same whatever the worker count or order, and again after a resume. The
-    cached path draws from it in the same order, so it picks the same caption and flip.
+    Caption choice, caption dropout, crop offset and flip come from a generator seeded with
+    (seed, epoch, index), so a sample is the same whatever the worker count or order, and again
+    after a resume. The cached path draws from it in the same order, so it picks the same caption,
+    drops the same captions and flips the same images.
     """
 
     def __init__(self, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
                  tokenizer: PreTrainedTokenizerBase, resolution: int, center_crop: bool,
                  random_flip: bool, seed: int, epoch: int = 0, latent_cache: Optional[LatentCache] = None,
-                 text_cache: Optional[TextCache] = None) -> None:
+                 text_cache: Optional[TextCache] = None, caption_dropout: float = 0.0) -> None:
         # Decode only the columns needed: with cached latents the images are never read.
         self.rows = hf_dataset.select_columns([caption_column] if latent_cache else [image_column, caption_column])
         self.latent_cache = latent_cache
@@ -43,6 +44,7 @@ class CaptionedImageDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.caption_dropout = caption_dropout
         # A shared-memory tensor, not an int: persistent DataLoader workers hold their own copy of
         # this object, and only shared memory lets set_epoch in the main process reach them.
         self._epoch = torch.tensor([epoch], dtype=torch.long).share_memory_()
@@ -62,6 +64,9 @@ class CaptionedImageDataset(Dataset):
         generator = seeded_generator(self.seed, self.epoch, index)
         row = self.rows[index]
         caption = choose_caption(row[self.caption_column], generator, row=index)
+        # Drawn only when dropout is on, so runs without it keep their streams (and caches) unchanged.
+        if self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout:
+            caption = EMPTY_PROMPT  # what classifier-free guidance contrasts the prompt with
         example: dict[str, Any] = {"index": index}
         if self.latent_cache is not None:
             # The cache holds centre crops only (a random crop is refused), so the flip is the one draw.
@@ -104,12 +109,13 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            tokenizer: PreTrainedTokenizerBase, *, resolution: int, center_crop: bool,
                            random_flip: bool, seed: int, micro_batch_size: int, num_workers: int,
                            rank: int, world_size: int, latent_cache: Optional[LatentCache] = None,
-                           text_cache: Optional[TextCache] = None,
+                           text_cache: Optional[TextCache] = None, caption_dropout: float = 0.0,
                            ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch."""
     check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
-                                    center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache)
+                                    center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache,
+                                    caption_dropout=caption_dropout)
     sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
     loader = DataLoader(
         dataset,
