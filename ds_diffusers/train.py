@@ -21,6 +21,7 @@ import torch
 
 from ds_diffusers import checkpoint, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
+from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
                                resolve_columns)
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown_distributed
@@ -121,7 +122,7 @@ def train(cfg: Config) -> Path | None:
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
     unet = build_unet(cfg)
-    groups, lr_scales = param_groups(unet, cfg)
+    groups, _ = param_groups(unet, cfg)
     num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
 
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
@@ -129,19 +130,19 @@ def train(cfg: Config) -> Path | None:
         hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=cfg.dataloader_num_workers, rank=dist.rank, world_size=dist.world_size,
-        latent_cache=latent_cache, text_cache=text_cache,
+        latent_cache=latent_cache, text_cache=text_cache, caption_dropout=cfg.caption_dropout,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, total_steps=plan.total_steps,
-                                    accelerator_name=get_accelerator().device_name(), group_lr_scales=lr_scales)
+    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=get_accelerator().device_name())
     if dist.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config)
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config,
+                                                      lr_scheduler=lr_scheduler_factory(cfg, plan.total_steps))
     if dist.world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
         # Averaging gradients over one rank changes nothing, but the stage-0 engine would still
         # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their
