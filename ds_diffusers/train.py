@@ -23,7 +23,7 @@ from ds_diffusers import checkpoint, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, load_train_dataset, num_batches_per_epoch, prepare_caches,
-                               resolve_columns)
+                               resolve_columns, select_train_samples)
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
@@ -31,6 +31,7 @@ from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import DTYPES, build_unet, load_frozen_components, param_groups
 from ds_diffusers.objective import diffusion_loss, encode_batch
+from ds_diffusers.quiet import quiet_known_notices
 
 
 class Preempted(Exception):
@@ -39,23 +40,31 @@ class Preempted(Exception):
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Run length in optimizer steps; `max_train_steps` wins over `num_epochs` when set."""
+    """Run length in optimizer steps; `max_train_steps` wins over `num_epochs` when set.
+
+    An accumulation window never spans two epochs: the last micro-batches of an epoch, fewer than
+    `gradient_accumulation_steps`, still make an optimizer step (as accelerate does in diffusers'
+    script). Windows are placed by the position in the epoch, which a checkpoint stores, so a
+    resumed run cuts them in the same places."""
 
     batches_per_epoch: int
-    steps_per_epoch: float
+    accumulation_steps: int
+    steps_per_epoch: int
     total_steps: int
     num_epochs: int
 
     @classmethod
     def from_config(cls, cfg: Config, dataset_len: int, world_size: int) -> "RunPlan":
         batches = num_batches_per_epoch(dataset_len, cfg.train_micro_batch_size_per_gpu, world_size)
-        steps_per_epoch = batches / cfg.gradient_accumulation_steps
-        if cfg.max_train_steps:
-            total = cfg.max_train_steps
-        else:
-            total = max(1, math.floor(cfg.num_epochs * steps_per_epoch))
-        epochs = math.ceil(total * cfg.gradient_accumulation_steps / batches)
-        return cls(batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
+        steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+        total = cfg.max_train_steps or cfg.num_epochs * steps_per_epoch
+        epochs = math.ceil(total / steps_per_epoch)
+        return cls(batches_per_epoch=batches, accumulation_steps=cfg.gradient_accumulation_steps,
+                   steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
+
+    def ends_window(self, batch_in_epoch: int) -> bool:
+        """Whether micro-batch `batch_in_epoch` (0-based) is the last of its accumulation window."""
+        return (batch_in_epoch + 1) % self.accumulation_steps == 0 or batch_in_epoch + 1 == self.batches_per_epoch
 
 
 def zero_description(cfg: Config, ds_config: dict) -> str:
@@ -102,7 +111,7 @@ def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int
 
 def train(cfg: Config) -> Path | None:
     # Data problems (missing columns, too few rows) surface before any process group exists.
-    hf_dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
+    hf_dataset = select_train_samples(load_train_dataset(cfg.dataset_dir, cfg.imagefolder), cfg.max_train_samples, cfg.seed)
     image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
 
     resume_from = checkpoint.resume_target(cfg)
@@ -166,6 +175,7 @@ def train(cfg: Config) -> Path | None:
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps")
     compute_dtype = DTYPES[cfg.weight_dtype_name]
     samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
+    samples_per_micro_batch = cfg.train_micro_batch_size_per_gpu * dist.world_size
 
     def unet_forward(noisy_latents, timesteps, encoder_hidden_states):
         return engine(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
@@ -182,9 +192,11 @@ def train(cfg: Config) -> Path | None:
                 run_validation(cfg, dist, frozen, engine, global_step, logger)
                 validated_at = global_step
             continue
+        # Set before the forward: ZeRO reduces gradients in the backward of a window's last micro-batch.
+        engine.set_gradient_accumulation_boundary(plan.ends_window(consumed_in_epoch // samples_per_micro_batch))
         latents, encoder_hidden_states = encode_batch(frozen, batch)
         loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
-                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma, input_perturbation=cfg.input_perturbation)
         loss_value = mean_over_ranks(loss)
         if not math.isfinite(loss_value):
             raise TrainingError(
@@ -194,7 +206,7 @@ def train(cfg: Config) -> Path | None:
         engine.backward(loss)
         at_boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
-        consumed_in_epoch += cfg.train_micro_batch_size_per_gpu * dist.world_size
+        consumed_in_epoch += samples_per_micro_batch
         if not at_boundary:
             continue
         global_step += 1
@@ -243,6 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     preemption.install()  # first: a scheduler's warning signal may come while models still load
     args = parse_args(argv)
+    quiet_known_notices()
     try:
         cfg = load_config(args.cfg, args.overrides)
         check_environment(cfg)
