@@ -29,9 +29,12 @@ def quiet_known_notices() -> None:
     """Call first in an entrypoint, before DeepSpeed is imported."""
     import torch
 
-    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+    from ds_diffusers.devices import gpu_request
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available() and gpu_request(os.environ) is None:
         # Named, DeepSpeed picks the CPU without its "unable to detect a GPU" warning; with an
-        # accelerator present it still detects it itself.
+        # accelerator present it still detects it itself. Where GPUs were requested the CPU is a
+        # fault that devices.check_accelerator_expected reports, so nothing is named for it.
         os.environ["DS_ACCELERATOR"] = "cpu"
     for name, fragments in _HARMLESS.items():
         logging.getLogger(name).addFilter(_DropHarmless(fragments))
