@@ -31,6 +31,7 @@ from ds_diffusers.data import load_train_dataset
 from ds_diffusers.embedded.judge import judge
 from ds_diffusers.embedded.shapes import CAPTION_TEMPLATES, CLASSES
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.sample import prepare, sample
 
 JUDGE_MIN_ACCURACY = 0.95
@@ -116,6 +117,7 @@ def write_report(out: Path, report: dict) -> Path:
 
 def main() -> int:
     args = parse_args()
+    quiet_known_notices()
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = class_prompts(args.templates)

@@ -114,7 +114,16 @@ class RunLogger:
         record = {"step": step, "time": time.time(), **metrics, **peak_memory_mb()}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s")}, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s")}, refresh=False)
+            if step >= self.bar.total:
+                # Closed at the last step, the final bar is printed once: an open bar is printed again
+                # with every later message (validation, checkpoint, done), and close() prints it too.
+                self.bar.n = step
+                self.bar.close()
+                self.bar = None
+            else:
+                self.bar.update(1)
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time")}, step=step)
         if self.monitor is not None:
@@ -123,7 +132,7 @@ class RunLogger:
     def log_images(self, step: int, path: str, prompts: list[str]) -> None:
         if not self.is_main:
             return
-        self.bar.write(f"validation images at step {step}: {path}")
+        self.message(f"validation images at step {step}: {path}")
         if self.wandb_run is not None:
             import wandb
 

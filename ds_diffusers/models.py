@@ -34,16 +34,17 @@ class FrozenComponents:
         return float(self.vae.config.scaling_factor)
 
 
-def _frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def _frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """dtype None: the module was loaded in its dtype (diffusers warns on a `.to(dtype)` cast)."""
     module.requires_grad_(False)
     module.eval()
-    return module.to(device=device, dtype=dtype)
+    return module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
 
 
 def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None) -> FrozenComponents:
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
@@ -51,7 +52,7 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
     return FrozenComponents(
         tokenizer=tokenizer,
         text_encoder=_frozen(text_encoder, device, dtype),
-        vae=_frozen(vae, device, dtype),
+        vae=_frozen(vae, device, None),
         noise_scheduler=noise_scheduler,
     )
 

@@ -43,6 +43,7 @@ def diffusion_loss(
     compute_dtype: torch.dtype,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
+    input_perturbation: float = 0.0,
 ) -> torch.Tensor:
     """Mean-squared error of the UNet's prediction, computed in fp32 whatever the compute dtype."""
     scheduler = frozen.noise_scheduler
@@ -51,9 +52,12 @@ def diffusion_loss(
     if noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn very dark/bright images.
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    # Input perturbation (Ning et al. 2023), as diffusers' script: the noised input uses perturbed
+    # noise, the target stays the unperturbed one. Drawn in the script's order (before the timesteps).
+    input_noise = noise + input_perturbation * torch.randn_like(latents) if input_perturbation else noise
     batch = latents.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=latents.device).long()
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
 
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":

@@ -28,6 +28,7 @@ from ds_diffusers.sampling.outputs import check_complete, gather_records, write_
 from ds_diffusers.sampling.pipeline import weight_pipeline
 from ds_diffusers.sampling.plan import SamplePlan, check_against_model
 from ds_diffusers.sampling.weights import WeightSource, resolve_weights
+from ds_diffusers.quiet import quiet_known_notices
 
 
 def sampling_dtype(cfg: Config) -> torch.dtype:
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_known_notices()
     try:
         cfg = load_config(args.cfg, args.overrides)
         plan, sources = prepare(cfg)

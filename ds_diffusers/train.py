@@ -22,8 +22,10 @@ import torch
 from ds_diffusers import checkpoint, lock, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.checks import fused_adam_unavailable
+from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
-                               load_train_dataset, num_batches_per_epoch, prepare_caches, resolve_columns, to_device)
+                               load_train_dataset, num_batches_per_epoch, prepare_caches, resolve_columns,
+                               select_train_samples, to_device)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
@@ -32,6 +34,7 @@ from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32)
 from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message, skip_nonfinite_steps
 from ds_diffusers.objective import diffusion_loss, encode_batch
+from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.step_window import StepWindow
 
 
@@ -41,23 +44,31 @@ class Preempted(Exception):
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Run length in optimizer steps; `max_train_steps` wins over `num_epochs` when set."""
+    """Run length in optimizer steps; `max_train_steps` wins over `num_epochs` when set.
+
+    An accumulation window never spans two epochs: the last micro-batches of an epoch, fewer than
+    `gradient_accumulation_steps`, still make an optimizer step (as accelerate does in diffusers'
+    script). Windows are placed by the position in the epoch, which a checkpoint stores, so a
+    resumed run cuts them in the same places."""
 
     batches_per_epoch: int
-    steps_per_epoch: float
+    accumulation_steps: int
+    steps_per_epoch: int
     total_steps: int
     num_epochs: int
 
     @classmethod
     def from_config(cls, cfg: Config, dataset_len: int, world_size: int) -> "RunPlan":
         batches = num_batches_per_epoch(dataset_len, cfg.train_micro_batch_size_per_gpu, world_size)
-        steps_per_epoch = batches / cfg.gradient_accumulation_steps
-        if cfg.max_train_steps:
-            total = cfg.max_train_steps
-        else:
-            total = max(1, math.floor(cfg.num_epochs * steps_per_epoch))
-        epochs = math.ceil(total * cfg.gradient_accumulation_steps / batches)
-        return cls(batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
+        steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+        total = cfg.max_train_steps or cfg.num_epochs * steps_per_epoch
+        epochs = math.ceil(total / steps_per_epoch)
+        return cls(batches_per_epoch=batches, accumulation_steps=cfg.gradient_accumulation_steps,
+                   steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
+
+    def ends_window(self, batch_in_epoch: int) -> bool:
+        """Whether micro-batch `batch_in_epoch` (0-based) is the last of its accumulation window."""
+        return (batch_in_epoch + 1) % self.accumulation_steps == 0 or batch_in_epoch + 1 == self.batches_per_epoch
 
 
 def zero_description(cfg: Config, ds_config: dict) -> str:
@@ -110,7 +121,7 @@ def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int
 
 def train(cfg: Config) -> Path | None:
     # Data problems (missing columns, too few rows) surface before any process group exists.
-    hf_dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
+    hf_dataset = select_train_samples(load_train_dataset(cfg.dataset_dir, cfg.imagefolder), cfg.max_train_samples, cfg.seed)
     image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
     missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
 
@@ -139,7 +150,7 @@ def train(cfg: Config) -> Path | None:
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
     unet = build_unet(cfg)
-    groups, lr_scales = param_groups(unet, cfg)
+    groups, _ = param_groups(unet, cfg)
     num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
 
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
@@ -149,18 +160,18 @@ def train(cfg: Config) -> Path | None:
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
         latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
-        skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images,
+        skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
     fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
-    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, total_steps=plan.total_steps,
-                                    accelerator_name=accelerator_name, group_lr_scales=lr_scales,
+    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
                                     fused_adam_ok=fused_adam_problem is None)
     if dist.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config)
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config,
+                                                      lr_scheduler=lr_scheduler_factory(cfg, plan.total_steps))
     if dist.world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
         # Averaging gradients over one rank changes nothing, but the stage-0 engine would still
         # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their
@@ -193,6 +204,7 @@ def train(cfg: Config) -> Path | None:
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
     compute_dtype = DTYPES[cfg.weight_dtype_name]
     samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
+    samples_per_micro_batch = cfg.train_micro_batch_size_per_gpu * dist.world_size
     # channels_last: NHWC latents make cuDNN (and oneDNN) pick NHWC convolution kernels, which follow
     # the input's format. The weights stay contiguous: DeepSpeed's parameter broadcast views them as
     # bytes and ZeRO/bf16 re-point them into flat buffers, both of which need the default layout.
@@ -221,16 +233,19 @@ def train(cfg: Config) -> Path | None:
                 run_validation(cfg, dist, frozen, engine, global_step, logger)
                 validated_at = global_step
             continue
+        # Set before the forward: ZeRO reduces gradients in the backward of a window's last micro-batch.
+        # A window ends every gradient_accumulation_steps micro-batches and at the end of an epoch
+        # (a partial window steps, as with accelerate); everything below the `continue` happens once
+        # per optimizer step.
+        engine.set_gradient_accumulation_boundary(plan.ends_window(consumed_in_epoch // samples_per_micro_batch))
         latents, encoder_hidden_states = encode_batch(frozen, to_device(batch, dist.device))
         loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
-                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma, input_perturbation=cfg.input_perturbation)
         window.add_micro_batch(loss)  # before backward, which may scale the loss (accumulation, fp16)
         engine.backward(loss)
-        # The accumulation boundary is DeepSpeed's to decide (it counts micro-steps); everything
-        # below the `continue` happens once per optimizer step.
         at_boundary = engine.is_gradient_accumulation_boundary()
         engine.step()  # skips (and counts in engine.skipped_steps) an update with nan/inf gradients
-        consumed_in_epoch += cfg.train_micro_batch_size_per_gpu * dist.world_size
+        consumed_in_epoch += samples_per_micro_batch
         if not at_boundary:
             continue
         global_step += 1
@@ -294,6 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     preemption.install()  # first: a scheduler's warning signal may come while models still load
     args = parse_args(argv)
+    quiet_known_notices()
     together = False  # every rank leaves train() at the same point: tearing the group down is safe
     try:
         cfg = load_config(args.cfg, args.overrides)

@@ -42,11 +42,12 @@ def frozen(tiny_assets):
 
 
 def test_cached_examples_equal_the_encoders_with_the_same_caption_and_flip(tiny_assets, tmp_path, frozen):
-    cfg = make_cfg(tiny_assets.model_dir, tiny_assets.dataset_dir, tmp_path / "cache", "random_flip=true")
+    # With caption dropout: the empty prompt is in the text cache and the same samples drop it.
+    cfg = make_cfg(tiny_assets.model_dir, tiny_assets.dataset_dir, tmp_path / "cache", "random_flip=true", "caption_dropout=0.3")
     latent_cache, text_cache, _ = prepare(cfg)
     hf_dataset = load_train_dataset(cfg.dataset_dir, imagefolder=False)
     common = dict(hf_dataset=hf_dataset, image_column="image", caption_column="text", tokenizer=frozen.tokenizer,
-                  resolution=32, center_crop=True, random_flip=True, seed=7)
+                  resolution=32, center_crop=True, random_flip=True, seed=7, caption_dropout=0.3)
     plain = CaptionedImageDataset(**common)
     cached = CaptionedImageDataset(**common, latent_cache=latent_cache, text_cache=text_cache)
     hidden_by_caption = {}
@@ -68,6 +69,8 @@ def test_cached_examples_equal_the_encoders_with_the_same_caption_and_flip(tiny_
             captions_seen.add(tuple(want["input_ids"].tolist()))
     assert flipped_seen == {True, False}, "random_flip must give both orientations from the cache"
     assert any(len(values) > 1 for values in hidden_by_caption.values()), "rows with two captions must not always get the same one"
+    empty_ids = tuple(frozen.tokenizer("", max_length=frozen.tokenizer.model_max_length, padding="max_length").input_ids)
+    assert empty_ids in captions_seen, "caption dropout must reach the cached path too"
 
 
 @pytest.mark.parametrize("kind, change", [

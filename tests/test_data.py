@@ -230,6 +230,35 @@ def test_dataset_caption_depends_only_on_seed_epoch_index(tokenizer):
     assert seen == expected
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2, 1.0])
+def test_caption_dropout_empties_that_fraction_and_leaves_the_other_choices_alone(tokenizer, dropout):
+    """Drawn from the per-(seed, epoch, index) generator after the caption choice, so a resumed or
+    cached run drops exactly the same samples, and kept samples keep the caption they had without dropout."""
+    def dataset(p):
+        return CaptionedImageDataset(in_memory_dataset(), "image", "text", tokenizer, RESOLUTION,
+                                     center_crop=True, random_flip=False, seed=3, caption_dropout=p)
+
+    empty = tuple(tokenizer("", max_length=12, padding="max_length", truncation=True).input_ids)
+    with_dropout, without = dataset(dropout), dataset(0.0)
+    dropped = total = 0
+    epochs = 250 if 0 < dropout < 1 else 20  # p = 0 and 1 are exact; only 0.2 needs many draws
+    for epoch in range(epochs):
+        with_dropout.set_epoch(epoch)
+        without.set_epoch(epoch)
+        for index in range(6):
+            got = tuple(with_dropout[index]["input_ids"].tolist())
+            total += 1
+            if got == empty:
+                dropped += 1
+            else:
+                assert got == tuple(without[index]["input_ids"].tolist())
+    # 1,500 draws: 4 standard deviations of a binomial at p = 0.2 is 0.041.
+    assert abs(dropped / total - dropout) < 0.045, (dropped, total)
+    again = dataset(dropout)
+    again.set_epoch(epochs - 1)
+    assert torch.equal(again[5]["input_ids"], with_dropout[5]["input_ids"])
+
+
 # ---- transforms ----
 
 def test_preprocess_image_shape_dtype_range_and_colour():

@@ -8,10 +8,10 @@ from ds_diffusers.config import to_deepspeed_config, validate_dict
 from tests.test_config import with_changes
 
 
-def translate(world_size=2, total_steps=100, accelerator="cpu", scales=(1.0,), **changes):
+def translate(world_size=2, accelerator="cpu", **changes):
     changes.setdefault("use_fp16", {"enabled": False})
     cfg = validate_dict(with_changes(**changes))
-    return to_deepspeed_config(cfg, world_size=world_size, total_steps=total_steps, accelerator_name=accelerator, group_lr_scales=scales)
+    return to_deepspeed_config(cfg, world_size=world_size, accelerator_name=accelerator)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -58,27 +58,10 @@ def test_optimizer_passthrough_and_cpu_torch_adam():
     assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeedCPUAdam is the point of offload
 
 
-@pytest.mark.parametrize("kind", ["WarmupDecayLR", "WarmupCosineLR"])
-def test_total_steps_filled_from_run_length(kind):
-    ds = translate(total_steps=777, lr_warmup_steps=50, scheduler={"type": kind, "params": {}})
-    assert ds["scheduler"]["type"] == kind
-    assert ds["scheduler"]["params"]["total_num_steps"] == 777
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 50
-
-
-def test_warmup_lr_keeps_explicit_values_and_lr_warmup_steps_fills_gaps():
-    ds = translate()  # seed: warmup_num_steps 1000 given explicitly, lr_warmup_steps 500
-    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 0.0001, "warmup_num_steps": 1000}
-    filled = translate(scheduler={"type": "WarmupLR", "params": {}}, lr_warmup_steps=0)
-    assert filled["scheduler"]["params"]["warmup_num_steps"] == 1  # DeepSpeed rejects 0
-    assert filled["scheduler"]["params"]["warmup_max_lr"] == 1e-4
-    assert "scheduler" not in translate(scheduler={"type": "none"})
-
-
-def test_param_group_scales_become_per_group_lrs():
-    ds = translate(scales=(1.0, 2.0))
-    assert ds["scheduler"]["params"]["warmup_max_lr"] == [0.0001, 0.0002]
-    assert ds["scheduler"]["params"]["warmup_min_lr"] == [0, 0]
+def test_no_deepspeed_scheduler_block():
+    # The schedule is a LambdaLR passed to deepspeed.initialize (tests/test_schedules.py).
+    assert "scheduler" not in translate()
+    assert "scheduler" not in translate(scheduler={"type": "cosine", "params": {}})
 
 
 def test_monitors_profiler_and_clipping_pass_through():

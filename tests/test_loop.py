@@ -98,7 +98,7 @@ def test_fp16_stop_message_does_not_blame_the_loss_scale():
 
 def translate(accelerator: str, fused_adam_ok: bool, **changes) -> dict:
     cfg = validate_dict(with_changes(use_fp16={"enabled": False}, **changes))
-    return to_deepspeed_config(cfg, world_size=1, total_steps=10, accelerator_name=accelerator, fused_adam_ok=fused_adam_ok)
+    return to_deepspeed_config(cfg, world_size=1, accelerator_name=accelerator, fused_adam_ok=fused_adam_ok)
 
 
 def test_cuda_without_buildable_fused_adam_falls_back_to_torch_fused_adamw():

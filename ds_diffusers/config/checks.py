@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_diffusers.config.optimizers import check_optimizer_backend, check_optimizer_block
+from ds_diffusers.config.schedules import check_scheduler
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
@@ -56,7 +57,7 @@ def check_consistency(cfg: Config) -> None:
     if cfg.use_ema and cfg.use_lora.action:
         raise ConfigError("use_ema", True, "EMA of LoRA adapters is not supported; set use_ema false or use_lora.action false")
     _check_optimizer(cfg)
-    _check_scheduler(cfg)
+    check_scheduler(cfg)
     if (cfg.validation_steps or cfg.validation_epochs) and not cfg.validation_prompts:
         raise ConfigError("validation_prompts", [], "validation is on (validation_steps/validation_epochs > 0) but no prompts are given; "
                           "add prompts or set both to 0")
@@ -76,30 +77,6 @@ def _check_optimizer(cfg: Config) -> None:
             re.compile(group.match)
         except re.error as err:
             raise ConfigError(f"optimizer.param_groups[{index}].match", group.match, f"not a valid regular expression ({err})")
-
-
-_SCHEDULER_PARAMS = {
-    "WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"},
-    "WarmupDecayLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "total_num_steps"},
-    "WarmupCosineLR": {"warmup_min_ratio", "warmup_num_steps", "cos_min_ratio", "warmup_type", "total_num_steps"},
-    "none": set(),
-}
-
-
-def _check_scheduler(cfg: Config) -> None:
-    valid = _SCHEDULER_PARAMS[cfg.scheduler.type]
-    for key in cfg.scheduler.params:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else f"{cfg.scheduler.type} takes: {', '.join(sorted(valid)) or 'no params'}"
-            raise ConfigError(f"scheduler.params.{key}", cfg.scheduler.params[key], f"not a parameter of {cfg.scheduler.type}; {hint}")
-    for key, value in cfg.scheduler.params.items():
-        if key.endswith(("_steps", "_lr", "_ratio")) and key != "warmup_type":
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"scheduler.params.{key}", value, "must be a non-negative number")
-    warmup_type = cfg.scheduler.params.get("warmup_type", "log")
-    if warmup_type not in ("log", "linear"):
-        raise ConfigError("scheduler.params.warmup_type", warmup_type, "use 'log' or 'linear'")
 
 
 # What `from_pretrained` reads from each part of a diffusers model folder: a config, and weights

@@ -6,15 +6,10 @@ and precision can be unit-tested without processes.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from ds_diffusers.config.checks import resolve_offload_device
 from ds_diffusers.config.schema import Config, MonitorCfg
-
-# Scheduler params that hold learning rates (scaled per param group) and those that are ratios of
-# each group's own lr (already per group, left alone).
-_LR_PARAMS = ("warmup_min_lr", "warmup_max_lr")
-
 
 def _offload_block(block: Any) -> dict[str, Any] | None:
     device = resolve_offload_device(block.device)
@@ -65,26 +60,6 @@ def optimizer_block(cfg: Config, accelerator_name: str, fused_adam_ok: bool = Tr
     return {"type": cfg.optimizer.type, "params": params}
 
 
-def scheduler_block(cfg: Config, total_steps: int, group_lr_scales: Sequence[float]) -> dict[str, Any] | None:
-    if cfg.scheduler.type == "none":
-        return None
-    params = dict(cfg.scheduler.params)
-    if cfg.lr_warmup_steps:
-        params.setdefault("warmup_num_steps", cfg.lr_warmup_steps)
-    # DeepSpeed rejects 0 warmup steps; 1 step of warmup is the closest to "no warmup".
-    params["warmup_num_steps"] = max(1, int(params.get("warmup_num_steps", 0)))
-    if cfg.scheduler.type in ("WarmupDecayLR", "WarmupCosineLR"):
-        params["total_num_steps"] = max(int(params.get("total_num_steps", 0)) or total_steps, params["warmup_num_steps"] + 1)
-    if cfg.scheduler.type in ("WarmupLR", "WarmupDecayLR"):
-        params.setdefault("warmup_max_lr", cfg.optimizer.params["lr"])
-        if any(scale != 1.0 for scale in group_lr_scales):
-            # WarmupLR writes one lr into every group; per-group lists keep param_groups' lr_scale.
-            for key in _LR_PARAMS:
-                if key in params:
-                    params[key] = [params[key] * scale for scale in group_lr_scales]
-    return {"type": cfg.scheduler.type, "params": params}
-
-
 def _monitor_block(block: MonitorCfg, default_path: str) -> dict[str, Any]:
     return {"enabled": True, "output_path": block.output_path or default_path, "job_name": block.job_name}
 
@@ -93,12 +68,11 @@ def to_deepspeed_config(
     cfg: Config,
     *,
     world_size: int,
-    total_steps: int,
     accelerator_name: str = "cpu",
-    group_lr_scales: Sequence[float] = (1.0,),
     fused_adam_ok: bool = True,
 ) -> dict[str, Any]:
-    """`total_steps` is the number of optimizer steps of the run (fills total_num_steps)."""
+    """No "scheduler" block: the lr schedule is a LambdaLR handed to deepspeed.initialize
+    (`config.schedules.lr_scheduler_factory`)."""
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -114,9 +88,6 @@ def to_deepspeed_config(
         ds["fp16"] = {"enabled": True, **cfg.use_fp16.model_dump(exclude={"enabled"})}
     elif cfg.bf16.enabled:
         ds["bf16"] = {"enabled": True}
-    scheduler = scheduler_block(cfg, total_steps, group_lr_scales)
-    if scheduler is not None:
-        ds["scheduler"] = scheduler
     if cfg.flops_profiler.enabled:
         ds["flops_profiler"] = cfg.flops_profiler.model_dump()
     if cfg.tensorboard.enabled:

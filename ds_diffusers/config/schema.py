@@ -60,7 +60,9 @@ class OptimizerCfg(Block):
 
 
 class SchedulerCfg(Block):
-    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "none"] = "WarmupLR"
+    # DeepSpeed's names (the seed's) and diffusers' get_scheduler names; see config/schedules.py.
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "constant", "constant_with_warmup", "linear", "cosine",
+                  "cosine_with_restarts", "polynomial", "none"] = "WarmupLR"
     params: dict[str, Any] = {}
 
 
@@ -128,7 +130,7 @@ class Config(Block):
     validation_inference_steps: int = Field(25, ge=1)
     validation_guidance_scale: float = Field(7.5, ge=0.0)
     validation_prompts: list[str] = []
-    save_interval: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0 = only at the end
+    save_interval: int = Field(500, ge=0)  # optimizer steps between checkpoints; 0 = only at the end (500 as diffusers')
     checkpoints_total_limit: int = Field(3, ge=1)
     log_every_n_steps: int = Field(10, ge=1)  # optimizer steps between log points (loss, stop signals)
     max_nonfinite_steps: int = Field(10, ge=1)  # nan/inf losses in a row before training stops
@@ -137,6 +139,7 @@ class Config(Block):
     # --- paths (seed keys)
     pretrained_model_name_or_path: str = Field(min_length=1)
     dataset_dir: str = Field(min_length=1)
+    max_train_samples: Optional[int] = Field(None, ge=1)  # train on this many rows (a seeded random subset); null = all
     imagefolder: bool = False
     checkpoint_dir: str = "outputs/checkpoints"
     output_dir: str = "outputs/model"
@@ -149,6 +152,7 @@ class Config(Block):
     random_flip: bool = False
     dataloader_num_workers: Optional[int] = Field(None, ge=0)  # None = min(8, CPUs available - 1)
     skip_bad_images: bool = False  # skip (and report) unreadable/missing images instead of stopping
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)  # probability a sample trains on the empty prompt
     # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
     cache_latents: bool = False
     cache_text_embeddings: bool = False
@@ -160,6 +164,7 @@ class Config(Block):
     ema_update_after_step: int = Field(0, ge=0)
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     noise_offset: float = Field(0.0, ge=0.0)
+    input_perturbation: float = Field(0.0, ge=0.0)  # diffusers' --input_perturbation (0.1 is their suggestion)
     snr_gamma: Optional[float] = Field(None, gt=0.0)
     gradient_checkpointing: bool = False
     # --- kernels (numerics-neutral except allow_tf32)
@@ -171,7 +176,7 @@ class Config(Block):
     bf16: Bf16Cfg = Bf16Cfg()
     train_micro_batch_size_per_gpu: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    gradient_clipping: float = Field(0.0, ge=0.0)  # 0 = no clipping
+    gradient_clipping: float = Field(1.0, ge=0.0)  # 0 = no clipping; 1.0 as diffusers' --max_grad_norm
     optimizer: OptimizerCfg = OptimizerCfg()
     scheduler: SchedulerCfg = SchedulerCfg()
     lr_warmup_steps: int = Field(0, ge=0)

@@ -11,7 +11,7 @@ from ds_diffusers.data.dataset import (
     to_device,
 )
 from ds_diffusers.data.decode import check_image_files, open_image
-from ds_diffusers.data.loading import CAPTION_COLUMN_CANDIDATES, load_train_dataset, resolve_columns
+from ds_diffusers.data.loading import CAPTION_COLUMN_CANDIDATES, load_train_dataset, resolve_columns, select_train_samples
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.data.transforms import choose_caption, preprocess_image, resize_shorter_side
@@ -36,6 +36,7 @@ __all__ = [
     "resize_shorter_side",
     "resolve_columns",
     "seeded_generator",
+    "select_train_samples",
     "shard_length",
     "to_device",
 ]

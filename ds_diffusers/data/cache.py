@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ds_diffusers.config.schema import Config
 from ds_diffusers.data.decode import open_image, undecoded
-from ds_diffusers.data.transforms import preprocess_image
+from ds_diffusers.data.transforms import EMPTY_PROMPT, preprocess_image
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import FrozenComponents
@@ -82,6 +82,7 @@ def text_key(cfg: Config, hf_dataset: datasets.Dataset, caption_column: str) -> 
     return CacheKey("text", {
         "text_encoder": hash_folder(model_dir / "text_encoder"), "tokenizer": hash_folder(model_dir / "tokenizer"),
         "dtype": cfg.weight_dtype_name, "dataset": hf_dataset._fingerprint, "caption_column": caption_column,
+        "with_empty_prompt": True,
     })
 
 
@@ -134,9 +135,10 @@ class TextCache:
 
 
 def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list[str]:
+    """Every caption of the column once, plus the empty prompt that caption dropout trains on."""
     values = hf_dataset.select_columns([caption_column]).with_format("arrow")[:][caption_column].to_pylist()
     flat = (caption for value in values for caption in ([value] if isinstance(value, str) else value))
-    return sorted(set(flat))
+    return sorted({*flat, EMPTY_PROMPT})
 
 
 @torch.no_grad()
@@ -208,7 +210,9 @@ def build_or_reuse(make_key: Callable[[], CacheKey], cfg: Config, dist: DistInfo
             # Rank 0's bar stands for all ranks: each encodes about the same share.
             tensors = encode(items, lambda n: bar.update(n * dist.world_size))
         shard = partial / shard_name(dist.rank, dist.world_size)
-        save_file(tensors, str(shard))
+        # A VAE with mid-block attention returns channels-last posteriors at batch >= 2; safetensors
+        # writes only contiguous tensors.
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(shard))
         os.chmod(shard, 0o644)  # safetensors writes 0600; a shared cache must be readable by the team's other jobs
         barrier()
         if dist.is_main:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ds_diffusers.data.decode import BadImageLog, first_readable, undecoded
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
-from ds_diffusers.data.transforms import choose_caption, preprocess_image
+from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image
 from ds_diffusers.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -26,9 +26,10 @@ class CaptionedImageDataset(Dataset):
     """Row `index` -> {"pixel_values", "input_ids", "index"}; with a latent cache "latent_parameters"
     replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids".
 
-    Caption choice, crop offset and flip come from a generator seeded with (seed, epoch, index),
-    so a sample is the same whatever the worker count or order, and again after a resume. The
-    cached path draws from it in the same order, so it picks the same caption and flip.
+    Caption choice, caption dropout, crop offset and flip come from a generator seeded with
+    (seed, epoch, index), so a sample is the same whatever the worker count or order, and again
+    after a resume. The cached path draws from it in the same order, so it picks the same caption,
+    drops the same captions and flips the same images.
 
     With `skip_bad_images`, an unreadable image's row is replaced by the next readable row
     (`decode.first_readable`); `bad_rows()` lists the rows skipped so far, in every worker.
@@ -38,7 +39,7 @@ class CaptionedImageDataset(Dataset):
                  tokenizer: PreTrainedTokenizerBase, resolution: int, center_crop: bool,
                  random_flip: bool, seed: int, epoch: int = 0, latent_cache: Optional[LatentCache] = None,
                  text_cache: Optional[TextCache] = None, skip_bad_images: bool = False,
-                 known_bad_rows: Sequence[int] = ()) -> None:
+                 known_bad_rows: Sequence[int] = (), caption_dropout: float = 0.0) -> None:
         # Decode only the columns needed: with cached latents the images are never read. Images are
         # decoded here rather than by `datasets`, so that a failure names its file and row.
         columns = [caption_column] if latent_cache else [image_column, caption_column]
@@ -54,6 +55,7 @@ class CaptionedImageDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.caption_dropout = caption_dropout
         # A shared-memory tensor, not an int: persistent DataLoader workers hold their own copy of
         # this object, and only shared memory lets set_epoch in the main process reach them.
         self._epoch = torch.tensor([epoch], dtype=torch.long).share_memory_()
@@ -79,6 +81,9 @@ class CaptionedImageDataset(Dataset):
         else:
             source, row, image = index, self.rows[index], None
         caption = choose_caption(row[self.caption_column], generator, row=source)
+        # Drawn only when dropout is on, so runs without it keep their streams (and caches) unchanged.
+        if self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout:
+            caption = EMPTY_PROMPT  # what classifier-free guidance contrasts the prompt with
         example: dict[str, Any] = {"index": index}
         if self.latent_cache is not None:
             # The cache holds centre crops only (a random crop is refused), so the flip is the one draw.
@@ -122,13 +127,15 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            rank: int, world_size: int, latent_cache: Optional[LatentCache] = None,
                            text_cache: Optional[TextCache] = None, pin_memory: bool = False,
                            skip_bad_images: bool = False, known_bad_rows: Sequence[int] = (),
+                           caption_dropout: float = 0.0,
                            ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch.
     `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously."""
     check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
                                     center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache,
-                                    skip_bad_images=skip_bad_images, known_bad_rows=known_bad_rows)
+                                    skip_bad_images=skip_bad_images, known_bad_rows=known_bad_rows,
+                                    caption_dropout=caption_dropout)
     sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
     loader = DataLoader(
         dataset,

@@ -148,3 +148,12 @@ def _first_missing_caption(column: pa.ChunkedArray, is_list: bool) -> int | None
     bad_rows.append(pc.index(missing, True).as_py())
     bad_rows = [int(row) for row in bad_rows if row >= 0]
     return min(bad_rows) if bad_rows else None
+
+
+def select_train_samples(dataset: datasets.Dataset, max_train_samples: int | None, seed: int) -> datasets.Dataset:
+    """The first `max_train_samples` rows of a `seed`-shuffled copy (diffusers' `--max_train_samples`:
+    the same subset for the same seed), or all rows when None or not fewer."""
+    if max_train_samples is None or max_train_samples >= len(dataset):
+        return dataset
+    # In memory: the indices must not be written as a cache file next to the user's dataset.
+    return dataset.shuffle(seed=seed, keep_in_memory=True).select(range(max_train_samples), keep_in_memory=True)

@@ -51,6 +51,11 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
     return to_normalized_tensor(image)
 
 
+# The unconditional prompt: what caption dropout trains on and what classifier-free guidance (and
+# the pipelines' default negative prompt) encodes.
+EMPTY_PROMPT = ""
+
+
 def choose_caption(captions: str | Sequence[str], generator: torch.Generator, row: int | None = None) -> str:
     """A plain string as is; one caption drawn uniformly from a list (several captions per image)."""
     if isinstance(captions, str):

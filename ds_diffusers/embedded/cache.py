@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Bump when anything that changes the built files changes (architecture, VAE recipe, rendering,
 # captions, tokenizer words): existing caches then rebuild instead of being silently reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 BUILD_INFO = "BUILD_INFO.json"
 DEFAULT_NUM_IMAGES = 1536
 DEFAULT_VAE_TRAIN_STEPS = 400

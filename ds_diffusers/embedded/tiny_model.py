@@ -67,8 +67,9 @@ def make_vae() -> AutoencoderKL:
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=RESOLUTION,
-        # Self-attention in the VAE mid block buys nothing on flat shapes and costs time.
-        mid_block_add_attention=False,
+        # Every SD 1.x/2.x/XL VAE has self-attention in its mid block; the default path must run the
+        # same code (it changes the posterior's memory layout, which the latent cache must handle).
+        mid_block_add_attention=True,
     )
 
 
