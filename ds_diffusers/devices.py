@@ -66,6 +66,9 @@ def visible_devices(accelerator: Any) -> str:
     return f", {name}={os.environ[name]}" if name in os.environ else ""
 
 
+_DEEPSPEED_LAUNCHER_ENV = {"CROSS_RANK", "LOCAL_SIZE"}
+
+
 def gpu_request(environ: Mapping[str, str]) -> tuple[str, str] | None:
     """The first environment variable saying this process was meant to have GPUs, as (name, value)."""
     for name in sorted(environ):
@@ -77,6 +80,11 @@ def gpu_request(environ: Mapping[str, str]) -> tuple[str, str] | None:
         if name in _SLURM_TRES and "gpu" in value.lower():
             return name, value
     visible = environ.get("CUDA_VISIBLE_DEVICES", "")
+    # The deepspeed launcher (deepspeed/launcher/launch.py, which alone sets CROSS_RANK and
+    # LOCAL_SIZE) writes its own CUDA_VISIBLE_DEVICES for every rank, even with the CPU accelerator,
+    # so there the variable says nothing about what the user asked for.
+    if _DEEPSPEED_LAUNCHER_ENV <= environ.keys():
+        return None
     # An empty list or -1 is how GPUs are hidden on purpose; Slurm's "NoDevFiles" means it meant to give some.
     if visible and not visible.startswith("-"):
         return "CUDA_VISIBLE_DEVICES", visible

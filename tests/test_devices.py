@@ -152,3 +152,13 @@ def test_train_refuses_cpu_under_slurm_before_writing(tiny_assets, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ds-diffusers: config error: SLURM_JOB_GPUS='0,1': GPUs were requested"), result.stderr[-3000:]
     assert not (tmp_path / "model").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_deepspeed_launchers_own_cuda_visible_devices_is_not_a_gpu_request():
+    # deepspeed/launcher/launch.py sets CUDA_VISIBLE_DEVICES for every rank, also on the CPU
+    # accelerator; a 2-process CPU run started through it must not be refused.
+    launched = {"CUDA_VISIBLE_DEVICES": "0,1", "CROSS_RANK": "0", "LOCAL_SIZE": "2", "LOCAL_RANK": "1"}
+    assert gpu_request(launched) is None
+    check_accelerator_expected("cpu", launched)
+    # Slurm's GPU variables still count under the launcher.
+    assert gpu_request({**launched, "SLURM_JOB_GPUS": "0"}) == ("SLURM_JOB_GPUS", "0")
