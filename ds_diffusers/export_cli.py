@@ -48,10 +48,27 @@ def _fp32_state(step_dir: Path, stage: int, trainable_only: bool, cfg, unet: tor
                 masters = [m for group in optimizer_state["fp32_groups"] for m in group]
             state.update({name: master.view(state[name].shape) for name, master in zip(names, masters)})
         return state
+    if list(step_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return _bf16_optimizer_masters(step_dir, unet)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name,
                                                     exclude_frozen_parameters=trainable_only)
+
+
+def _bf16_optimizer_masters(step_dir: Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation at stage 1), whose checkpoints
+    zero_to_fp32 does not read: each rank saves its flat fp32 partition and where each parameter's
+    fragment lies in it; a parameter is its fragments in rank order."""
+    files = sorted(step_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=lambda f: int(f.name.split("_")[4]))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for name, address in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+    params = dict(unet.named_parameters())
+    return {name: torch.cat(parts).view(params[name].shape).clone() for name, parts in pieces.items()}
 
 
 def _ema_state(step_dir: Path, unet: torch.nn.Module, world_size: int, stage: int) -> dict[str, torch.Tensor]:
