@@ -44,7 +44,7 @@ FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
 _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
-                 "validation_prompts", "validation_inference_steps", "validation_guidance_scale", "save_interval",
+                 "validation_prompts", "validation_use_ema", "validation_inference_steps", "validation_guidance_scale", "save_interval",
                  "checkpoint_dir", "output_dir", "resume_from_checkpoint", "checkpoints_total_limit",
                  "overwrite_output_dir", "dataloader_num_workers", "offline", "wandb", "tensorboard", "csv_monitor",
                  "flops_profiler", "wall_clock_breakdown", "pretrained_model_name_or_path", "dataset_dir", "sample",

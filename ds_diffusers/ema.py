@@ -1,65 +1,90 @@
-"""Exponential moving average of the trainable UNet weights that stays right under ZeRO-3.
+"""Exponential moving average of the trainable UNet weights, taken over the fp32 master weights.
 
-Each rank keeps the EMA of what it holds: under ZeRO-3 the local partition of every parameter
-(`param.ds_tensor`), never the empty placeholder `param.data`; under ZeRO-0/1/2 the full parameter.
-Shadows are fp32. Exports all-gather the partitions, so the result equals an EMA computed without ZeRO.
+Averaging the 16-bit compute copy would lose every update smaller than its rounding step (bf16 keeps
+8 bits), which at a decay of 0.9999 is nearly all of them. Each rank averages the part of the masters
+it holds (`masters.MasterWeights`): the full parameters under ZeRO-0, its fragments under ZeRO-1/2,
+its partitions under ZeRO-3, so the EMA costs no communication per step and stays sharded like the
+optimizer. Exports reassemble it; the result equals an EMA computed without ZeRO.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
+from ds_diffusers.masters import MasterWeights
 
-def _local(param: torch.nn.Parameter) -> torch.Tensor:
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+def ema_decay(step: int, *, decay: float, update_after_step: int) -> float:
+    """diffusers' `EMAModel.get_decay` with its defaults (use_ema_warmup=False, min_decay=0):
+    plain copies until `update_after_step` + 1, then min(decay, (1 + k) / (10 + k)) with
+    k = step - update_after_step - 1, so early averages are not stuck at the initial weights."""
+    k = max(0, step - update_after_step - 1)
+    if k <= 0:
+        return 0.0
+    return min(decay, (1 + k) / (10 + k))
 
 
 class ShardedEMA:
-    def __init__(self, module: torch.nn.Module, decay: float, update_after_step: int) -> None:
-        self.names = [name for name, param in module.named_parameters() if param.requires_grad]
-        self.params = [param for param in module.parameters() if param.requires_grad]
+    def __init__(self, engine: Any, decay: float, update_after_step: int) -> None:
+        self.masters = MasterWeights(engine)
+        self.names = self.masters.names
         self.decay = decay
         self.update_after_step = update_after_step
-        self.shadow = [_local(param).detach().float().clone() for param in self.params]
+        local = self.masters.local()
+        self.starts = [start for _, start in local]
+        self.shadow = [master.detach().clone() for master, _ in local]
 
     def decay_at(self, global_step: int) -> float:
-        """As diffusers' EMAModel: plain copies until `update_after_step`, then
-        min(decay, (1 + k) / (10 + k)) with k the steps since, so early averages are not stuck at init."""
-        k = global_step - self.update_after_step
-        if k <= 0:
-            return 0.0
-        return min(self.decay, (1 + k) / (10 + k))
+        return ema_decay(global_step, decay=self.decay, update_after_step=self.update_after_step)
 
     @torch.no_grad()
     def update(self, global_step: int) -> None:
-        """Local work only; call after each optimizer step on every rank."""
-        weight = 1.0 - self.decay_at(global_step)
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(_local(param).float(), weight)
+        """Local work only; call after each optimizer step (`global_step` counts it) on every rank."""
+        masters = [master for master, _ in self.masters.local()]
+        # One fused kernel per dtype/device group instead of one launch (and a temporary) per parameter.
+        torch._foreach_lerp_(self.shadow, masters, 1.0 - self.decay_at(global_step))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"names": self.names, "shadow": [s.cpu() for s in self.shadow]}
+        return {"names": self.names, "starts": self.starts, "shadow": [s.cpu() for s in self.shadow]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["names"] != self.names or any(a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
+        if (state["names"] != self.names or state.get("starts", self.starts) != self.starts
+                or any(a.shape != b.shape for a, b in zip(state["shadow"], self.shadow))):
             raise ValueError("EMA state does not match the model's trainable parameters")
-        for shadow, saved in zip(self.shadow, state["shadow"]):
-            shadow.copy_(saved)
+        torch._foreach_copy_(self.shadow, [saved.to(s.device) for saved, s in zip(state["shadow"], self.shadow)])
 
-    @torch.no_grad()
     def gathered(self, rank: int) -> dict[str, torch.Tensor]:
         """All ranks must call this. Full fp32 EMA tensors on rank 0, an empty dict elsewhere."""
-        out: dict[str, torch.Tensor] = {}
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        for name, param, shadow in zip(self.names, self.params, self.shadow):
-            if hasattr(param, "ds_tensor"):
-                parts = [torch.empty_like(shadow) for _ in range(world)]
-                torch.distributed.all_gather(parts, shadow)
-                full = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
-            else:
-                full = shadow
-            if rank == 0:
-                out[name] = full.detach().cpu().clone()
-        return out
+        del rank  # the masters know it
+        return self.masters.gather_full(list(zip(self.shadow, self.starts)))
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """All ranks must enter this. Inside it the module computes with the EMA weights (cast to the
+        compute dtype); on exit the compute copy (which in fp32 at stage 0 is the master) is restored
+        bit for bit."""
+        targets = [_local_compute(p) for p in self.masters.params]
+        saved = [t.detach().clone() for t in targets]
+        if self.masters.partitioned and not hasattr(self.masters.params[0], "ds_id"):
+            # ZeRO-1/2: each rank computes with full parameters but holds only fragments of the EMA.
+            full = self.masters.gather_full(list(zip(self.shadow, self.starts)), to_all=True)
+            values = [full[name] for name in self.names]
+        else:
+            # ZeRO-0 (full shadows) and ZeRO-3 (shadows shaped like the local partitions).
+            values = self.shadow
+        with torch.no_grad():
+            for target, value in zip(targets, values):
+                target.copy_(value.reshape(target.shape))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, saved)
+
+
+def _local_compute(param: torch.nn.Parameter) -> torch.Tensor:
+    """The compute copy this rank holds: its ZeRO-3 partition, or the full parameter."""
+    return param.ds_tensor if hasattr(param, "ds_id") else param.data

@@ -4,8 +4,11 @@ Full fine-tune: `output_dir/unet/` (safetensors) plus the frozen components copi
 from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` loads the pipeline.
 LoRA: `output_dir/pytorch_lora_weights.safetensors`, read by `pipe.load_lora_weights(output_dir)`.
 
-Under ZeRO-3 a parameter on one rank is an empty placeholder, so weights are gathered one tensor at
-a time on all ranks and only rank 0 writes (a plain `save_pretrained` would write empty tensors).
+Trained weights come from the fp32 masters (`masters.MasterWeights`), not the 16-bit compute copy,
+then are cast to `export_dtype` (fp32 by default), so the end-of-run export and the offline export of
+the last checkpoint (`export_cli`) write the same bytes. Under ZeRO-3 a parameter on one rank is an
+empty placeholder, so weights are gathered one tensor at a time on all ranks and only rank 0 writes
+(a plain `save_pretrained` would write empty tensors).
 """
 
 from __future__ import annotations
@@ -13,23 +16,35 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
 import torch
 from safetensors.torch import save_file
+
+from ds_diffusers.masters import MasterWeights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker",
                 "text_encoder_2", "tokenizer_2", "image_encoder")
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def gathered_state_dict(module: torch.nn.Module, *, rank: int, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+def cast_for_export(state: dict[str, torch.Tensor], export_dtype: str) -> dict[str, torch.Tensor]:
+    """One cast for both exports, so they agree byte for byte."""
+    dtype = EXPORT_DTYPES[export_dtype]
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+
+
+def gathered_state_dict(module: torch.nn.Module, *, rank: int, trainable_only: bool = False,
+                        exclude: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """All ranks must call this. Returns full CPU tensors on rank 0 and an empty dict elsewhere."""
     import deepspeed
 
     trainable = {name for name, param in module.named_parameters() if param.requires_grad}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        if trainable_only and name not in trainable:
+        if (trainable_only and name not in trainable) or name in exclude:
             continue
         if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
@@ -58,7 +73,7 @@ def write_unet(config_json: str, state: dict[str, torch.Tensor], out_dir: Path, 
     staging = out_dir / f".{subfolder}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    contiguous = {name: tensor.contiguous() for name, tensor in state.items()}
+    contiguous = {name: state[name].contiguous() for name in sorted(state)}  # one order, the same bytes
     save_file(contiguous, str(staging / UNET_WEIGHTS), metadata={"format": "pt"})
     (staging / "config.json").write_text(config_json)
     _replace_dir(staging, final)
@@ -104,16 +119,19 @@ def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], 
     return final
 
 
-def export_model(unet: torch.nn.Module, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, subfolder: str = "unet",
-                 replacements: dict[str, torch.Tensor] | None = None) -> Path | None:
-    """All ranks must call this (gathers under ZeRO-3); rank 0 writes. Returns the written path on rank 0.
+def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, export_dtype: str = "fp32",
+                 subfolder: str = "unet", replacements: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """All ranks must call this (gathers masters and ZeRO-3 partitions); rank 0 writes. Returns the
+    written path on rank 0.
 
-    `replacements` (rank 0) substitutes tensors by name, e.g. the EMA weights for `unet_ema/`."""
-    state = gathered_state_dict(unet, rank=rank, trainable_only=is_lora)
+    `replacements` (rank 0) substitutes fp32 tensors by name, e.g. the EMA weights for `unet_ema/`."""
+    unet = engine.module
+    masters = MasterWeights(engine)
+    state = gathered_state_dict(unet, rank=rank, trainable_only=is_lora, exclude=frozenset(masters.names))
+    state.update(masters.gather_full(masters.local()))
     if rank != 0:
         return None
-    for name, tensor in (replacements or {}).items():
-        state[name] = tensor.to(state[name].dtype)
+    state = cast_for_export({**state, **(replacements or {})}, export_dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_lora:

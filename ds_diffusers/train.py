@@ -75,7 +75,8 @@ def zero_description(cfg: Config, ds_config: dict) -> str:
     engine_stage = ds_config["zero_optimization"]["stage"]
     if engine_stage == cfg.zero_optimization.stage:
         return f"ZeRO-{engine_stage}"
-    return f"ZeRO-{cfg.zero_optimization.stage} (run as ZeRO-{engine_stage}: one process has nothing to partition)"
+    reason = "fp32 gradient accumulation needs ZeRO >= 1" if engine_stage == 1 else "one process has nothing to partition"
+    return f"ZeRO-{cfg.zero_optimization.stage} (run as ZeRO-{engine_stage}: {reason})"
 
 
 def kernel_description(cfg: Config, unet: torch.nn.Module, accelerator_name: str, tf32: bool) -> str:
@@ -102,9 +103,16 @@ def epoch_batches(loader, sampler, dataset, start_epoch: int, num_epochs: int, s
         yield epoch, None
 
 
-def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger) -> None:
-    """All ranks under ZeRO-3 (the forward gathers parameters collectively), rank 0 alone otherwise."""
+def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None) -> None:
+    """All ranks: the EMA swap may gather, and under ZeRO-3 the forward gathers parameters collectively;
+    without ZeRO-3 rank 0 alone generates."""
     zero3 = cfg.zero_optimization.stage == 3
+    with validation.weights(ema if cfg.validates_with_ema else None):
+        _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3)
+    barrier()
+
+
+def _generate_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, zero3: bool) -> None:
     if zero3 or dist.is_main:
         # The training RNG streams must not notice validation, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]):
@@ -116,7 +124,6 @@ def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int
         if dist.is_main:
             path = validation.save_validation_grid(rows, cfg.validation_prompts, cfg.output_dir, global_step)
             logger.log_images(global_step, str(path), cfg.validation_prompts)
-    barrier()
 
 
 def train(cfg: Config) -> Path | None:
@@ -181,7 +188,7 @@ def train(cfg: Config) -> Path | None:
     if cfg.compile:
         engine.compile()
 
-    ema = ShardedEMA(engine.module, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
+    ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
     global_step, start_epoch, consumed_in_epoch = 0, 0, 0
     if resume_from is not None:
         meta = checkpoint.load(engine, cfg, dist, resume_from, ema)
@@ -230,7 +237,7 @@ def train(cfg: Config) -> Path | None:
         if batch is None:  # end of an epoch
             consumed_in_epoch = 0
             if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0 and validated_at != global_step:
-                run_validation(cfg, dist, frozen, engine, global_step, logger)
+                run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
                 validated_at = global_step
             continue
         # Set before the forward: ZeRO reduces gradients in the backward of a window's last micro-batch.
@@ -266,11 +273,11 @@ def train(cfg: Config) -> Path | None:
             if stats.longest_nonfinite_run >= cfg.max_nonfinite_steps:
                 raise TrainingError(nonfinite_stop_message(stats.longest_nonfinite_run, global_step, epoch, cfg.use_fp16.enabled))
             stop = stats.stop_requested and not last
-        if cfg.validation_steps and global_step % cfg.validation_steps == 0:
-            run_validation(cfg, dist, frozen, engine, global_step, logger)
-            validated_at = global_step
-        if ema is not None:
+        if ema is not None:  # before validation, which may show the EMA of this step
             ema.update(global_step)
+        if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+            run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
+            validated_at = global_step
         if save_due or stop:  # once, also when a save step is the stop step
             save(epoch)
             saved_at = global_step
@@ -283,15 +290,15 @@ def train(cfg: Config) -> Path | None:
             break
 
     if (cfg.validation_steps or cfg.validation_epochs) and validated_at != global_step:
-        run_validation(cfg, dist, frozen, engine, global_step, logger)
+        run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
     if saved_at != global_step:
         save(epoch)
     check_weights_before_writing(engine, dist.device, "export", global_step)
-    exported = export_model(engine.module, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
-                            out_dir=cfg.output_dir, rank=dist.rank)
+    exported = export_model(engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
+                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype)
     if ema is not None:
-        export_model(engine.module, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
-                     rank=dist.rank, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
+        export_model(engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
+                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
     barrier()
     if dataset.bad_rows():
         logger.message(f"skipped {len(dataset.bad_rows())} unreadable or missing image row(s) on rank 0 (skip_bad_images): {dataset.bad_rows()[:20]}")

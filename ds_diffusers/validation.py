@@ -6,10 +6,9 @@ the caller runs this on all ranks and only rank 0 saves; with ZeRO-0/1/2 rank 0 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 import torch
 from PIL import Image
@@ -20,6 +19,12 @@ from ds_diffusers.models import FrozenComponents
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
+
+
+def weights(ema: Any | None) -> ContextManager[None]:
+    """All ranks must enter this. With an EMA, the UNet computes with the EMA weights inside it
+    (`validation_use_ema`), and with the trained weights again after it."""
+    return ema.swapped_in() if ema is not None else nullcontext()
 
 
 def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline":

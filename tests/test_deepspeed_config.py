@@ -27,7 +27,9 @@ def test_stage_and_precision(stage, precision):
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 3 * 5 * 4
-    assert ds["zero_optimization"] == {"stage": stage}
+    # 16-bit weights with accumulation sum in fp32, which DeepSpeed does from stage 1 on.
+    assert ds["zero_optimization"] == {"stage": max(stage, 1) if precision != "fp32" else stage}
+    assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if precision != "fp32" else None)
     if precision == "fp16":
         assert ds["fp16"] == {"enabled": True, "auto_cast": False, "loss_scale": 0.0, "initial_scale_power": 12,
                               "loss_scale_window": 200, "hysteresis": 3, "consecutive_hysteresis": True, "min_loss_scale": 0.5}
@@ -83,3 +85,24 @@ def test_monitors_profiler_and_clipping_pass_through():
 def test_single_process_runs_zero_1_and_2_as_stage_0(stage, world_size, offload, engine_stage):
     ds = translate(world_size=world_size, zero_optimization={"stage": stage, "offload_optimizer": {"device": offload}})
     assert ds["zero_optimization"]["stage"] == engine_stage
+
+
+@pytest.mark.parametrize("precision, accumulation, world_size, stage, engine_stage, fp32_accum", [
+    ("bf16", 4, 1, 2, 1, True),  # one process keeps stage 1, not the stage-0 shortcut
+    ("bf16", 4, 1, 0, 1, True),  # stage 0 rejects fp32 accumulation of bf16 weights
+    ("fp16", 4, 2, 0, 1, True),
+    ("bf16", 4, 2, 2, 2, True), ("bf16", 4, 2, 3, 3, True),
+    ("bf16", 1, 1, 2, 0, False),  # nothing to accumulate: the shortcut stays
+    ("fp32", 4, 1, 2, 0, False),  # fp32 weights already accumulate in fp32
+])
+def test_fp32_gradient_accumulation(precision, accumulation, world_size, stage, engine_stage, fp32_accum):
+    changes = {"zero_optimization": {"stage": stage}, "gradient_accumulation_steps": accumulation}
+    if precision == "bf16":
+        changes["bf16"] = {"enabled": True}
+    if precision == "fp16":
+        changes["use_fp16"] = {"enabled": True}
+    ds = translate(world_size=world_size, **changes)
+    assert ds["zero_optimization"]["stage"] == engine_stage
+    assert ("data_types" in ds) == fp32_accum
+    if fp32_accum:
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}

@@ -56,11 +56,27 @@ def check_consistency(cfg: Config) -> None:
                           "replace); fix or remove the unreadable images, or set cache_latents: false")
     if cfg.use_ema and cfg.use_lora.action:
         raise ConfigError("use_ema", True, "EMA of LoRA adapters is not supported; set use_ema false or use_lora.action false")
+    if cfg.validation_use_ema and not cfg.use_ema:
+        raise ConfigError("validation_use_ema", True, "there are no EMA weights to validate with; set use_ema true or validation_use_ema false")
+    _check_ema_offload(cfg)
     _check_optimizer(cfg)
     check_scheduler(cfg)
     if (cfg.validation_steps or cfg.validation_epochs) and not cfg.validation_prompts:
         raise ConfigError("validation_prompts", [], "validation is on (validation_steps/validation_epochs > 0) but no prompts are given; "
                           "add prompts or set both to 0")
+
+
+def _check_ema_offload(cfg: Config) -> None:
+    """The EMA reads every fp32 master after every step and swaps its weights into the ZeRO-3 partitions
+    for validation. CPU offload keeps both in memory; NVMe offload keeps them on disk (streamed in per
+    sub-group), so that pair is refused."""
+    if not cfg.use_ema:
+        return
+    for name in ("offload_optimizer", "offload_param"):
+        device = getattr(cfg.zero_optimization, name).device
+        if device == "nvme":
+            raise ConfigError(f"zero_optimization.{name}.device", device, "use_ema reads the fp32 masters every step and "
+                              "swaps weights in for validation, which NVMe offload keeps on disk; offload to cpu, or set use_ema false")
 
 
 def _check_optimizer(cfg: Config) -> None:

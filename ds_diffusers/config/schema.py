@@ -130,6 +130,7 @@ class Config(Block):
     validation_inference_steps: int = Field(25, ge=1)
     validation_guidance_scale: float = Field(7.5, ge=0.0)
     validation_prompts: list[str] = []
+    validation_use_ema: Optional[bool] = None  # None = true when use_ema: validation images from the EMA weights
     save_interval: int = Field(500, ge=0)  # optimizer steps between checkpoints; 0 = only at the end (500 as diffusers')
     checkpoints_total_limit: int = Field(3, ge=1)
     log_every_n_steps: int = Field(10, ge=1)  # optimizer steps between log points (loss, stop signals)
@@ -162,6 +163,7 @@ class Config(Block):
     use_ema: bool = False
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
     ema_update_after_step: int = Field(0, ge=0)
+    export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the exported weights (from the fp32 masters)
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     noise_offset: float = Field(0.0, ge=0.0)
     input_perturbation: float = Field(0.0, ge=0.0)  # diffusers' --input_perturbation (0.1 is their suggestion)
@@ -189,6 +191,10 @@ class Config(Block):
     tensorboard: MonitorCfg = MonitorCfg()
     csv_monitor: MonitorCfg = MonitorCfg()
     sample: SampleCfg = SampleCfg()
+
+    @property
+    def validates_with_ema(self) -> bool:
+        return self.use_ema if self.validation_use_ema is None else self.validation_use_ema
 
     @property
     def weight_dtype_name(self) -> str:

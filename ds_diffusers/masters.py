@@ -1,0 +1,112 @@
+"""The fp32 master weights of the trainable parameters, wherever DeepSpeed keeps them.
+
+Under fp16/bf16 the module holds a 16-bit compute copy; the optimizer updates fp32 masters and
+casts them into that copy after each step. EMA and exports read the masters, never the copy.
+Where they live, per engine:
+- ZeRO-3: each rank holds one equal-sized partition of every parameter (`safe_get_local_fp32_param`);
+- ZeRO-1/2 and the bf16 optimizer: each rank holds a fragment of the flat fp32 partition
+  (`param._hp_mapping`, what `safe_get_full_fp32_param` reassembles);
+- stage 0 with fp16/bf16: the FP16 optimizer wrappers keep a full fp32 copy per parameter;
+- stage 0 in fp32: the parameter is its own master.
+Each rank sees a list of (1-D fp32 slice, offset into the flattened parameter); `gather_full`
+reassembles full tensors on rank 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+Slice = tuple[torch.Tensor, int]
+
+
+def _stage0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(param) -> its fp32 master, for DeepSpeed's FP16_UnfusedOptimizer / FP16_Optimizer."""
+    masters: dict[int, torch.Tensor] = {}
+    if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            masters.update({id(p): m.view(-1) for p, m in zip(low, high)})
+    elif hasattr(optimizer, "fp32_groups_flat") and hasattr(optimizer, "fp16_groups"):
+        for low, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+            offset = 0  # the flat buffer is the plain concatenation of the group's parameters
+            for p in low:
+                masters[id(p)] = flat.narrow(0, offset, p.numel())
+                offset += p.numel()
+    return masters
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class MasterWeights:
+    """Per-rank view of the trainable parameters' fp32 masters of one DeepSpeed engine."""
+
+    def __init__(self, engine: Any) -> None:
+        named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = engine.optimizer
+        self.rank, world = _world()
+        # Partitioned: a rank holds only part of each master, so full tensors need a collective.
+        self.partitioned = world > 1 and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in self.params)
+
+    def numel(self, param: torch.nn.Parameter) -> int:
+        return param.ds_numel if hasattr(param, "ds_id") else param.numel()
+
+    def shape(self, param: torch.nn.Parameter) -> torch.Size:
+        return param.ds_shape if hasattr(param, "ds_id") else param.shape
+
+    def local(self) -> list[Slice]:
+        """This rank's fp32 master slices, views into the optimizer's own storage (no copies except
+        where DeepSpeed's ZeRO-3 API moves an offloaded partition to the accelerator)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        stage0 = None
+        out: list[Slice] = []
+        for p in self.params:
+            if hasattr(p, "ds_id"):
+                # ZeRO-3 partitions are equal-sized; rank r holds [r * size, (r + 1) * size).
+                master = safe_get_local_fp32_param(p).view(-1)
+                out.append((master, self.rank * p.ds_tensor.ds_numel))
+            elif hasattr(p, "_hp_mapping"):
+                mapping = p._hp_mapping
+                if mapping is None:  # no fragment of this parameter on this rank
+                    out.append((torch.empty(0, dtype=torch.float32, device=p.device), 0))
+                else:
+                    out.append((mapping.hp_fragment.view(-1), mapping.lp_fragment_address.start))
+            elif p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups"):
+                out.append((p.data.view(-1), 0))
+            else:
+                stage0 = _stage0_masters(self.optimizer) if stage0 is None else stage0
+                if id(p) not in stage0:
+                    raise RuntimeError(f"no fp32 master weight found for a {p.dtype} parameter under "
+                                       f"{type(self.optimizer).__name__}")
+                out.append((stage0[id(p)], 0))
+        return out
+
+    @torch.no_grad()
+    def gather_full(self, slices: list[Slice], *, to_all: bool = False) -> dict[str, torch.Tensor]:
+        """All ranks must call this when partitioned. Full fp32 tensors by name on rank 0 (on every
+        rank with `to_all`); an empty dict elsewhere. Collectives run on the accelerator (NCCL cannot
+        reduce CPU tensors, which is where offloaded masters live); the fp32 bits travel as int32 and
+        are summed with zeros, so every value, -0.0 included, arrives unchanged."""
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().current_device_name()
+        out: dict[str, torch.Tensor] = {}
+        for name, p, (local, start) in zip(self.names, self.params, slices):
+            numel = self.numel(p)
+            if self.partitioned:
+                full = torch.zeros(numel, dtype=torch.float32, device=device)
+                length = max(0, min(local.numel(), numel - start))  # ZeRO-3 pads the last partition
+                full[start:start + length] = local[:length].to(device)
+                torch.distributed.all_reduce(full.view(torch.int32))
+            else:
+                full = local
+            if to_all or self.rank == 0:
+                out[name] = full.view(self.shape(p)).detach().cpu().clone()
+        return out
