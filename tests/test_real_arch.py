@@ -11,7 +11,7 @@ import torch
 from ds_diffusers.data import CaptionedImageDataset, load_train_dataset
 from ds_diffusers.embedded.arch_sd import FULL, TEST_RESOLUTION, count_unet_parameters, sd_arch
 from ds_diffusers.models import load_frozen_components
-from ds_diffusers.objective import encode_batch
+from ds_diffusers.objective import diffusion_loss, encode_batch
 from tests.test_cache import make_cfg, prepare
 
 FAMILIES = ("sd15", "sd2")
@@ -66,7 +66,7 @@ def test_built_folders_load_with_the_real_structure(family_assets):
 def test_trainer_conditions_as_the_real_pipeline(family_assets):
     """SD 2's penultimate-layer features are the truncated encoder's last hidden state: the trainer
     must feed the UNet exactly what `StableDiffusionPipeline.encode_prompt` gives, and train the
-    prediction type the scheduler names."""
+    prediction type the scheduler names (SD 2.x-768: the velocity)."""
     from diffusers import StableDiffusionPipeline
 
     family, assets = family_assets
@@ -85,6 +85,22 @@ def test_trainer_conditions_as_the_real_pipeline(family_assets):
     pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir)
     prompt_embeds, _ = pipe.encode_prompt(caption, torch.device("cpu"), 1, do_classifier_free_guidance=False)
     torch.testing.assert_close(encoder_hidden_states, prompt_embeds, atol=1e-6, rtol=1e-6)
+
+    # A UNet that knows the true noise scores zero only when it answers in the family's prediction type.
+    alphas_cumprod = frozen.noise_scheduler.alphas_cumprod
+
+    def oracle(velocity: bool):
+        def unet_forward(noisy_latents, timesteps, _hidden):
+            alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1).sqrt()
+            sigma = (1 - alphas_cumprod[timesteps]).view(-1, 1, 1, 1).sqrt()
+            noise = (noisy_latents - alpha * latents) / sigma
+            return alpha * noise - sigma * latents if velocity else noise
+        return unet_forward
+
+    right = family == "sd2"
+    loss = diffusion_loss(oracle(right), frozen, latents, encoder_hidden_states, compute_dtype=torch.float32)
+    wrong = diffusion_loss(oracle(not right), frozen, latents, encoder_hidden_states, compute_dtype=torch.float32)
+    assert loss.item() < 1e-8 and wrong.item() > 1e-3
 
 
 def test_cache_of_a_mid_attention_vae_at_batch_4_equals_the_encoders(family_assets, tmp_path):
