@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds_diffusers.data import CaptionedImageDataset, load_train_dataset
-from ds_diffusers.embedded.arch_sd import FULL, TEST_RESOLUTION, count_unet_parameters, sd_arch
+from ds_diffusers.embedded.arch_sd import FULL, TEST_RESOLUTION, count_parameters, sd_arch
 from ds_diffusers.models import load_frozen_components
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from tests.test_cache import make_cfg, prepare
@@ -28,9 +28,10 @@ def family_assets(request):
     return request.param, request.getfixturevalue(f"{request.param}_assets")
 
 
-def test_full_size_unets_have_the_real_parameter_counts():
-    assert count_unet_parameters("sd15") == 859_520_964
-    assert count_unet_parameters("sd2") == 865_910_724
+def test_full_size_models_have_the_real_parameter_counts():
+    assert count_parameters("sd15") == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    # SD 2.1's text encoder is OpenCLIP ViT-H's text tower less its last layer.
+    assert count_parameters("sd2") == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
