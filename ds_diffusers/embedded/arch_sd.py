@@ -161,16 +161,18 @@ def random_clip_text_encoder(config: dict[str, Any], tokenizer: CLIPTokenizer, *
 def save_diffusers_folder(out_dir: Path, pipeline_class: str, components: dict[str, Any],
                           extra: dict[str, Any] | None = None) -> None:
     """`save_pretrained` each component into its subfolder and write `model_index.json` naming them,
-    as `DiffusionPipeline.save_pretrained` lays it out (a `None` component is recorded as absent)."""
+    as `DiffusionPipeline.save_pretrained` lays it out. A `None` component is recorded as absent; a
+    `(library, class name)` pair names a part the caller already wrote in place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__, **(extra or {})}
     for name, component in sorted(components.items()):
         if component is None:
             index[name] = [None, None]
-            continue
-        if not (out_dir / name).is_dir():  # a part the caller wrote in place (tokenizer, scheduler)
+        elif isinstance(component, tuple):
+            index[name] = list(component)
+        else:
             component.save_pretrained(out_dir / name)
-        index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+            index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -178,7 +180,6 @@ def build_sd(out_dir: Path, family: Family = "sd15", size: Size = "test", seed: 
     """Write a random-weight `family` model of `size` into `out_dir` (diffusers layout). The result
     loads with `StableDiffusionPipeline.from_pretrained(out_dir)`; the caller's torch RNG is untouched."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import DDIMScheduler, PNDMScheduler
 
     arch = sd_arch(family, size)
     out_dir = Path(out_dir)
@@ -190,15 +191,14 @@ def build_sd(out_dir: Path, family: Family = "sd15", size: Size = "test", seed: 
         vae = AutoencoderKL(**arch.vae)
         torch.manual_seed(seed + 2)
         unet = UNet2DConditionModel(**arch.unet)
-    scheduler_class = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[arch.scheduler_class]
-    scheduler = scheduler_class.from_config(arch.scheduler)
-    # The real file as it is, keys the class ignores included: the trainer reads it as a DDPMScheduler,
-    # whose defaults differ (clip_sample), so those keys matter.
+    # The real file as it is, keys the class ignores included (`save_pretrained` would drop them): the
+    # trainer reads it as a DDPMScheduler, whose defaults differ (clip_sample), so those keys matter.
     (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
     scheduler_file = {"_class_name": arch.scheduler_class, "_diffusers_version": diffusers.__version__, **arch.scheduler}
     (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_file, indent=2) + "\n")
-    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler,
-                  "safety_checker": None, "feature_extractor": None, "image_encoder": None}
+    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": ("transformers", "CLIPTokenizer"),
+                  "scheduler": ("diffusers", arch.scheduler_class), "safety_checker": None, "feature_extractor": None,
+                  "image_encoder": None}
     save_diffusers_folder(out_dir, arch.pipeline_class, components, arch.model_index_extra)
     return arch
 
