@@ -77,13 +77,13 @@ def overrides(tiny_assets, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_sample(args: list[str], *, procs: int = 0) -> subprocess.CompletedProcess:
+def run_sample(args: list[str], *, procs: int = 0, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
     """procs=0: plain `python -m`; otherwise the deepspeed launcher with that many processes."""
     if procs:
         cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.sample"]
     else:
         cmd = [sys.executable, "-m", "ds_diffusers.sample"]
-    result = subprocess.run([*cmd, "--cfg", "cfg/default.json", "--set", *args], cwd=REPO, env=ENV,
+    result = subprocess.run([*cmd, "--cfg", cfg, "--set", *args], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -32,9 +32,9 @@ def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
     ]
 
 
-def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420) -> subprocess.CompletedProcess:
+def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
     cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.train",
-           "--cfg", "cfg/default.json", "--set", *overrides]
+           "--cfg", cfg, "--set", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs))}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return result

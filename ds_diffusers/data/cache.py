@@ -210,8 +210,8 @@ def build_or_reuse(make_key: Callable[[], CacheKey], cfg: Config, dist: DistInfo
             # Rank 0's bar stands for all ranks: each encodes about the same share.
             tensors = encode(items, lambda n: bar.update(n * dist.world_size))
         shard = partial / shard_name(dist.rank, dist.world_size)
-        # A VAE with mid-block attention returns channels-last posteriors at batch >= 2; safetensors
-        # writes only contiguous tensors.
+        # safetensors refuses strided tensors, and a VAE with mid-block attention returns the posterior
+        # of a batch >= 2 channels-last (torch.cat keeps the stride).
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(shard))
         os.chmod(shard, 0o644)  # safetensors writes 0600; a shared cache must be readable by the team's other jobs
         barrier()
