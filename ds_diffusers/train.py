@@ -191,7 +191,9 @@ def train(cfg: Config) -> Path | None:
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
     global_step, start_epoch, consumed_in_epoch = 0, 0, 0
     if resume_from is not None:
+        load_started = time.perf_counter()
         meta = checkpoint.load(engine, cfg, dist, resume_from, ema)
+        load_s = time.perf_counter() - load_started
         global_step, start_epoch, consumed_in_epoch = meta["global_step"], meta["epoch"], meta["samples_in_epoch"]
     else:
         seed_everything(cfg.seed + dist.rank)  # per-rank noise and timesteps from here on
@@ -199,7 +201,7 @@ def train(cfg: Config) -> Path | None:
     logger = RunLogger(cfg, is_main=dist.is_main, total_steps=plan.total_steps, initial_step=global_step, monitor=engine.monitor)
     if resume_from is not None:
         changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
-        logger.message(f"resumed from {resume_from} at step {global_step}{changed}")
+        logger.message(f"resumed from {resume_from} at step {global_step} in {load_s:.1f} s{changed}")
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
@@ -222,9 +224,10 @@ def train(cfg: Config) -> Path | None:
                       return_dict=False)[0]
 
     def save(epoch: int) -> None:
+        started = time.perf_counter()
         check_weights_before_writing(engine, dist.device, "checkpoint", global_step)
         saved = checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
-        logger.message(f"checkpoint saved: {saved}")
+        logger.message(f"checkpoint saved: {saved} (step {global_step}, {time.perf_counter() - started:.1f} s)")
 
     window = StepWindow(dist.device, cfg.log_every_n_steps)
     first_step = global_step + 1
@@ -293,6 +296,7 @@ def train(cfg: Config) -> Path | None:
         run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
     if saved_at != global_step:
         save(epoch)
+    export_started = time.perf_counter()
     check_weights_before_writing(engine, dist.device, "export", global_step)
     exported = export_model(engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
                             out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype)
@@ -300,6 +304,7 @@ def train(cfg: Config) -> Path | None:
         export_model(engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
                      rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
     barrier()
+    logger.message(f"export written in {time.perf_counter() - export_started:.1f} s")
     if dataset.bad_rows():
         logger.message(f"skipped {len(dataset.bad_rows())} unreadable or missing image row(s) on rank 0 (skip_bad_images): {dataset.bad_rows()[:20]}")
     logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
