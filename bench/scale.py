@@ -45,9 +45,9 @@ TRAIN_SCRIPT = REPO / "scripts" / "train_text_to_image.sh"
 CFG_FILE = REPO / "cfg" / "sd15_full.json"
 # Lines the trainer prints (train.py); the bench reads its durations from them.
 TIMINGS = {
-    "save_s": re.compile(r"checkpoint step \d+ saved in ([0-9.]+) s"),
+    "save_s": re.compile(r"checkpoint saved: .* \(step \d+, ([0-9.]+) s\)"),
     "resume_s": re.compile(r"resumed from .* in ([0-9.]+) s"),
-    "export_s": re.compile(r"exported .* in ([0-9.]+) s"),
+    "export_s": re.compile(r"export written in ([0-9.]+) s"),
 }
 
 
