@@ -33,6 +33,7 @@ import torch
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
 from ds_diffusers.errors import ConfigError, TrainingError
+from ds_diffusers.family import FAMILY_NAMES, model_family
 
 META_FILE = "ds_diffusers.json"
 LATEST = "latest"
@@ -84,6 +85,7 @@ def _unet_config_hash(cfg: Config) -> str:
 def resume_settings(cfg: Config, world_size: int) -> dict[str, Any]:
     """What a checkpoint can only be resumed with; a difference is an error, not a shape mismatch."""
     return {
+        "model family": model_family(cfg.pretrained_model_name_or_path),
         "unet architecture (unet/config.json)": _unet_config_hash(cfg),
         "use_lora.action": cfg.use_lora.action,
         "use_lora.rank": cfg.use_lora.rank if cfg.use_lora.action else None,
@@ -162,6 +164,7 @@ def resume_target(cfg: Config) -> Path | None:
                               f"{META_FILE}); use true/\"latest\", false, or a folder such as {cfg.checkpoint_dir}/step_100")
     damaged = damaged_file(step_dir)
     if damaged is None:
+        check_family(cfg, step_dir)
         return step_dir
     match = _STEP_DIR.match(step_dir.name)
     previous = _intact_before(str(step_dir.parent), int(match.group(1))) if match else None
@@ -169,10 +172,22 @@ def resume_target(cfg: Config) -> Path | None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"ds-diffusers: warning: {damaged} is damaged (truncated or unreadable); resuming from the previous "
                   f"complete checkpoint {previous} instead of {step_dir}", file=sys.stderr, flush=True)
+        check_family(cfg, previous)
         return previous
     fix = (f"resume from the previous complete step with resume_from_checkpoint={previous}" if previous is not None else
            "no earlier complete step is left; set resume_from_checkpoint=false (and overwrite_output_dir=true) to start again")
     raise ConfigError("resume_from_checkpoint", str(value), f"{damaged} is damaged (truncated or unreadable); {fix}")
+
+
+def check_family(cfg: Config, step_dir: Path) -> None:
+    """Before anything is loaded or written: an SD 1.x/2.x checkpoint cannot continue as SDXL or back."""
+    saved = read_meta(step_dir).get("settings", {}).get("model family")
+    current = model_family(cfg.pretrained_model_name_or_path)
+    if saved is not None and saved != current:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), f"this checkpoint trained a {FAMILY_NAMES[saved]} UNet "
+                          f"but pretrained_model_name_or_path={cfg.pretrained_model_name_or_path} is {FAMILY_NAMES[current]}; "
+                          "point pretrained_model_name_or_path at the model the checkpoint came from, or start a new run in "
+                          "another checkpoint_dir")
 
 
 def check_fresh_start(cfg: Config) -> None:

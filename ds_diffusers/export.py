@@ -1,7 +1,8 @@
 """Export room: gathered weights -> a diffusers folder that the standard loaders read.
 
 Full fine-tune: `output_dir/unet/` (safetensors) plus the frozen components copied byte-for-byte
-from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` loads the pipeline.
+from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` (or
+`StableDiffusionXLPipeline`, for an SDXL base) loads the pipeline.
 LoRA: `output_dir/pytorch_lora_weights.safetensors`, read by `pipe.load_lora_weights(output_dir)`.
 
 Trained weights come from the fp32 masters (`masters.MasterWeights`), not the 16-bit compute copy,
@@ -80,13 +81,14 @@ def write_unet(config_json: str, state: dict[str, torch.Tensor], out_dir: Path, 
     return final
 
 
-def copy_frozen_components(base_dir: Path, out_dir: Path) -> None:
+def copy_frozen_components(base_dir: Path, out_dir: Path, vae_dir: Path | None = None) -> None:
     """Rank 0 only. The frozen parts are copied from the base model, not re-saved from memory,
-    so they keep their original dtype and files."""
+    so they keep their original dtype and files. SDXL's second encoder and tokenizer are among them,
+    and `vae_dir` (the `vae_path` a run trained with) replaces the base model's `vae/`."""
     if base_dir.resolve() == out_dir.resolve():
         return
     for part in FROZEN_PARTS:
-        source = base_dir / part
+        source = vae_dir if part == "vae" and vae_dir is not None else base_dir / part
         if source.is_dir():
             staging = out_dir / f".{part}.partial"
             shutil.rmtree(staging, ignore_errors=True)
@@ -120,7 +122,8 @@ def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], 
 
 
 def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, export_dtype: str = "fp32",
-                 subfolder: str = "unet", replacements: dict[str, torch.Tensor] | None = None) -> Path | None:
+                 subfolder: str = "unet", replacements: dict[str, torch.Tensor] | None = None,
+                 vae_dir: str | None = None) -> Path | None:
     """All ranks must call this (gathers masters and ZeRO-3 partitions); rank 0 writes. Returns the
     written path on rank 0.
 
@@ -137,7 +140,7 @@ def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, ran
     if is_lora:
         return write_lora(unet, state, out)
     path = write_unet(unet.to_json_string(), state, out, subfolder=subfolder)
-    copy_frozen_components(Path(base_dir), out)
+    copy_frozen_components(Path(base_dir), out, Path(vae_dir) if vae_dir else None)
     return path
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ds_diffusers.config.schema import Config, LoraCfg
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.family import Family, model_family, model_index
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,10 +30,47 @@ class FrozenComponents:
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
+    # SDXL only: the second (OpenCLIP bigG-shaped) encoder, whose pooled projection conditions the UNet.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    family: Family = "sd"
+    # model_index.json's SDXL pipeline option: an empty negative prompt is a zero embedding, not "".
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def latent_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def tokenizers(self) -> dict[str, CLIPTokenizer]:
+        """Batch key of each text encoder's token ids -> its tokenizer."""
+        return {name: tokenizer for name, tokenizer in (("input_ids", self.tokenizer), ("input_ids_2", self.tokenizer_2))
+                if tokenizer is not None}
+
+    @torch.no_grad()
+    def encode_text(self, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """"encoder_hidden_states" [B, T, D] (and for SDXL "text_embeds" [B, P]) from `tokenize`d ids.
+
+        SD 1.x/2.x: the encoder's last hidden state. SDXL, as it was trained: the penultimate hidden
+        states of both encoders side by side, and the second encoder's pooled projection."""
+        encoder = self.text_encoder
+        if self.text_encoder_2 is None:
+            return {"encoder_hidden_states": encoder(token_ids["input_ids"].to(encoder.device), return_dict=False)[0]}
+        first = encoder(token_ids["input_ids"].to(encoder.device), output_hidden_states=True)
+        encoder_2 = self.text_encoder_2
+        second = encoder_2(token_ids["input_ids_2"].to(encoder_2.device), output_hidden_states=True)
+        return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
+                "text_embeds": second.text_embeds}
+
+
+def tokenize(tokenizers: dict[str, Any], captions: str | list[str]) -> dict[str, torch.Tensor]:
+    """Token ids per text encoder ({"input_ids": [B, T], ...}), padded to each tokenizer's length."""
+    return {name: tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                            return_tensors="pt").input_ids for name, tokenizer in tokenizers.items()}
 
 
 def _frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
@@ -41,20 +80,51 @@ def _frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | 
     return module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
 
 
-def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None) -> FrozenComponents:
+def vae_folder(model_dir: str, vae_path: str | None) -> Path:
+    """The VAE to use: `vae_path` (e.g. an fp16-safe SDXL VAE) when given, else the model's own."""
+    return Path(vae_path) if vae_path else Path(model_dir) / "vae"
+
+
+def vae_dtype(vae_config: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """fp32 for a VAE whose config says it overflows in fp16 (`force_upcast`, the SDXL VAE), as the
+    diffusers pipelines upcast it; the weight dtype otherwise (bf16 has fp32's range)."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+
+
+def _accept_any_float_latents(vae: AutoencoderKL) -> None:
+    """An fp32 VAE next to an fp16 UNet: the pipelines hand it fp16 latents to decode."""
+    def cast(module: torch.nn.Module, args: tuple) -> tuple:
+        return tuple(arg.to(vae.dtype) if torch.is_tensor(arg) and arg.is_floating_point() else arg for arg in args)
+
+    for module in (vae.post_quant_conv, vae.decoder):
+        if module is not None:
+            module.register_forward_pre_hook(cast)
+
+
+def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None,
+                           vae_path: str | None = None) -> FrozenComponents:
+    family = model_family(model_dir)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+    vae_dir = vae_folder(model_dir, vae_path)
+    # The SDXL pipelines upcast a force_upcast VAE; the SD 1.x/2.x ones run it in the weight dtype.
+    vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family == "sdxl" else dtype
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
         noise_scheduler.register_to_config(prediction_type=prediction_type)
-    return FrozenComponents(
-        tokenizer=tokenizer,
-        text_encoder=_frozen(text_encoder, device, dtype),
-        vae=_frozen(vae, device, None),
-        noise_scheduler=noise_scheduler,
-    )
+    tokenizer_2 = text_encoder_2 = None
+    if family == "sdxl":
+        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
+        text_encoder_2 = _frozen(CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2"), device, dtype)
+    vae = _frozen(vae, device, None)
+    if vae.dtype != dtype:
+        _accept_any_float_latents(vae)
+    return FrozenComponents(tokenizer=tokenizer, text_encoder=_frozen(text_encoder, device, dtype), vae=vae,
+                            noise_scheduler=noise_scheduler, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+                            family=family,
+                            force_zeros_for_empty_prompt=bool(model_index(model_dir).get("force_zeros_for_empty_prompt", True)))
 
 
 def load_unet(model_dir: str, gradient_checkpointing: bool) -> UNet2DConditionModel:

@@ -6,6 +6,7 @@ RNG, seeded per rank at start-up, so a run is reproducible and its RNG state can
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,11 +17,29 @@ from diffusers.training_utils import compute_snr
 from ds_diffusers.models import FrozenComponents
 
 
+@dataclass
+class EncodedBatch:
+    """What the UNet is conditioned on. `added_cond_kwargs` is SDXL's micro-conditioning
+    ({"text_embeds", "time_ids"}), None for SD 1.x/2.x."""
+
+    latents: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+
+def add_time_ids(batch: dict[str, torch.Tensor], target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's six numbers per sample: original (height, width), crop (top, left), target (height, width).
+    The first four are what the transforms recorded for that very sample."""
+    original_size = batch["original_size"]
+    target = torch.tensor(target_size, dtype=original_size.dtype, device=original_size.device).expand(original_size.shape[0], 2)
+    return torch.cat([original_size, batch["crop_top_left"], target], dim=1)
+
+
 @torch.no_grad()
-def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (scaled) and text-encoder hidden states, in the frozen models' dtype, from the
-    encoders or from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()`
-    would be, so cached and uncached runs draw the same random numbers."""
+def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> EncodedBatch:
+    """Latents (scaled) and text conditioning, in the frozen models' dtype, from the encoders or
+    from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()` would be,
+    so cached and uncached runs draw the same random numbers."""
     vae, text_encoder = frozen.vae, frozen.text_encoder
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
@@ -28,10 +47,16 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> tu
         posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
     latents = posterior.sample() * frozen.latent_scaling_factor
     if "encoder_hidden_states" in batch:
-        encoder_hidden_states = batch["encoder_hidden_states"].to(text_encoder.device, text_encoder.dtype)
+        text = {name: batch[name] for name in ("encoder_hidden_states", "text_embeds") if name in batch}
     else:
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
-    return latents, encoder_hidden_states
+        text = frozen.encode_text({name: batch[name] for name in ("input_ids", "input_ids_2") if name in batch})
+    text = {name: tensor.to(text_encoder.device, text_encoder.dtype) for name, tensor in text.items()}
+    added = None
+    if frozen.family == "sdxl":
+        target_size = (latents.shape[-2] * frozen.vae_scale_factor, latents.shape[-1] * frozen.vae_scale_factor)
+        added = {"text_embeds": text["text_embeds"],
+                 "time_ids": add_time_ids(batch, target_size).to(text_encoder.device, text_encoder.dtype)}
+    return EncodedBatch(latents, text["encoder_hidden_states"], added)
 
 
 def diffusion_loss(
@@ -44,6 +69,7 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
     input_perturbation: float = 0.0,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean-squared error of the UNet's prediction, computed in fp32 whatever the compute dtype."""
     scheduler = frozen.noise_scheduler
@@ -67,7 +93,11 @@ def diffusion_loss(
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
-    model_pred = unet_forward(noisy_latents.to(compute_dtype), timesteps, encoder_hidden_states.to(compute_dtype))
+    unet_inputs = (noisy_latents.to(compute_dtype), timesteps, encoder_hidden_states.to(compute_dtype))
+    if added_cond_kwargs is None:
+        model_pred = unet_forward(*unet_inputs)
+    else:
+        model_pred = unet_forward(*unet_inputs, {name: value.to(compute_dtype) for name, value in added_cond_kwargs.items()})
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target, reduction="mean")
     # Min-SNR weighting (Hang et al. 2023), as in diffusers' reference recipe.

@@ -64,7 +64,7 @@ def sample(cfg: Config, plan: SamplePlan, sources: list[WeightSource], run_info:
         print(f"ds-diffusers: sampling {len(plan.prompts)} prompt(s) x {plan.num_images_per_prompt} image(s) x "
               f"{', '.join(plan.weights)} ({plan.scheduler}, {plan.num_inference_steps} steps, {plan.resolution} px, "
               f"{str(dtype).removeprefix('torch.')}) on {dist.world_size} process(es) -> {plan.output_dir}", flush=True)
-    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, dtype, cfg.prediction_type)
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, dtype, cfg.prediction_type, cfg.vae_path)
     records = []
     for source in sources:
         with weight_pipeline(source, frozen, plan, dist.device, dtype) as pipe:

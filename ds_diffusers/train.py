@@ -155,7 +155,8 @@ def train(cfg: Config) -> Path | None:
     set_tf32(tf32)
     seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
     weight_dtype = DTYPES[cfg.weight_dtype_name]
-    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type)
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type,
+                                    cfg.vae_path)
     unet = build_unet(cfg)
     groups, _ = param_groups(unet, cfg)
     num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
@@ -168,6 +169,7 @@ def train(cfg: Config) -> Path | None:
         num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
         latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
         skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
+        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl",
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
@@ -219,9 +221,9 @@ def train(cfg: Config) -> Path | None:
     # bytes and ZeRO/bf16 re-point them into flat buffers, both of which need the default layout.
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def unet_forward(noisy_latents, timesteps, encoder_hidden_states):
+    def unet_forward(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         return engine(noisy_latents.contiguous(memory_format=memory_format), timesteps, encoder_hidden_states,
-                      return_dict=False)[0]
+                      added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
     def save(epoch: int) -> None:
         started = time.perf_counter()
@@ -248,9 +250,10 @@ def train(cfg: Config) -> Path | None:
         # (a partial window steps, as with accelerate); everything below the `continue` happens once
         # per optimizer step.
         engine.set_gradient_accumulation_boundary(plan.ends_window(consumed_in_epoch // samples_per_micro_batch))
-        latents, encoder_hidden_states = encode_batch(frozen, to_device(batch, dist.device))
-        loss = diffusion_loss(unet_forward, frozen, latents, encoder_hidden_states, compute_dtype=compute_dtype,
-                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma, input_perturbation=cfg.input_perturbation)
+        encoded = encode_batch(frozen, to_device(batch, dist.device))
+        loss = diffusion_loss(unet_forward, frozen, encoded.latents, encoded.encoder_hidden_states, compute_dtype=compute_dtype,
+                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma, input_perturbation=cfg.input_perturbation,
+                              added_cond_kwargs=encoded.added_cond_kwargs)
         window.add_micro_batch(loss)  # before backward, which may scale the loss (accumulation, fp16)
         engine.backward(loss)
         at_boundary = engine.is_gradient_accumulation_boundary()
@@ -299,10 +302,11 @@ def train(cfg: Config) -> Path | None:
     export_started = time.perf_counter()
     check_weights_before_writing(engine, dist.device, "export", global_step)
     exported = export_model(engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
-                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype)
+                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path)
     if ema is not None:
         export_model(engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
-                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema", replacements=ema.gathered(dist.rank))
+                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema", replacements=ema.gathered(dist.rank),
+                     vae_dir=cfg.vae_path)
     barrier()
     logger.message(f"export written in {time.perf_counter() - export_started:.1f} s")
     if dataset.bad_rows():

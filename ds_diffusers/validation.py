@@ -18,7 +18,7 @@ from ds_diffusers.images import image_grid
 from ds_diffusers.models import FrozenComponents
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 def weights(ema: Any | None) -> ContextManager[None]:
@@ -27,11 +27,21 @@ def weights(ema: Any | None) -> ContextManager[None]:
     return ema.swapped_in() if ema is not None else nullcontext()
 
 
-def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline":
+def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline | StableDiffusionXLPipeline":
+    """The family's text-to-image pipeline around these components (SDXL: both encoders, `text_time`)."""
     # Imported here: the pipeline module pulls in transformers' image processors (seconds of start-up)
     # that a run without validation never needs.
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if frozen.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=frozen.vae, text_encoder=frozen.text_encoder, text_encoder_2=frozen.text_encoder_2,
+            tokenizer=frozen.tokenizer, tokenizer_2=frozen.tokenizer_2, unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config),
+            force_zeros_for_empty_prompt=frozen.force_zeros_for_empty_prompt, add_watermarker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=frozen.vae,
         text_encoder=frozen.text_encoder,

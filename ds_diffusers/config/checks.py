@@ -18,6 +18,7 @@ from ds_diffusers.config.schedules import check_scheduler
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.family import SDXL_PARTS, model_family
 
 
 def resolve_offload_device(device: str) -> str:
@@ -126,6 +127,10 @@ def check_model_dir(value: str) -> None:
     if not any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise ConfigError("pretrained_model_name_or_path", value, f"{path / 'tokenizer'} holds no vocab.json or tokenizer.json; "
                           "download or copy the model again")
+    missing = [sub for sub in SDXL_PARTS if not (path / sub).is_dir()]
+    if model_family(path) == "sdxl" and missing:
+        raise ConfigError("pretrained_model_name_or_path", value, f"model_index.json names an SDXL pipeline but there is no "
+                          f"{', '.join(missing)} subfolder; download the complete SDXL folder")
 
 
 def check_writable_folder(value: str, field: str) -> None:
@@ -180,6 +185,9 @@ def check_environment(cfg: Config) -> None:
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")
+    if cfg.vae_path is not None and not (Path(cfg.vae_path) / "config.json").is_file():
+        raise ConfigError("vae_path", cfg.vae_path, "no config.json there; point it at a diffusers VAE folder "
+                          "(e.g. madebyollin/sdxl-vae-fp16-fix downloaded locally) or set it to null")
     for field in ("output_dir", "checkpoint_dir"):
         check_writable_folder(getattr(cfg, field), field)
     if cfg.cache_latents or cfg.cache_text_embeddings:

@@ -169,6 +169,7 @@ class Config(Block):
     input_perturbation: float = Field(0.0, ge=0.0)  # diffusers' --input_perturbation (0.1 is their suggestion)
     snr_gamma: Optional[float] = Field(None, gt=0.0)
     gradient_checkpointing: bool = False
+    vae_path: Optional[str] = None  # a diffusers VAE folder used instead of the model's vae/ (e.g. an fp16-safe SDXL VAE)
     # --- kernels (numerics-neutral except allow_tf32)
     allow_tf32: Optional[bool] = None  # None = true on CUDA
     channels_last: bool = False

@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from ds_diffusers.config.schema import Config
 from ds_diffusers.data.decode import open_image, undecoded
-from ds_diffusers.data.transforms import EMPTY_PROMPT, preprocess_image
+from ds_diffusers.data.transforms import EMPTY_PROMPT, CropRecord, preprocess_image_with_crop
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.models import FrozenComponents
+from ds_diffusers.family import SDXL_PARTS, model_family
+from ds_diffusers.models import FrozenComponents, tokenize, vae_folder
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -70,20 +71,26 @@ class CacheKey:
 
 
 def latent_key(cfg: Config, hf_dataset: datasets.Dataset, image_column: str) -> CacheKey:
-    return CacheKey("latents", {
-        "vae": hash_folder(Path(cfg.pretrained_model_name_or_path) / "vae"),
+    parts = {
+        "vae": hash_folder(vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path)),
         "dtype": cfg.weight_dtype_name, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
         "random_flip": cfg.random_flip, "dataset": hf_dataset._fingerprint, "image_column": image_column,
-    })
+    }
+    if model_family(cfg.pretrained_model_name_or_path) == "sdxl":
+        parts["crop_records"] = True  # SDXL caches also hold each row's original size and crop
+    return CacheKey("latents", parts)
 
 
 def text_key(cfg: Config, hf_dataset: datasets.Dataset, caption_column: str) -> CacheKey:
     model_dir = Path(cfg.pretrained_model_name_or_path)
-    return CacheKey("text", {
+    parts = {
         "text_encoder": hash_folder(model_dir / "text_encoder"), "tokenizer": hash_folder(model_dir / "tokenizer"),
         "dtype": cfg.weight_dtype_name, "dataset": hf_dataset._fingerprint, "caption_column": caption_column,
         "with_empty_prompt": True,
-    })
+    }
+    if model_family(model_dir) == "sdxl":
+        parts.update({part: hash_folder(model_dir / part) for part in SDXL_PARTS})
+    return CacheKey("text", parts)
 
 
 class ShardedStore:
@@ -114,24 +121,34 @@ def shard_name(shard: int, num_shards: int) -> str:
 
 
 class LatentCache:
-    """Per dataset row: the VAE posterior parameters [2C, h, w], mirrored too when random_flip."""
+    """Per dataset row: the VAE posterior parameters [2C, h, w], mirrored too when random_flip; for
+    SDXL also the original size and the crop's top-left (both ways round)."""
 
-    def __init__(self, store: ShardedStore) -> None:
+    def __init__(self, store: ShardedStore, resolution: int = 0) -> None:
         self.store = store
+        self.resolution = resolution
 
     def parameters(self, row: int, flipped: bool) -> torch.Tensor:
         return self.store.get("flipped" if flipped else "parameters", row)
 
+    def crop(self, row: int, flipped: bool) -> CropRecord:
+        height, width, resized_width = (int(v) for v in self.store.get("original_size_resized_width", row))
+        top, left = (int(v) for v in self.store.get("crop_top_left", row))
+        record = CropRecord((height, width), (top, left), resized_width, self.resolution)
+        return record.mirrored() if flipped else record
+
 
 class TextCache:
-    """Per distinct caption: the text encoder's last hidden state [tokens, width]."""
+    """Per distinct caption: the text encoder's last hidden state [tokens, width]; for SDXL both
+    encoders' penultimate states side by side and the pooled "text_embeds" [projection]."""
 
-    def __init__(self, store: ShardedStore, captions: list[str]) -> None:
+    def __init__(self, store: ShardedStore, captions: list[str], names: tuple[str, ...] = ("encoder_hidden_states",)) -> None:
         self.store = store
+        self.names = names
         self.index = {caption: position for position, caption in enumerate(captions)}
 
-    def hidden_states(self, caption: str) -> torch.Tensor:
-        return self.store.get("encoder_hidden_states", self.index[caption])
+    def embeddings(self, caption: str) -> dict[str, torch.Tensor]:
+        return {name: self.store.get(name, self.index[caption]) for name in self.names}
 
 
 def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list[str]:
@@ -144,16 +161,24 @@ def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list
 @torch.no_grad()
 def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Dataset, image_column: str,
                              rows: list[int], cfg: Config, progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host."""
+    """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host;
+    for SDXL also each row's crop record."""
     images = undecoded(hf_dataset.select_columns([image_column]), image_column)
     vae = frozen.vae
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in (("parameters", "flipped") if cfg.random_flip else ("parameters",))}
+    names = ["parameters", *(["flipped"] if cfg.random_flip else [])]
+    if frozen.family == "sdxl":
+        names += ["original_size_resized_width", "crop_top_left"]
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(rows), cfg.train_micro_batch_size_per_gpu):
         chunk = rows[start:start + cfg.train_micro_batch_size_per_gpu]
         # A centre crop without flip draws nothing from the generator; the flip is applied below.
-        pixels = torch.stack([preprocess_image(open_image(images[row][image_column], row=row, image_column=image_column,
-                                                          resolution=cfg.resolution), cfg.resolution, True, False, torch.Generator())
-                              for row in chunk]).to(vae.device, vae.dtype)
+        processed = [preprocess_image_with_crop(open_image(images[row][image_column], row=row, image_column=image_column,
+                                                                resolution=cfg.resolution), cfg.resolution, True, False, torch.Generator())
+                     for row in chunk]
+        pixels = torch.stack([tensor for tensor, _ in processed]).to(vae.device, vae.dtype)
+        if frozen.family == "sdxl":
+            outputs["original_size_resized_width"].append(torch.tensor([[*c.original_size, c.resized_width] for _, c in processed]))
+            outputs["crop_top_left"].append(torch.tensor([c.crop_top_left for _, c in processed]))
         outputs["parameters"].append(vae.encode(pixels).latent_dist.parameters.cpu())
         if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image
             outputs["flipped"].append(vae.encode(torch.flip(pixels, dims=[-1])).latent_dist.parameters.cpu())
@@ -164,15 +189,13 @@ def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Data
 @torch.no_grad()
 def encode_captions(frozen: FrozenComponents, captions: list[str], batch_size: int,
                     progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    tokenizer, text_encoder = frozen.tokenizer, frozen.text_encoder
-    hidden: list[torch.Tensor] = []
+    outputs: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
-        input_ids = tokenizer(chunk, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                              return_tensors="pt").input_ids
-        hidden.append(text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0].cpu())
+        for name, tensor in frozen.encode_text(tokenize(frozen.tokenizers, chunk)).items():
+            outputs.setdefault(name, []).append(tensor.cpu())
         progress(len(chunk))
-    return {"encoder_hidden_states": torch.cat(hidden) if hidden else torch.empty(0)}
+    return {name: torch.cat(parts) for name, parts in outputs.items()} or {"encoder_hidden_states": torch.empty(0)}
 
 
 def _load_meta(folder: Path) -> dict[str, Any] | None:
@@ -255,12 +278,13 @@ def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str,
         folder, meta = build_or_reuse(
             lambda: latent_key(cfg, hf_dataset, image_column), cfg, dist, len(hf_dataset),
             lambda rows, progress: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg, progress), log=log)
-        latent_cache = LatentCache(ShardedStore(folder, meta["num_shards"]))
+        latent_cache = LatentCache(ShardedStore(folder, meta["num_shards"]), cfg.resolution)
     if cfg.cache_text_embeddings:
         captions = distinct_captions(hf_dataset, caption_column)
         folder, meta = build_or_reuse(
             lambda: text_key(cfg, hf_dataset, caption_column), cfg, dist, len(captions),
             lambda items, progress: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu, progress),
             extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
-        text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()))
+        names = ("encoder_hidden_states", "text_embeds") if frozen.family == "sdxl" else ("encoder_hidden_states",)
+        text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()), names)
     return latent_cache, text_cache

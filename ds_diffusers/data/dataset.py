@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from ds_diffusers.data.decode import BadImageLog, first_readable, undecoded
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
-from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image
+from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image_with_crop
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.models import tokenize
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 class CaptionedImageDataset(Dataset):
     """Row `index` -> {"pixel_values", "input_ids", "index"}; with a latent cache "latent_parameters"
-    replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids".
+    replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids". SDXL adds
+    "input_ids_2" (or the cached "text_embeds") and, with `record_crop`, "original_size" and "crop_top_left".
 
     Caption choice, caption dropout, crop offset and flip come from a generator seeded with
     (seed, epoch, index), so a sample is the same whatever the worker count or order, and again
@@ -39,7 +41,8 @@ class CaptionedImageDataset(Dataset):
                  tokenizer: PreTrainedTokenizerBase, resolution: int, center_crop: bool,
                  random_flip: bool, seed: int, epoch: int = 0, latent_cache: Optional[LatentCache] = None,
                  text_cache: Optional[TextCache] = None, skip_bad_images: bool = False,
-                 known_bad_rows: Sequence[int] = (), caption_dropout: float = 0.0) -> None:
+                 known_bad_rows: Sequence[int] = (), caption_dropout: float = 0.0,
+                 tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False) -> None:
         # Decode only the columns needed: with cached latents the images are never read. Images are
         # decoded here rather than by `datasets`, so that a failure names its file and row.
         columns = [caption_column] if latent_cache else [image_column, caption_column]
@@ -50,7 +53,8 @@ class CaptionedImageDataset(Dataset):
         self.text_cache = text_cache
         self.image_column = image_column
         self.caption_column = caption_column
-        self.tokenizer = tokenizer
+        self.tokenizers = {"input_ids": tokenizer, **({"input_ids_2": tokenizer_2} if tokenizer_2 is not None else {})}
+        self.record_crop = record_crop  # SDXL: "original_size" and "crop_top_left" of each sample
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -89,13 +93,17 @@ class CaptionedImageDataset(Dataset):
             # The cache holds centre crops only (a random crop is refused), so the flip is the one draw.
             flipped = self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
             example["latent_parameters"] = self.latent_cache.parameters(index, flipped)
+            crop = self.latent_cache.crop(index, flipped) if self.record_crop else None
         else:
-            example["pixel_values"] = preprocess_image(image, self.resolution, self.center_crop, self.random_flip, generator)
+            example["pixel_values"], crop = preprocess_image_with_crop(image, self.resolution,
+                                                                       self.center_crop, self.random_flip, generator)
+        if self.record_crop:
+            example["original_size"] = torch.tensor(crop.original_size)
+            example["crop_top_left"] = torch.tensor(crop.crop_top_left)
         if self.text_cache is not None:
-            example["encoder_hidden_states"] = self.text_cache.hidden_states(caption)
+            example.update(self.text_cache.embeddings(caption))
         else:
-            example["input_ids"] = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
-                                                  truncation=True, return_tensors="pt").input_ids[0]
+            example.update({name: ids[0] for name, ids in tokenize(self.tokenizers, caption).items()})
         return example
 
 
@@ -128,6 +136,7 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            text_cache: Optional[TextCache] = None, pin_memory: bool = False,
                            skip_bad_images: bool = False, known_bad_rows: Sequence[int] = (),
                            caption_dropout: float = 0.0,
+                           tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False,
                            ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch.
     `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously."""
@@ -135,7 +144,7 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
                                     center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache,
                                     skip_bad_images=skip_bad_images, known_bad_rows=known_bad_rows,
-                                    caption_dropout=caption_dropout)
+                                    caption_dropout=caption_dropout, tokenizer_2=tokenizer_2, record_crop=record_crop)
     sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
     loader = DataLoader(
         dataset,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -41,14 +42,37 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                      generator: torch.Generator) -> torch.Tensor:
     """8-bit RGB, resize shorter side, crop to resolution², maybe flip, normalise: FloatTensor [3,R,R]."""
+    return preprocess_image_with_crop(image, resolution, center_crop, random_flip, generator)[0]
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    """Where a training image came from, as SDXL is conditioned on it (its `add_time_ids`)."""
+
+    original_size: tuple[int, int]  # (height, width) before resizing
+    crop_top_left: tuple[int, int]  # in the resized image as shown (mirrored when flipped)
+    resized_width: int
+    resolution: int
+
+    def mirrored(self) -> "CropRecord":
+        top, left = self.crop_top_left
+        return replace(self, crop_top_left=(top, self.resized_width - left - self.resolution))
+
+
+def preprocess_image_with_crop(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                               generator: torch.Generator) -> tuple[torch.Tensor, CropRecord]:
+    """`preprocess_image`, plus the record of the original size and the crop window."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    original_size = (image.height, image.width)
     image = resize_shorter_side(to_rgb8(image), resolution)
     top, left = crop_offsets(image.width, image.height, resolution, center_crop, generator)
+    record = CropRecord(original_size, (top, left), image.width, resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_normalized_tensor(image)
+        record = record.mirrored()
+    return to_normalized_tensor(image), record
 
 
 # The unconditional prompt: what caption dropout trains on and what classifier-free guidance (and

@@ -7,14 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.sampling.plan import SamplePlan
 
 
 @torch.no_grad()
-def generate_prompt_images(pipe: StableDiffusionPipeline, plan: SamplePlan, prompt_index: int,
+def generate_prompt_images(pipe: DiffusionPipeline, plan: SamplePlan, prompt_index: int,
                            output_type: str = "pil") -> Any:
     """`plan.num_images_per_prompt` images of prompt `prompt_index`: PIL images, or a float numpy
     array (N, H, W, 3) in [0, 1] with `output_type="np"`."""

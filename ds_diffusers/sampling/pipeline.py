@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from ds_diffusers.models import FrozenComponents
 from ds_diffusers.sampling.plan import SamplePlan
@@ -25,7 +25,7 @@ def load_unet(unet_dir: str, device: torch.device, dtype: torch.dtype) -> UNet2D
 
 @contextlib.contextmanager
 def weight_pipeline(source: WeightSource, frozen: FrozenComponents, plan: SamplePlan, device: torch.device,
-                    dtype: torch.dtype) -> Iterator[StableDiffusionPipeline]:
+                    dtype: torch.dtype) -> Iterator[DiffusionPipeline]:
     pipe = build_pipeline(frozen, load_unet(source.unet_dir, device, dtype))
     pipe.scheduler = make_scheduler(plan.scheduler, frozen.noise_scheduler.config)
     names = [f"lora_{index}" for index in range(len(source.loras))]

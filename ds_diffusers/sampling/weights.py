@@ -129,9 +129,34 @@ def _lora(cfg: Config, plan: SamplePlan, baseline: WeightSource) -> WeightSource
     return WeightSource("lora", baseline.unet_dir, tuple(files))
 
 
+def _lora_context_width(lora_file: Path) -> int | None:
+    """The text width a LoRA's cross-attention key projection was trained for (its lora_A input
+    size), read from the file header; None when the file adapts no UNet cross-attention."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as handle:
+        for name in handle.keys():
+            if name.startswith("unet.") and "attn2.to_k" in name and ("lora_A" in name or "lora.down" in name):
+                return int(handle.get_slice(name).get_shape()[1])
+    return None
+
+
+def check_lora_fits(field: str, lora_file: Path, unet_dir: str) -> None:
+    """A LoRA made for another family (SD 1.5's 768-wide text vs SDXL's 2048) would fail deep inside
+    peft with a shape mismatch; say which file and which models instead."""
+    width = _lora_context_width(lora_file)
+    expected = json.loads((Path(unet_dir) / "config.json").read_text())["cross_attention_dim"]
+    if width is not None and width != expected:
+        kinds = {768: " (SD 1.x)", 1024: " (SD 2.x)", 2048: " (SDXL)"}
+        raise ConfigError(field, str(lora_file), f"this LoRA was trained on a UNet with {width}-wide text conditioning"
+                          f"{kinds.get(width, '')}, but the base UNet {unet_dir} takes {expected}{kinds.get(expected, '')}; "
+                          "use a LoRA trained on this base model, or set pretrained_model_name_or_path to the model it was trained on")
+
+
 def resolve_weights(cfg: Config, plan: SamplePlan) -> list[WeightSource]:
     """One source per name in `plan.weights`, in that order; ConfigError naming every place looked
-    at when a file is missing, or the LoRA file that is damaged or no LoRA. Reads no tensor."""
+    at when a file is missing, or the LoRA file that is damaged or no LoRA, or one made for another
+    model family. Reads no tensor."""
     baseline = _baseline(cfg)  # the LoRA weights sit on the base UNet, so it must exist in any case
     sources = []
     for name in plan.weights:
@@ -143,4 +168,8 @@ def resolve_weights(cfg: Config, plan: SamplePlan) -> list[WeightSource]:
             sources.append(_ema(cfg))
         else:
             sources.append(_lora(cfg, plan, baseline))
+    for source in sources:
+        for index, lora in enumerate(source.loras):
+            field = f"sample.loras[{index}].path" if source.name == "lora" and plan.loras else "sample.weights"
+            check_lora_fits(field, Path(lora.path), source.unet_dir)
     return sources
