@@ -165,3 +165,11 @@ def test_sdxl_folder_without_its_second_encoder_is_named(sdxl_model, tmp_path):
     shutil.copytree(sdxl_model, broken, ignore=shutil.ignore_patterns("text_encoder_2"))
     with pytest.raises(ConfigError, match="no text_encoder_2 subfolder"):
         check_model_dir(str(broken))
+
+
+def test_sdxl_presets_refuse_a_resolution_that_is_not_a_multiple_of_8():
+    for preset in ("sdxl_lora.json", "sdxl_full.json"):
+        assert load_config(REPO / "cfg" / preset).resolution == 1024
+        with pytest.raises(ConfigError) as info:
+            load_config(REPO / "cfg" / preset, ["resolution=1020"])
+        assert info.value.field == "resolution" and info.value.value == 1020 and "use 1016 or 1024" in info.value.fix

@@ -23,7 +23,23 @@ MODEL_MAX_LENGTH = 77  # as the real tokenizers
 # Real: 768 (CLIP ViT-L) and 1280 (OpenCLIP bigG, projection 1280); time embedding 256 per number.
 TEXT_HIDDEN_1, TEXT_HIDDEN_2, TEXT_PROJECTION_2 = 32, 64, 64
 ADDITION_TIME_EMBED_DIM = 8
-# Real: (320, 640, 1280) channels, (5, 10, 20) heads (head dim 64), (1, 2, 10) transformer layers.
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2,567,463,684 parameters); options
+# left out are diffusers' defaults there too.
+SDXL_BASE_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),  # diffusers' legacy name: the number of heads (head dim 64)
+    "cross_attention_dim": 2048,  # 768 + 1280: both encoders' hidden states side by side
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 pooled + 6 x 256
+    "norm_num_groups": 32,
+}
+# Test size: 1/10 of the channels, 1/2.5 of the heads (head dim 16), the deepest level 2 layers deep.
 UNET_BLOCK_OUT_CHANNELS = (32, 64, 128)
 UNET_HEADS = (2, 4, 8)
 TRANSFORMER_LAYERS = (1, 2, 2)
@@ -44,24 +60,17 @@ def text_encoder_configs(tokenizer: CLIPTokenizer) -> tuple[CLIPTextConfig, CLIP
 
 
 def make_unet(sample_size: int) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=UNET_BLOCK_OUT_CHANNELS,
-        layers_per_block=2,
-        transformer_layers_per_block=TRANSFORMER_LAYERS,
-        attention_head_dim=UNET_HEADS,
-        cross_attention_dim=TEXT_HIDDEN_1 + TEXT_HIDDEN_2,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-        # pooled text embedding + 6 micro-conditioning numbers (original size, crop, target size)
-        projection_class_embeddings_input_dim=TEXT_PROJECTION_2 + 6 * ADDITION_TIME_EMBED_DIM,
-        norm_num_groups=NORM_GROUPS,
-    )
+    return UNet2DConditionModel(**{
+        **SDXL_BASE_UNET,
+        "sample_size": sample_size,
+        "block_out_channels": UNET_BLOCK_OUT_CHANNELS,
+        "transformer_layers_per_block": TRANSFORMER_LAYERS,
+        "attention_head_dim": UNET_HEADS,
+        "cross_attention_dim": TEXT_HIDDEN_1 + TEXT_HIDDEN_2,
+        "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": TEXT_PROJECTION_2 + 6 * ADDITION_TIME_EMBED_DIM,
+        "norm_num_groups": NORM_GROUPS,
+    })
 
 
 def make_vae(sample_size: int) -> AutoencoderKL:
