@@ -23,7 +23,7 @@ pytestmark = pytest.mark.multiprocess
 def sdxl_cfg(model_dir: Path, dataset_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
     return [f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"output_dir={run_dir / 'model'}",
             f"checkpoint_dir={run_dir / 'checkpoints'}", "resolution=64", "train_micro_batch_size_per_gpu=4",
-            "validation_steps=0", "save_interval=0", "lr_warmup_steps=1", "scheduler.params={}", *overrides]
+            "validation_steps=0", "save_interval=0", "lr_warmup_steps=1", "log_every_n_steps=1", "scheduler.params={}", *overrides]
 
 
 def generate(pipe, steps: int = 2):
@@ -42,6 +42,7 @@ def test_lora_two_process_zero3_resumes_exactly_exports_and_samples(sdxl_model, 
                              f"checkpoint_dir={resumed / 'checkpoints'}"), procs=2)
     assert_ok(result)
     assert "resumed from" in result.stdout + result.stderr
+    assert len(losses(straight / "model")) == 3 and len(losses(resumed / "model")) == 1
     assert losses(straight / "model")[2:] == pytest.approx(losses(resumed / "model"), abs=1e-6)
     weights = load_file(str(straight / "model" / "pytorch_lora_weights.safetensors"))
     again = load_file(str(resumed / "model" / "pytorch_lora_weights.safetensors"))
