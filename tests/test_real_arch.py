@@ -81,7 +81,8 @@ def test_trainer_conditions_as_the_real_pipeline(family_assets):
     example = dataset[0]
     caption = frozen.tokenizer.decode(example["input_ids"], skip_special_tokens=True)
     batch = {"pixel_values": example["pixel_values"][None], "input_ids": example["input_ids"][None]}
-    latents, encoder_hidden_states = encode_batch(frozen, batch)
+    encoded = encode_batch(frozen, batch)
+    latents, encoder_hidden_states = encoded.latents, encoded.encoder_hidden_states
     assert latents.shape == (1, 4, TEST_RESOLUTION // 8, TEST_RESOLUTION // 8)
     pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir)
     prompt_embeds, _ = pipe.encode_prompt(caption, torch.device("cpu"), 1, do_classifier_free_guidance=False)
@@ -135,4 +136,4 @@ def test_cache_of_a_mid_attention_vae_at_batch_4_equals_the_encoders(family_asse
                                  truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         want_hidden = frozen.text_encoder(input_ids, return_dict=False)[0][0]
-    torch.testing.assert_close(text_cache.hidden_states(caption), want_hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_cache.embeddings(caption)["encoder_hidden_states"], want_hidden, atol=1e-5, rtol=1e-5)
