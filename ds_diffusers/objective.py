@@ -45,7 +45,9 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> En
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
     else:
         posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-    latents = posterior.sample() * frozen.latent_scaling_factor
+    # A VAE with mid-block attention (every SD VAE) returns channels-last posteriors for batches of 2
+    # or more; the cache stores them contiguous. Latents in one layout keep the two paths identical.
+    latents = (posterior.sample() * frozen.latent_scaling_factor).contiguous()
     if "encoder_hidden_states" in batch:
         text = {name: batch[name] for name in ("encoder_hidden_states", "text_embeds") if name in batch}
     else:
@@ -74,13 +76,17 @@ def diffusion_loss(
     """Mean-squared error of the UNet's prediction, computed in fp32 whatever the compute dtype."""
     scheduler = frozen.noise_scheduler
     latents = latents.float()
-    noise = torch.randn_like(latents)
+    # torch.randn with the shape, not randn_like: randn_like follows the input's memory layout, so
+    # the same seed would give other noise to a channels-last batch.
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn very dark/bright images.
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
     # Input perturbation (Ning et al. 2023), as diffusers' script: the noised input uses perturbed
     # noise, the target stays the unperturbed one. Drawn in the script's order (before the timesteps).
-    input_noise = noise + input_perturbation * torch.randn_like(latents) if input_perturbation else noise
+    input_noise = noise
+    if input_perturbation:
+        input_noise = noise + input_perturbation * torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     batch = latents.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=latents.device).long()
     noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)

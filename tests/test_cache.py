@@ -140,3 +140,27 @@ def test_cached_and_uncached_two_process_runs_have_the_same_losses(tiny_assets, 
     plain_losses, cached_losses = losses(tmp_path / "plain"), losses(tmp_path / "cached")
     assert len(cached_losses) == steps
     assert cached_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5)
+
+
+def test_channels_last_latents_get_the_same_noise_as_contiguous_ones():
+    # A mid-attention VAE returns channels-last posteriors at batch >= 2 while the cache holds them
+    # contiguous; the noise drawn for a batch must not depend on that layout.
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from ds_diffusers.objective import diffusion_loss
+
+    frozen = SimpleNamespace(noise_scheduler=DDPMScheduler())
+    latents = torch.randn(2, 4, 8, 8)
+    seen = []
+
+    def unet_forward(noisy_latents, timesteps, encoder_hidden_states):
+        seen.append(noisy_latents.contiguous())
+        return torch.zeros_like(noisy_latents)
+
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        diffusion_loss(unet_forward, frozen, latents.contiguous(memory_format=layout), torch.zeros(2, 3, 8),
+                       compute_dtype=torch.float32, input_perturbation=0.1)
+    assert torch.equal(seen[0], seen[1])
