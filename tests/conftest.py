@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Tests that run an entrypoint in-process (its `main()`) leave MASTER_PORT, RANK, DS_ACCELERATOR
+    ... in os.environ; every later subprocess would inherit them and reuse a port the in-process
+    group may still hold. Each test starts from the environment the session started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
