@@ -8,15 +8,31 @@ from pathlib import Path
 import pytest
 
 
+# The environment the session started with, before any fixture ran.
+_SESSION_ENVIRON = dict(os.environ)
+
+
+def _reset_environ(to: dict[str, str]) -> None:
+    for name in set(os.environ) - set(to) - {"PYTEST_CURRENT_TEST"}:  # pytest removes that one itself
+        del os.environ[name]
+    os.environ.update(to)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
-    """Tests that run an entrypoint in-process (its `main()`) leave MASTER_PORT, RANK, DS_ACCELERATOR
-    ... in os.environ; every later subprocess would inherit them and reuse a port the in-process
-    group may still hold. Each test starts from the environment the session started with."""
+    """Tests that start a process group in-process (an entrypoint's `main()`) leave MASTER_PORT,
+    RANK, DS_ACCELERATOR ... in os.environ while the group keeps the port bound; every later
+    subprocess would inherit the port (EADDRINUSE). Each test's changes are undone after it."""
     saved = dict(os.environ)
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    _reset_environ(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environ_per_module():
+    """The same for module-scoped fixtures that start an in-process DeepSpeed group for their tests."""
+    yield
+    _reset_environ(_SESSION_ENVIRON)
 
 
 @pytest.fixture(scope="session")
