@@ -37,7 +37,7 @@ def _fp32_state(step_dir: Path, stage: int, trainable_only: bool, cfg, unet: tor
         state = {name: tensor.float() for name, tensor in states["module"].items()}
         optimizer_state = states.get("optimizer") or {}
         if "fp32_groups" in optimizer_state or "fp32_groups_flat" in optimizer_state:
-            groups, _ = param_groups(unet, cfg)
+            groups = param_groups(unet, cfg)
             name_of = {id(p): name for name, p in unet.named_parameters()}
             names = [name_of[id(p)] for group in groups for p in group["params"]]
             if "fp32_groups_flat" in optimizer_state:

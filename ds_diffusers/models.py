@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ds_diffusers.config.schema import Config, LoraCfg
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.family import Family, model_family, model_index
+from ds_diffusers.zero_load import load_unet_partitioned
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -127,9 +128,13 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
                             force_zeros_for_empty_prompt=bool(model_index(model_dir).get("force_zeros_for_empty_prompt", True)))
 
 
-def load_unet(model_dir: str, gradient_checkpointing: bool) -> UNet2DConditionModel:
-    """fp32 weights on the host; DeepSpeed casts and moves them (and partitions them under ZeRO-3)."""
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
+def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict | None = None, rank: int = 0
+              ) -> UNet2DConditionModel:
+    """fp32 weights on the host; DeepSpeed casts and moves them. With `zero3_config` (a ZeRO-3 run; all
+    ranks call this) the UNet is partitioned while it loads (`zero_load`), so no rank holds all of it."""
+    unet = load_unet_partitioned(model_dir, zero3_config, rank) if zero3_config is not None else None
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -164,18 +169,21 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraCfg) -> None:
         param.data = param.data.float()
 
 
-def build_unet(cfg: Config) -> UNet2DConditionModel:
-    unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing)
+def build_unet(cfg: Config, zero3_config: dict | None = None, rank: int = 0) -> UNet2DConditionModel:
+    """The trainable UNet (with LoRA adapters if configured). Pass the run's DeepSpeed config as
+    `zero3_config` when the engine runs ZeRO-3 (all ranks) to load it already partitioned."""
+    # LoRA initialisations computed from the base weights (PiSSA, OLoRA, LoftQ) need them whole.
+    if cfg.use_lora.action and cfg.use_lora.init not in (True, False, "gaussian"):
+        zero3_config = None
+    unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank)
     if cfg.use_lora.action:
         add_lora(unet, cfg.use_lora)
     return unet
 
 
-def param_groups(model: torch.nn.Module, cfg: Config) -> tuple[list[dict[str, Any]], list[float]]:
-    """Trainable parameters split by `optimizer.param_groups` (first matching rule wins).
-
-    Returns the groups for the optimizer and each group's lr scale (for the scheduler translation).
-    """
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """Trainable parameters split by `optimizer.param_groups` (first matching rule wins), each group
+    with its own lr (base lr × `lr_scale`; the schedule multiplies every group's lr alike) and weight decay."""
     base_lr = float(cfg.optimizer.params["lr"])
     rules = cfg.optimizer.param_groups
     buckets: list[list[torch.nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
@@ -185,7 +193,6 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> tuple[list[dict[str, An
         slot = next((i + 1 for i, rule in enumerate(rules) if re.search(rule.match, name)), 0)
         buckets[slot].append(param)
     groups: list[dict[str, Any]] = []
-    scales: list[float] = []
     for slot, params in enumerate(buckets):
         if slot > 0 and not params:
             raise ConfigError(f"optimizer.param_groups[{slot - 1}].match", rules[slot - 1].match,
@@ -193,16 +200,13 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> tuple[list[dict[str, An
         if not params:
             continue
         group: dict[str, Any] = {"params": params}
-        scale = 1.0
         if slot > 0:
             rule = rules[slot - 1]
-            scale = rule.lr_scale
-            group["lr"] = base_lr * scale
+            group["lr"] = base_lr * rule.lr_scale
             if rule.weight_decay is not None:
                 group["weight_decay"] = rule.weight_decay
         groups.append(group)
-        scales.append(scale)
-    return groups, scales
+    return groups
 
 
 def set_tf32(enabled: bool) -> None:

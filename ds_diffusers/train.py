@@ -71,8 +71,11 @@ class RunPlan:
         return (batch_in_epoch + 1) % self.accumulation_steps == 0 or batch_in_epoch + 1 == self.batches_per_epoch
 
 
-def zero_description(cfg: Config, ds_config: dict) -> str:
+def zero_description(cfg: Config, ds_config: dict, loaded_partitioned: bool = False) -> str:
     engine_stage = ds_config["zero_optimization"]["stage"]
+    if engine_stage == 3:
+        # Users compare the peak memory per rank with DeepSpeed's estimate; say which load ran.
+        return "ZeRO-3 (UNet " + ("loaded partitioned)" if loaded_partitioned else "loaded whole on every rank, then partitioned)")
     if engine_stage == cfg.zero_optimization.stage:
         return f"ZeRO-{engine_stage}"
     reason = "fp32 gradient accumulation needs ZeRO >= 1" if engine_stage == 1 else "one process has nothing to partition"
@@ -157,9 +160,14 @@ def train(cfg: Config) -> Path | None:
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type,
                                     cfg.vae_path)
-    unet = build_unet(cfg)
-    groups, _ = param_groups(unet, cfg)
-    num_trainable = sum(p.numel() for group in groups for p in group["params"])  # before ZeRO-3 empties them
+    fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
+    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
+                                    fused_adam_ok=fused_adam_problem is None)
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    unet = build_unet(cfg, ds_config if zero3 else None, dist.rank)
+    loaded_partitioned = hasattr(next(unet.parameters()), "ds_id")
+    groups = param_groups(unet, cfg)
+    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
 
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
@@ -173,9 +181,6 @@ def train(cfg: Config) -> Path | None:
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
-    fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
-    ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
-                                    fused_adam_ok=fused_adam_problem is None)
     if dist.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -210,7 +215,7 @@ def train(cfg: Config) -> Path | None:
     if missing_images:
         logger.message(f"skipping {len(missing_images)} row(s) whose image file is missing (skip_bad_images), first: row {missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
-                   f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config)}, "
+                   f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config, loaded_partitioned)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
     compute_dtype = DTYPES[cfg.weight_dtype_name]

@@ -35,6 +35,23 @@ def _restore_environ_per_module():
     _reset_environ(_SESSION_ENVIRON)
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process gloo group in this process for a module's tests (in-process DeepSpeed engines)."""
+    import deepspeed
+    import torch
+
+    from ds_diffusers.distributed import free_port
+
+    if torch.distributed.is_initialized():
+        yield
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     from ds_diffusers.embedded import ensure_embedded_assets

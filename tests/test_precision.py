@@ -5,32 +5,17 @@ fp32 gradient accumulation under bf16, and an EMA of the fp32 masters that equal
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import check_consistency
-from ds_diffusers.distributed import free_port
 from ds_diffusers.ema import ShardedEMA, ema_decay
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.masters import MasterWeights
 
 MICRO, ACCUMULATION = 8, 4
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    import deepspeed
-
-    if torch.distributed.is_initialized():
-        yield
-        return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
 
 
 def bf16_config(**changes) -> dict:

@@ -1,7 +1,8 @@
-"""SDXL through the real `deepspeed` launcher on the SDXL-shaped test model, kept to three runs:
-LoRA with 2 processes under ZeRO-3 (save mid-way, resume, compare, export, sample), a full fine-tune
-with 2 processes under ZeRO-2 with both caches, EMA and a validation grid, and a 1-process ZeRO-3
-full fine-tune. Every export must load in StableDiffusionXLPipeline."""
+"""SDXL through the real `deepspeed` launcher on the SDXL-shaped test model, few and short runs that
+together cover full and LoRA × 1 and 2 processes × ZeRO-2 and ZeRO-3: LoRA with 2 processes under
+ZeRO-3 (save mid-way, resume, compare, export, sample), a full fine-tune with 2 processes under ZeRO-2
+with both caches, EMA and a validation grid, a full fine-tune with 2 processes under ZeRO-3 (resumed
+exactly), and LoRA with 1 process under ZeRO-2. Every export must load in StableDiffusionXLPipeline."""
 
 from __future__ import annotations
 
@@ -88,10 +89,35 @@ def test_full_two_process_zero2_with_caches_ema_and_validation(sdxl_model, tiny_
     assert any(not torch.equal(ema[k], tuned[k]) for k in tuned)
 
 
-def test_full_one_process_zero3(sdxl_model, tiny_assets, tmp_path):  # noqa: F811
-    assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, tmp_path, "zero_optimization.stage=3", "max_train_steps=3")))
-    assert len(losses(tmp_path / "model")) == 3
-    assert_sdxl_export_loads(tmp_path / "model", sdxl_model)
+def test_full_two_process_zero3_loads_partitioned_and_resumes_exactly(sdxl_model, tiny_assets, tmp_path):  # noqa: F811
+    # ZeRO-3 builds the UNet partitioned and fills it from the file (`zero_load`): the export after
+    # two small Adam steps must still be the base model's weights, not zero.Init's random ones.
+    full = ("zero_optimization.stage=3", "max_train_steps=2", "optimizer.params.lr=1e-4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, straight, *full, "save_interval=1"), procs=2)
+    assert_ok(first)
+    assert "ZeRO-3 (UNet loaded partitioned)" in first.stdout + first.stderr
+    assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, resumed, *full,
+                              f"resume_from_checkpoint={straight / 'checkpoints' / 'step_1'}"), procs=2))
+    assert losses(straight / "model")[1:] == pytest.approx(losses(resumed / "model"), abs=1e-6)
+    unet_file = Path("unet") / "diffusion_pytorch_model.safetensors"
+    exported, again = load_file(str(straight / "model" / unet_file)), load_file(str(resumed / "model" / unet_file))
+    assert all(torch.allclose(exported[k], again[k], atol=1e-6) for k in exported)
+    base = load_file(str(sdxl_model / unet_file))
+    assert max((exported[k] - base[k]).abs().max().item() for k in base) < 0.01
+    assert_sdxl_export_loads(straight / "model", sdxl_model)
+
+
+def test_lora_one_process_zero2_exports_a_loadable_lora(sdxl_model, tiny_assets, tmp_path):  # noqa: F811
+    assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, tmp_path, "use_lora.action=true", "use_lora.rank=4",
+                              "optimizer.params.lr=0.01", "zero_optimization.stage=2", "max_train_steps=2")))
+    assert len(losses(tmp_path / "model")) == 2
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_model)
+    before = generate(pipe)
+    pipe.load_lora_weights(tmp_path / "model")
+    assert abs(generate(pipe) - before).max() > 1e-4
 
 
 def assert_sdxl_export_loads(out_dir: Path, base_dir: Path) -> None:
