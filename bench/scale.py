@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ds_diffusers.distributed import free_port  # noqa: E402
 from ds_diffusers.embedded.arch_sd import build_sd, sd_arch  # noqa: E402
 from ds_diffusers.embedded.shapes import write_dataset  # noqa: E402
-from scale_memory import MemoryPlan, plan_memory  # noqa: E402
+from scale_memory import DEFAULT_BUCKET_ELEMENTS, MemoryPlan, plan_memory  # noqa: E402
 from throughput_report import host_description  # noqa: E402
 from train_throughput import BenchError, Variant, metrics_steps, run_child  # noqa: E402
 
@@ -83,10 +83,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=REPO / "outputs/bench/scale")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench/scale.json")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds any one run may take")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="more config overrides for every run, e.g. zero_optimization.reduce_bucket_size=50000000")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps: at least 2 (one checkpoint half-way, one at the end)")
     return args
+
+
+def bucket_elements(extra: list[str]) -> int:
+    """The gradient bucket the runs use: `zero_optimization.reduce_bucket_size` from --set, else DeepSpeed's."""
+    key = "zero_optimization.reduce_bucket_size="
+    values = [int(float(item[len(key):])) for item in extra if item.startswith(key)]
+    return values[-1] if values else DEFAULT_BUCKET_ELEMENTS
 
 
 def available_gb() -> float:
@@ -116,7 +125,7 @@ def du_mb(path: Path) -> float:
 
 
 def overrides(result: ScaleResult, model_dir: Path, dataset_dir: Path, run_dir: Path, steps: int, resolution: int,
-              resume: bool) -> list[str]:
+              resume: bool, extra: list[str]) -> list[str]:
     sets = [
         f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"resolution={resolution}",
         "center_crop=true", "random_flip=false", "train_micro_batch_size_per_gpu=1", "gradient_accumulation_steps=1",
@@ -126,10 +135,10 @@ def overrides(result: ScaleResult, model_dir: Path, dataset_dir: Path, run_dir: 
         f"output_dir={run_dir / 'model'}", f"checkpoint_dir={run_dir / 'checkpoints'}",
         f"zero_optimization.stage={result.stage}", 'zero_optimization.offload_optimizer.device="none"',
         'zero_optimization.offload_param.device="none"', f"use_lora.action={'true' if result.mode == 'lora' else 'false'}",
-        "dataloader_num_workers=0",
+        "dataloader_num_workers=0", "log_every_n_steps=1",
     ]
     sets.append("resume_from_checkpoint=latest" if resume else "overwrite_output_dir=true")
-    return sets
+    return sets + extra
 
 
 def timing(lines: list[tuple[float, str]], key: str) -> float | None:
@@ -164,7 +173,7 @@ def run_one(args: argparse.Namespace, result: ScaleResult, model_dir: Path, data
         variant = Variant(kind=f"{name}/{tag}", procs=result.procs)
         (run_dir / tag).mkdir(exist_ok=True)
         cmd = ["bash", str(TRAIN_SCRIPT), str(CFG_FILE.relative_to(REPO)), "--set",
-               *overrides(result, model_dir, dataset_dir, run_dir, steps, args.resolution, resume)]
+               *overrides(result, model_dir, dataset_dir, run_dir, steps, args.resolution, resume, args.extra)]
         return run_child(_ChildBench(run_dir, args.timeout), _Folder(variant, tag), cmd, env=env)
 
     first = launch("train", args.steps, resume=False)
@@ -244,7 +253,7 @@ def main() -> int:
         for mode in args.modes:
             for stage in args.stages:
                 for procs in args.procs:
-                    memory = plan_memory(unet_config, mode, stage, procs)
+                    memory = plan_memory(unet_config, mode, stage, procs, bucket_elements(args.extra))
                     result = ScaleResult(mode, stage, procs, memory)
                     results.append(result)
                     if memory.per_rank_gb * procs > budget:

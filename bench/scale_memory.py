@@ -18,8 +18,8 @@ GB = 2**30
 # Python, torch, DeepSpeed and diffusers in one process, plus 64 px activations of SD 1.5 at batch 1
 # (measured RSS of a LoRA ZeRO-0 run less its weights: about 1.5 GB).
 RUNTIME_BYTES = 1.5 * GB
-# DeepSpeed's default reduce_bucket_size / allgather bucket (5e8 elements) held as fp32 under ZeRO-1/2.
-ZERO12_BUCKET_BYTES = 4 * 5e8
+# DeepSpeed's default reduce_bucket_size (5e8 elements): a gradient bucket held in fp32 under ZeRO-1/2/3.
+DEFAULT_BUCKET_ELEMENTS = int(5e8)
 LORA_RANK = 4
 
 
@@ -54,7 +54,8 @@ def _lora_params(unet_config: dict[str, Any]) -> int:
     return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
 
 
-def plan_memory(unet_config: dict[str, Any], mode: str, stage: int, procs: int) -> MemoryPlan:
+def plan_memory(unet_config: dict[str, Any], mode: str, stage: int, procs: int,
+                bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> MemoryPlan:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -66,18 +67,19 @@ def plan_memory(unet_config: dict[str, Any], mode: str, stage: int, procs: int) 
     unet, largest = _count(lambda: UNet2DConditionModel(**unet_config))
     frozen = _count(lambda: AutoencoderKL(**arch.vae))[0] + _count(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_encoder)))[0]
     trainable = unet if mode == "full" else _lora_params(unet_config)
-    # The model is loaded whole on every rank before deepspeed.initialize partitions it (no zero.Init).
+    # ZeRO-3 loads the UNet partitioned (ds_diffusers.zero_load): one layer whole at a time.
     engine_stage = 0 if procs == 1 and stage in (1, 2) else stage
+    bucket = 4 * min(bucket_elements, trainable)
     if engine_stage == 3:
-        held = (4 * unet + 16 * trainable) / procs + 4 * largest
+        held = (4 * unet + 16 * trainable) / procs + 4 * largest + bucket
     elif engine_stage in (1, 2):
-        held = 4 * unet + 4 * trainable * (1 if engine_stage == 1 else 1 / procs) + 12 * trainable / procs + ZERO12_BUCKET_BYTES
+        held = 4 * unet + 4 * trainable * (1 if engine_stage == 1 else 1 / procs) + 12 * trainable / procs + bucket
     else:
         held = 4 * unet + 12 * trainable
     per_rank = held + 4 * frozen + RUNTIME_BYTES
     if engine_stage == 3:
         cpu, device, _ = estimate_zero3_model_states_mem_needs(trainable, largest, num_gpus_per_node=procs, cpu_offload=False,
-                                                               cpu_offload_params=False, zero_init=False)
+                                                               cpu_offload_params=False, zero_init=True)
     else:
         cpu, device = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=procs, cpu_offload=False)
     return MemoryPlan(unet_params=unet, trainable_params=trainable, largest_layer_params=largest, frozen_params=frozen,

@@ -58,15 +58,16 @@ def main() -> None:
           f"LoRA rank {lora_cfg['rank']} adds {lora:,}")
     rows = []
     for gpus in args.gpus:
-        # Every process loads the fp32 UNet on the host before DeepSpeed casts and moves it (no
-        # zero.Init), which is the estimators' host figure with zero_init=False.
+        # ZeRO-2: every process loads the fp32 UNet on the host before DeepSpeed casts and moves it,
+        # the ZeRO-2 estimator's host figure.
         full_cpu, full_gpu = estimate_zero2_model_states_mem_needs(total, gpus, 1, cpu_offload=False)
         # sdxl_lora.json: ZeRO-2 over the adapters; the frozen UNet, encoders and VAE sit in bf16 on every GPU.
         _, lora_gpu = estimate_zero2_model_states_mem_needs(lora, gpus, 1, cpu_offload=False)
         rows.append(("sdxl_lora (ZeRO-2, LoRA, bf16)", gpus, 2 * (total + frozen) + lora_gpu, full_cpu))
         # sdxl_full.json: ZeRO-3 with the optimizer offloaded, parameters on the GPUs; encoders + VAE bf16 outside.
+        # ZeRO-3 loads the UNet partitioned (ds_diffusers.zero_load), the estimator's zero_init=True.
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, cpu_offload=True, cpu_offload_params=False,
-                                                            zero_init=False)
+                                                            zero_init=True)
         rows.append(("sdxl_full (ZeRO-3, optimizer offload, bf16)", gpus, gpu + 2 * frozen, cpu))
         rows.append(("full fine-tune, ZeRO-2, no offload (for comparison)", gpus, full_gpu + 2 * frozen, full_cpu))
     print("| preset | GPUs | per GPU (GiB) | host, per node (GiB) |\n|---|---|---|---|")

@@ -61,7 +61,9 @@ def encode(vae: AutoencoderKL, text_encoder: CLIPTextModel, pixel_values: torch.
            input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Written out rather than imported from ds_diffusers.objective: the floor must not share the
     # trainer's code, or a slow helper there would slow both and hide in the ratio.
-    latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+    # Contiguous, as the trainer makes them: a VAE with mid-block attention returns channels-last
+    # posteriors at batch >= 2, and the UNet would run another memory layout than the trainer's.
+    latents = vae.encode(pixel_values).latent_dist.sample().contiguous() * vae.config.scaling_factor
     return latents, text_encoder(input_ids, return_dict=False)[0]
 
 

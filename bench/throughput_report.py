@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,15 @@ def peer_ratios(results: list[Result]) -> list[dict]:
         return []
     ours = [r for r in results if r.procs == 1 and r.stage in (0, 2) and r.kind in ("uncached", "cached")]
     return [{"name": r.name, "samples_per_s_vs_peer": r.samples_per_s / peer.samples_per_s,
-             "first_step_vs_peer": r.first_step_s / peer.first_step_s} for r in ours]
+             "paired_rounds_vs_peer": paired(r, peer), "first_step_vs_peer": r.first_step_s / peer.first_step_s}
+            for r in ours]
+
+
+def paired(result: Result, peer: Result) -> list[float]:
+    """samples/s ÷ the peer's, round by round. Rounds run the variants one after the other, minutes
+    apart, and a shared or virtual machine's speed drifts over minutes, so a ratio within one round
+    (the two runs nearest in time) is steadier than the ratio of two independently chosen rounds."""
+    return [peer_step / step for step, peer_step in zip(result.step_s_rounds, peer.step_s_rounds)]
 
 
 def cache_ceilings(results: list[Result]) -> dict[int, float]:
@@ -82,7 +91,9 @@ def print_table(results: list[Result], vs_peer: list[dict]) -> None:
         print(f"floor+encoders ÷ floor for ×{procs}: {ceiling:.2f}× (the most any encoder cache can gain)")
     print("With one process ZeRO-1/2 run as ZeRO-0 (nothing to partition; see ds_diffusers/config/deepspeed.py).")
     for ratio in vs_peer:
-        print(f"{ratio['name']} ÷ peer: samples/s {ratio['samples_per_s_vs_peer']:.2f}×, "
+        rounds = ratio["paired_rounds_vs_peer"]
+        per_round = f" (round by round {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f}×)" if len(rounds) > 1 else ""
+        print(f"{ratio['name']} ÷ peer: samples/s {ratio['samples_per_s_vs_peer']:.2f}×{per_round}, "
               f"time to first step {ratio['first_step_vs_peer']:.2f}×")
 
 

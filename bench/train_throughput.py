@@ -7,10 +7,11 @@ scripts/train_text_to_image.sh (as users start it) for each ZeRO stage × proces
 encoder cache (compared with the floor; a "cold" run builds the cache first and is reported on its
 own); with --peer, diffusers' examples/text_to_image script through `accelerate launch`. Children
 run one at a time, each in a fresh folder under --work-dir, with OMP_NUM_THREADS = cores // processes.
-Throughput is steady state: the median step time after --warmup-steps.
+Throughput is steady state: the median time per step over windows of log_every_n_steps steps
+after --warmup-steps, the same windows for every program.
 
     python bench/train_throughput.py                                    # ZeRO 0/2/3 × 1/2 processes
-    python bench/train_throughput.py --steps 20 --warmup-steps 5 --stages 0 2 --procs 1
+    python bench/train_throughput.py --steps 70 --warmup-steps 10 --stages 0 2 --procs 1
     python bench/train_throughput.py --peer ../shared/peer --stages 0 2 --procs 1 --repeats 3
 """
 
@@ -266,15 +267,18 @@ def peer_steps(child: ChildRun, steps: int) -> dict[int, float]:
 
 
 def measure(bench: Bench, variant: Variant, child: ChildRun, times: dict[int, float], records: list[dict]) -> Result:
-    """Steady state after step `warmup`: the median time per step between consecutive stamped steps
-    (every step for the floor and the peer, every log point for ds-diffusers: `log_every_n_steps`).
-    The median, not the mean, because on a shared or virtual machine single steps stall for tens of
-    milliseconds now and then, whichever program runs."""
-    stamped = [step for step in sorted(times) if step >= bench.warmup]
+    """Steady state after step `warmup`: the median time per step over windows of
+    `log_every_n_steps` steps, for every program. ds-diffusers stamps only its log points; the floor
+    and the peer stamp every step, but a median of single steps would leave out the stalls a window
+    mean includes (on a shared or virtual machine single steps stall for tens of milliseconds now and
+    then, whichever program runs), so all are timed over the same windows. The median, not the mean,
+    of the windows for the same reason."""
+    window = bench.cfg.log_every_n_steps
+    stamped = [step for step in sorted(times) if step >= bench.warmup and step % window == 0]
     durations = [(times[end] - times[start]) / (end - start) for start, end in zip(stamped, stamped[1:])]
     if len(durations) < 5:
-        raise BenchError(f"{variant.name}: only {len(durations)} timed steps after step {bench.warmup}; "
-                         "raise --steps or lower --warmup-steps")
+        raise BenchError(f"{variant.name}: only {len(durations)} timed windows of {window} steps after step "
+                         f"{bench.warmup}; need 5: raise --steps or lower --warmup-steps")
     step_s = statistics.median(durations)
 
     def peak(key: str) -> float | None:
