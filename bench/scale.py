@@ -91,11 +91,24 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def set_value(extra: list[str], key: str) -> str | None:
+    """The last value --set gives `key` (quotes stripped), or None."""
+    values = [item[len(key) + 1:].strip('"') for item in extra if item.startswith(key + "=")]
+    return values[-1] if values else None
+
+
 def bucket_elements(extra: list[str]) -> int:
     """The gradient bucket the runs use: `zero_optimization.reduce_bucket_size` from --set, else DeepSpeed's."""
-    key = "zero_optimization.reduce_bucket_size="
-    values = [int(float(item[len(key):])) for item in extra if item.startswith(key)]
-    return values[-1] if values else DEFAULT_BUCKET_ELEMENTS
+    value = set_value(extra, "zero_optimization.reduce_bucket_size")
+    return int(float(value)) if value else DEFAULT_BUCKET_ELEMENTS
+
+
+def nvme_sub_group(extra: list[str]) -> int | None:
+    """The sub-group size when --set offloads the optimizer to NVMe (DeepSpeed's default 1e9), else None."""
+    if set_value(extra, "zero_optimization.offload_optimizer.device") != "nvme":
+        return None
+    value = set_value(extra, "zero_optimization.sub_group_size")
+    return int(float(value)) if value else int(1e9)
 
 
 def available_gb() -> float:
@@ -253,7 +266,8 @@ def main() -> int:
         for mode in args.modes:
             for stage in args.stages:
                 for procs in args.procs:
-                    memory = plan_memory(unet_config, mode, stage, procs, bucket_elements(args.extra))
+                    memory = plan_memory(unet_config, mode, stage, procs, bucket_elements(args.extra),
+                                         bf16=set_value(args.extra, "bf16.enabled") == "true", nvme_sub_group=nvme_sub_group(args.extra))
                     result = ScaleResult(mode, stage, procs, memory)
                     results.append(result)
                     if memory.per_rank_gb * procs > budget:

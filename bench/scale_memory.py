@@ -55,7 +55,13 @@ def _lora_params(unet_config: dict[str, Any]) -> int:
 
 
 def plan_memory(unet_config: dict[str, Any], mode: str, stage: int, procs: int,
-                bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> MemoryPlan:
+                bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, bf16: bool = False,
+                nvme_sub_group: int | None = None) -> MemoryPlan:
+    """bf16: 2-byte compute weights, frozen models and gradients besides the fp32 masters and moments
+    (ZeRO-3 makes an fp32 copy of each gradient partition for the step, counted as 4 bytes).
+    nvme_sub_group: ZeRO-3 with the optimizer offloaded to NVMe, stepping sub-groups of that many
+    elements: the fp32 masters and moments live on disk, RAM holds the swap buffers (DeepSpeed's
+    default 4 buffers a sub-group: master, two moments, gradient)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -69,15 +75,21 @@ def plan_memory(unet_config: dict[str, Any], mode: str, stage: int, procs: int,
     trainable = unet if mode == "full" else _lora_params(unet_config)
     # ZeRO-3 loads the UNet partitioned (ds_diffusers.zero_load): one layer whole at a time.
     engine_stage = 0 if procs == 1 and stage in (1, 2) else stage
-    bucket = 4 * min(bucket_elements, trainable)
-    if engine_stage == 3:
-        held = (4 * unet + 16 * trainable) / procs + 4 * largest + bucket
+    weight = 2 if bf16 else 4  # bytes of a compute-copy weight (and of a frozen one)
+    bucket = weight * min(bucket_elements, trainable)
+    if engine_stage == 3 and nvme_sub_group is not None:
+        held = (weight * unet + 4 * trainable) / procs + weight * largest + bucket + 4 * 4 * min(nvme_sub_group, trainable)
+    elif engine_stage == 3:
+        held = (weight * unet + 16 * trainable) / procs + weight * largest + bucket
     elif engine_stage in (1, 2):
-        held = 4 * unet + 4 * trainable * (1 if engine_stage == 1 else 1 / procs) + 12 * trainable / procs + bucket
+        # fp32: the masters are the module's own weights; bf16 keeps them beside the compute copy.
+        masters = 0 if not bf16 else 4 * trainable / (1 if engine_stage == 1 else procs)
+        held = weight * unet + masters + 4 * trainable * (1 if engine_stage == 1 else 1 / procs) + 8 * trainable / procs + bucket
     else:
-        held = 4 * unet + 12 * trainable
-    per_rank = held + 4 * frozen + RUNTIME_BYTES
+        held = weight * unet + (4 * trainable if bf16 else 0) + 12 * trainable
+    per_rank = held + weight * frozen + RUNTIME_BYTES
     if engine_stage == 3:
+        # (NVMe offload is outside the estimator; its optimizer figure is then what would be on disk.)
         cpu, device, _ = estimate_zero3_model_states_mem_needs(trainable, largest, num_gpus_per_node=procs, cpu_offload=False,
                                                                cpu_offload_params=False, zero_init=True)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,9 +20,10 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ds_diffusers.embedded.arch_sdxl import SDXL_BASE_UNET
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python bench/sdxl_memory.py` from anywhere
+
+from ds_diffusers.embedded.arch_sdxl import SDXL_BASE_UNET  # noqa: E402
 GIB = 2**30
 
 
