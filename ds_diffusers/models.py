@@ -175,7 +175,10 @@ def build_unet(cfg: Config, zero3_config: dict | None = None, rank: int = 0) -> 
     # LoRA initialisations computed from the base weights (PiSSA, OLoRA, LoftQ) need them whole.
     if cfg.use_lora.action and cfg.use_lora.init not in (True, False, "gaussian"):
         zero3_config = None
-    unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank)
+    # Building inside zero.Init runs the UNet's random initialisation (then overwritten) and the
+    # ordinary load does not: keep the RNG out of it, so LoRA's initialisation is the same either way.
+    with torch.random.fork_rng(devices=[]):
+        unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank)
     if cfg.use_lora.action:
         add_lora(unet, cfg.use_lora)
     return unet

@@ -50,6 +50,10 @@ def one_rank():
     deepspeed.init_distributed(dist_backend="gloo")
     yield
     torch.distributed.destroy_process_group()
+    # DeepSpeed keeps a clone of the world group; a later module's group would find this dead one.
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,18 @@
 """Precision on one in-process DeepSpeed engine (a small MLP, configs from `to_deepspeed_config`):
-fp32 gradient accumulation under bf16, and an EMA of the fp32 masters that equals diffusers' EMAModel.
+fp32 gradient accumulation under bf16, an EMA of the fp32 masters that equals diffusers' EMAModel,
+and the ZeRO-0 step's clipping, bitwise DeepSpeed's.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import types
 
 import pytest
 import torch
 
+from ds_diffusers import nonfinite
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import check_consistency
 from ds_diffusers.ema import ShardedEMA, ema_decay
@@ -125,3 +129,24 @@ def test_validation_use_ema_and_nvme_offload_are_checked():
             "stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}))
     check_consistency(validate_dict({**base, "use_ema": True, "zero_optimization": {  # cpu offload works
         "stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}))
+
+
+def test_plain_optimizer_clips_exactly_as_deepspeed_in_one_pass(one_rank):
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(n)) for n in (5, 300, 7)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for mine, reference in zip(ours, theirs):
+        mine.grad = 3 * torch.randn_like(mine)
+        reference.grad = mine.grad.clone()
+    engine = types.SimpleNamespace(optimizer=torch.optim.SGD(ours, lr=0.1), gradient_clipping=lambda: 1.0)
+    nonfinite.skip_nonfinite_steps(engine)
+    engine.clip_fp32_gradients()
+    clip_grad_norm_(theirs, 1.0)
+    assert all(torch.equal(mine.grad, reference.grad) for mine, reference in zip(ours, theirs))
+    assert nonfinite.grad_norm([p.grad for p in ours]).item() == pytest.approx(1.0, rel=1e-5)
+    ours[1].grad[4] = math.inf  # a non-finite gradient survives clipping as nan and skips the step
+    engine.clip_fp32_gradients()
+    engine.optimizer.step()
+    assert engine.optimizer.overflow and not engine.optimizer.state

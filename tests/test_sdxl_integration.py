@@ -2,7 +2,8 @@
 together cover full and LoRA × 1 and 2 processes × ZeRO-2 and ZeRO-3: LoRA with 2 processes under
 ZeRO-3 (save mid-way, resume, compare, export, sample), a full fine-tune with 2 processes under ZeRO-2
 with both caches, EMA and a validation grid, a full fine-tune with 2 processes under ZeRO-3 (resumed
-exactly), and LoRA with 1 process under ZeRO-2. Every export must load in StableDiffusionXLPipeline."""
+exactly), and with 1 process a full fine-tune under ZeRO-3 and LoRA under ZeRO-2. Every export must
+load in StableDiffusionXLPipeline."""
 
 from __future__ import annotations
 
@@ -108,15 +109,19 @@ def test_full_two_process_zero3_loads_partitioned_and_resumes_exactly(sdxl_model
     assert_sdxl_export_loads(straight / "model", sdxl_model)
 
 
-def test_lora_one_process_zero2_exports_a_loadable_lora(sdxl_model, tiny_assets, tmp_path):  # noqa: F811
-    assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, tmp_path, "use_lora.action=true", "use_lora.rank=4",
+def test_one_process_full_zero3_and_lora_zero2_export_loadable_folders(sdxl_model, tiny_assets, tmp_path):  # noqa: F811
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, full, "zero_optimization.stage=3", "max_train_steps=2")))
+    assert len(losses(full / "model")) == 2
+    assert_sdxl_export_loads(full / "model", sdxl_model)
+    assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, lora, "use_lora.action=true", "use_lora.rank=4",
                               "optimizer.params.lr=0.01", "zero_optimization.stage=2", "max_train_steps=2")))
-    assert len(losses(tmp_path / "model")) == 2
+    assert len(losses(lora / "model")) == 2
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_model)
     before = generate(pipe)
-    pipe.load_lora_weights(tmp_path / "model")
+    pipe.load_lora_weights(lora / "model")
     assert abs(generate(pipe) - before).max() > 1e-4
 
 
