@@ -52,8 +52,11 @@ def _guard_plain_optimizer(engine: Any) -> None:
         torch._foreach_mul_(current, coefficient.to(current[0].dtype))
 
     def step(self: Any, closure: Any = None) -> Any:
-        norm = clipped_norm.pop() if clipped_norm else (grad_norm(grads()) if grads() else torch.zeros(()))
-        clipped_norm.clear()
+        if clipped_norm:
+            norm = clipped_norm.pop()
+        else:  # gradient_clipping 0: the engine did not call clip()
+            current = grads()
+            norm = grad_norm(current) if current else torch.zeros(())
         self.overflow = not bool(norm.isfinite())
         if self.overflow:
             return None  # the engine zeroes the gradients and counts the skip

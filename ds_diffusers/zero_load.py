@@ -1,8 +1,7 @@
 """Load the UNet for ZeRO-3 without a full copy per rank (run on all ranks).
 
 Loading the UNet normally and letting `deepspeed.initialize` partition it makes every rank hold the
-whole fp32 UNet first (3.4 GB for SD 1.5) on top of what ZeRO-3 then allocates; with two ranks a full
-fine-tune of SD 1.5 did not fit in 24 GiB that way. diffusers' `from_pretrained` fails inside
+whole fp32 UNet first (3.4 GB for SD 1.5) on top of what ZeRO-3 then allocates. diffusers' `from_pretrained` fails inside
 `deepspeed.zero.Init` (meta tensors, or a size check against the partitioned parameters), so this
 module builds the UNet from its config inside `zero.Init`, which partitions every submodule as soon
 as it exists, then fills the partitions module by module: each module's parameters are gathered

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import diffusers
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ds_diffusers.embedded.arch_sd import save_diffusers_folder
 from ds_diffusers.embedded.tokenizer import write_tokenizer
 
 MODEL_MAX_LENGTH = 77  # as the real tokenizers
@@ -95,23 +95,6 @@ def make_scheduler() -> EulerDiscreteScheduler:
                                   timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
 
 
-def model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "force_zeros_for_empty_prompt": True,
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
 def _write_second_tokenizer(out_dir: Path) -> None:
     """The OpenCLIP tokenizer of SDXL pads with "!" (id 0), not with the end token as the first."""
     write_tokenizer(out_dir, MODEL_MAX_LENGTH)
@@ -133,10 +116,11 @@ def build_sdxl_model(out_dir: Path, seed: int = 0, resolution: int = 64) -> Path
     second.pad_token_id = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2").pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        CLIPTextModel(first).save_pretrained(out_dir / "text_encoder")
-        CLIPTextModelWithProjection(second).save_pretrained(out_dir / "text_encoder_2")
-        make_vae(resolution).save_pretrained(out_dir / "vae")
-        make_unet(resolution // 8).save_pretrained(out_dir / "unet")
-    make_scheduler().save_pretrained(out_dir / "scheduler")
-    (out_dir / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+        components = {"text_encoder": CLIPTextModel(first), "text_encoder_2": CLIPTextModelWithProjection(second),
+                      "vae": make_vae(resolution), "unet": make_unet(resolution // 8)}
+    written_in_place = {"tokenizer": ("transformers", "CLIPTokenizer"), "tokenizer_2": ("transformers", "CLIPTokenizer")}
+    save_diffusers_folder(out_dir, "StableDiffusionXLPipeline",
+                          {**components, **written_in_place, "scheduler": make_scheduler(), "feature_extractor": None,
+                           "image_encoder": None},
+                          extra={"force_zeros_for_empty_prompt": True})
     return out_dir

@@ -7,14 +7,13 @@ DDPM scheduler. The result loads with `StableDiffusionPipeline.from_pretrained(m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ds_diffusers.embedded.arch_sd import save_diffusers_folder
 from ds_diffusers.embedded.cache import DEFAULT_VAE_TRAIN_STEPS
 from ds_diffusers.embedded.tokenizer import write_tokenizer
 from ds_diffusers.embedded.vae_training import latent_scaling_factor, train_vae
@@ -104,22 +103,6 @@ def make_scheduler() -> DDPMScheduler:
     )
 
 
-def _model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
 def build_tiny_model(out_dir: Path, seed: int = 0, vae_train_steps: int = DEFAULT_VAE_TRAIN_STEPS) -> None:
     """Write tokenizer/, text_encoder/, vae/, unet/, scheduler/ and model_index.json into `out_dir`.
 
@@ -150,8 +133,8 @@ def build_tiny_model(out_dir: Path, seed: int = 0, vae_train_steps: int = DEFAUL
     vae.eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, num_images=128, seed=seed + 4))
 
-    text_encoder.save_pretrained(out_dir / "text_encoder")
-    vae.save_pretrained(out_dir / "vae")
-    unet.save_pretrained(out_dir / "unet")
-    make_scheduler().save_pretrained(out_dir / "scheduler")
-    (out_dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+    save_diffusers_folder(out_dir, "StableDiffusionPipeline",
+                          {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": make_scheduler(),
+                           "tokenizer": ("transformers", "CLIPTokenizer"), "feature_extractor": None,
+                           "image_encoder": None, "safety_checker": None},
+                          extra={"requires_safety_checker": False})
