@@ -304,6 +304,13 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
     return step_dir
 
 
+def written_at_stage_0(step_dir: Path) -> bool:
+    """Whether a ZeRO-0 engine wrote this checkpoint: it writes no `*optim_states.pt` files (its
+    optimizer state is inside the model-states file). Read from the files, not from today's stage
+    policy: 16-bit runs with one process wrote stage-0 checkpoints before they were moved to ZeRO-1."""
+    return not any(step_dir.glob("*optim_states.pt"))
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     meta_file = step_dir / META_FILE
     if not meta_file.is_file():
@@ -331,6 +338,11 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, ema: Any = No
     """All ranks must call this. Restores engine, RNG and EMA state; returns the checkpoint's metadata."""
     meta = read_meta(step_dir)
     meta["changed_keys"] = check_compatible(meta, cfg, dist.world_size, step_dir)
+    if written_at_stage_0(step_dir) and engine.zero_optimization_stage() != 0:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), "it was written by a ZeRO-0 engine, which 16-bit runs "
+                          f"no longer use (DeepSpeed's stage-0 fp16 path never scaled the loss); this run's engine is ZeRO-"
+                          f"{engine.zero_optimization_stage()}. Export it with python -m ds_diffusers.export --checkpoint "
+                          f"{step_dir} --out DIR and start a new run from DIR")
     try:
         path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ds_diffusers.checkpoint import LATEST, read_meta
+from ds_diffusers.checkpoint import LATEST, read_meta, written_at_stage_0
 from ds_diffusers.config import validate_dict
-from ds_diffusers.config.deepspeed import engine_zero_stage
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.export import EXPORT_DTYPES, cast_for_export, copy_frozen_components, write_lora, write_unet
 from ds_diffusers.models import build_unet, param_groups
@@ -104,8 +103,9 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     is_lora = cfg.use_lora.action
     export_dtype = export_dtype or cfg.export_dtype
     unet = build_unet(cfg)
-    # The stage the engine ran, which decides the checkpoint's layout (one process runs ZeRO-1/2 as 0).
-    stage = engine_zero_stage(cfg, meta["world_size"])
+    # The stage the engine ran decides the layout; ZeRO-3 is never changed by the stage policy, and
+    # the readers below treat stages 1 and 2 alike.
+    stage = 0 if written_at_stage_0(step_dir) else 3 if cfg.zero_optimization.stage == 3 else 1
     state = _fp32_state(step_dir, stage, trainable_only=is_lora, cfg=cfg, unet=unet)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -63,30 +63,58 @@ class MasterWeights:
     def local(self) -> list[Slice]:
         """This rank's fp32 master slices, views into the optimizer's own storage (no copies except
         where DeepSpeed's ZeRO-3 API moves an offloaded partition to the accelerator)."""
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        stage0 = None
+        stage0: dict[int, torch.Tensor] | None = None
         out: list[Slice] = []
         for p in self.params:
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
+                out.append(self._local_slice(p))
+                continue
+            stage0 = _stage0_masters(self.optimizer) if stage0 is None else stage0
+            if id(p) not in stage0:
+                raise RuntimeError(f"no fp32 master weight found for a {p.dtype} parameter under "
+                                   f"{type(self.optimizer).__name__}")
+            out.append((stage0[id(p)], 0))
+        return out
+
+    def _local_slice(self, p: torch.nn.Parameter) -> Slice:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        if hasattr(p, "ds_id"):
+            # ZeRO-3 partitions are equal-sized; rank r holds [r * size, (r + 1) * size).
+            return safe_get_local_fp32_param(p).view(-1), self.rank * p.ds_tensor.ds_numel
+        if hasattr(p, "_hp_mapping"):
+            mapping = p._hp_mapping
+            if mapping is None:  # no fragment of this parameter on this rank
+                return torch.empty(0, dtype=torch.float32, device=p.device), 0
+            return mapping.hp_fragment.view(-1), mapping.lp_fragment_address.start
+        return p.data.view(-1), 0
+
+    @torch.no_grad()
+    def write_full(self, full_value: Any) -> None:
+        """All ranks. Overwrite every trainable parameter's fp32 master with `full_value(name)` (the
+        full fp32 tensor); each rank writes the part it holds. The 16-bit compute copy is left as it
+        is: it already holds these values rounded."""
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        stage0: dict[int, torch.Tensor] | None = None
+        for name, p in zip(self.names, self.params):
+            full = full_value(name).reshape(-1)
             if hasattr(p, "ds_id"):
-                # ZeRO-3 partitions are equal-sized; rank r holds [r * size, (r + 1) * size).
-                master = safe_get_local_fp32_param(p).view(-1)
-                out.append((master, self.rank * p.ds_tensor.ds_numel))
-            elif hasattr(p, "_hp_mapping"):
-                mapping = p._hp_mapping
-                if mapping is None:  # no fragment of this parameter on this rank
-                    out.append((torch.empty(0, dtype=torch.float32, device=p.device), 0))
-                else:
-                    out.append((mapping.hp_fragment.view(-1), mapping.lp_fragment_address.start))
-            elif p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups"):
-                out.append((p.data.view(-1), 0))
+                # DeepSpeed's setter, not a copy into safe_get_local_fp32_param's result: under
+                # optimizer offload that is a copy on the accelerator, not the host partition.
+                size = p.ds_tensor.ds_numel
+                start = self.rank * size
+                partition = torch.zeros(size, dtype=torch.float32)
+                length = max(0, min(size, full.numel() - start))  # the last partition is padded
+                partition[:length] = full[start:start + length]
+                safe_set_local_fp32_param(p, partition)
+                continue
+            if hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
+                master, start = self._local_slice(p)
             else:
                 stage0 = _stage0_masters(self.optimizer) if stage0 is None else stage0
-                if id(p) not in stage0:
-                    raise RuntimeError(f"no fp32 master weight found for a {p.dtype} parameter under "
-                                       f"{type(self.optimizer).__name__}")
-                out.append((stage0[id(p)], 0))
-        return out
+                master, start = stage0[id(p)], 0
+            master.copy_(full[start:start + master.numel()])
 
     @torch.no_grad()
     def gather_full(self, slices: list[Slice], *, to_all: bool = False) -> dict[str, torch.Tensor]:
@@ -110,3 +138,47 @@ class MasterWeights:
             if to_all or self.rank == 0:
                 out[name] = full.view(self.shape(p)).detach().cpu().clone()
         return out
+
+
+class StartingValues:
+    """The fp32 values the trainable parameters start from, kept for the optimizer's masters.
+
+    `deepspeed.initialize` casts a 16-bit run's module before its optimizer clones the fp32 masters,
+    so the masters (and EMA's starting point, and the export of a short run) would start from
+    rounded weights; under ZeRO-3's partitioned load the parameters never held fp32 values at all.
+    `capture` runs before `initialize`: it holds (does not copy) the fp32 tensors of the ordinary
+    parameters, since the engine's cast rebinds `param.data` and leaves them intact, and for the
+    parameters zero.Init built already partitioned it keeps the safetensors file they were filled
+    from (`unet_weight_files`, tensor name -> file), to read one tensor at a time. `write_into` puts
+    them into the masters after `initialize`."""
+
+    def __init__(self, held: dict[str, torch.Tensor], files: dict[str, Any]) -> None:
+        self.held = held
+        self.files = files
+
+    @classmethod
+    def capture(cls, module: torch.nn.Module, unet_weight_files: dict[str, Any] | None) -> "StartingValues":
+        held, files = {}, {}
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if hasattr(p, "ds_id"):
+                if unet_weight_files is None or name not in unet_weight_files:
+                    raise RuntimeError(f"{name} was built partitioned but is not in the UNet's safetensors files")
+                files[name] = unet_weight_files[name]
+            else:
+                held[name] = p.data
+        return cls(held, files)
+
+    def full(self, name: str) -> torch.Tensor:
+        if name in self.held:
+            return self.held[name]
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name).float()
+
+    def write_into(self, engine: Any) -> None:
+        """All ranks, once, right after `deepspeed.initialize` and before anything reads the masters."""
+        MasterWeights(engine).write_full(self.full)
+        self.held, self.files = {}, {}

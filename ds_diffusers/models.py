@@ -184,6 +184,21 @@ def build_unet(cfg: Config, zero3_config: dict | None = None, rank: int = 0) -> 
     return unet
 
 
+def cast_trainable_like_partitioned(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give parameters created after a `zero.Init` build (LoRA adapters, fp32) the weight dtype.
+
+    `deepspeed.initialize` casts a module to fp16/bf16 only when it was not built inside zero.Init,
+    and ZeRO-3 takes its compute dtype, and with it the loss scaler, from the first trainable
+    parameter: fp32 adapters on a partitioned UNet would make an fp16 run's loss scale a static 1.
+    Cast here, as the engine does on the ordinary load path, so both paths compute the same numbers
+    (the fp32 masters are written from the values before the cast, `masters.StartingValues`)."""
+    if not any(hasattr(p, "ds_id") for p in unet.parameters()):
+        return
+    for param in unet.parameters():
+        if param.requires_grad and not hasattr(param, "ds_id") and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """Trainable parameters split by `optimizer.param_groups` (first matching rule wins), each group
     with its own lr (base lr × `lr_scale`; the schedule multiplies every group's lr alike) and weight decay."""

@@ -31,11 +31,14 @@ from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
-from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32)
+from ds_diffusers.masters import StartingValues
+from ds_diffusers.models import (DTYPES, attention_description, build_unet, cast_trainable_like_partitioned, load_frozen_components,
+                                 param_groups, set_tf32)
 from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message, skip_nonfinite_steps
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.step_window import StepWindow
+from ds_diffusers.zero_load import weight_files
 
 
 class Preempted(Exception):
@@ -78,7 +81,10 @@ def zero_description(cfg: Config, ds_config: dict, loaded_partitioned: bool = Fa
         return "ZeRO-3 (UNet " + ("loaded partitioned)" if loaded_partitioned else "loaded whole on every rank, then partitioned)")
     if engine_stage == cfg.zero_optimization.stage:
         return f"ZeRO-{engine_stage}"
-    reason = "fp32 gradient accumulation needs ZeRO >= 1" if engine_stage == 1 else "one process has nothing to partition"
+    if cfg.zero_optimization.stage == 0:
+        reason = "16-bit weights need a ZeRO optimizer for loss scaling and fp32 masters"
+    else:
+        reason = "one process has nothing to partition"
     return f"ZeRO-{cfg.zero_optimization.stage} (run as ZeRO-{engine_stage}: {reason})"
 
 
@@ -166,6 +172,12 @@ def train(cfg: Config) -> Path | None:
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     unet = build_unet(cfg, ds_config if zero3 else None, dist.rank)
     loaded_partitioned = hasattr(next(unet.parameters()), "ds_id")
+    # 16-bit: the optimizer's fp32 masters start from the checkpoint's values, not rounded ones.
+    starting_values = None
+    if weight_dtype != torch.float32 and resume_from is None:
+        unet_files = weight_files(Path(cfg.pretrained_model_name_or_path) / "unet") if loaded_partitioned else None
+        starting_values = StartingValues.capture(unet, unet_files)
+    cast_trainable_like_partitioned(unet, weight_dtype)
     groups = param_groups(unet, cfg)
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
 
@@ -186,6 +198,9 @@ def train(cfg: Config) -> Path | None:
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config,
                                                       lr_scheduler=lr_scheduler_factory(cfg, plan.total_steps))
+    if starting_values is not None:
+        starting_values.write_into(engine)
+        starting_values = None
     if dist.world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
         # Averaging gradients over one rank changes nothing, but the stage-0 engine would still
         # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their

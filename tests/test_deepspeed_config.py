@@ -92,7 +92,8 @@ def test_single_process_runs_zero_1_and_2_as_stage_0(stage, world_size, offload,
     ("bf16", 4, 1, 0, 1, True),  # stage 0 rejects fp32 accumulation of bf16 weights
     ("fp16", 4, 2, 0, 1, True),
     ("bf16", 4, 2, 2, 2, True), ("bf16", 4, 2, 3, 3, True),
-    ("bf16", 1, 1, 2, 0, False),  # nothing to accumulate: the shortcut stays
+    ("bf16", 1, 1, 2, 1, False),  # 16-bit never runs stage 0 (tests/test_engine_16bit.py)
+    ("fp16", 1, 1, 0, 1, False),
     ("fp32", 4, 1, 2, 0, False),  # fp32 weights already accumulate in fp32
 ])
 def test_fp32_gradient_accumulation(precision, accumulation, world_size, stage, engine_stage, fp32_accum):

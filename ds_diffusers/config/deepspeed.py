@@ -28,22 +28,28 @@ def accumulates_in_fp32(cfg: Config) -> bool:
 
 
 def engine_zero_stage(cfg: Config, world_size: int) -> int:
-    """The stage the engine runs. ZeRO-1/2 partition optimizer state and gradients over the data-
-    parallel ranks; with one rank they partition nothing and only add per-parameter gradient hooks
-    and buffer copies (a quarter of a step for the embedded model on a CPU), so a single process
-    runs them as stage 0, which makes the same update. Optimizer offload needs stage >= 1 and
-    ZeRO-3 partitions differently, so both keep their stage.
+    """The stage the engine runs.
 
-    DeepSpeed 0.19.8 accumulates 16-bit gradients in fp32 only at stage >= 1 (stage 0 raises
-    "unsupported mix of model_dtype and grad_accum_dtype"; stage 1 with bf16 runs its BF16_Optimizer),
-    so such runs never take the stage-0 shortcut, and a configured stage 0 runs as stage 1, which
-    makes the same update."""
+    fp32: ZeRO-1/2 partition optimizer state and gradients over the data-parallel ranks; with one
+    rank they partition nothing and only add per-parameter gradient hooks and buffer copies (a
+    quarter of a step for the embedded model on a CPU), so a single process runs them as stage 0,
+    which makes the same update. Optimizer offload needs stage >= 1 and ZeRO-3 partitions
+    differently, so both keep their stage.
+
+    fp16/bf16 never run stage 0. DeepSpeed 0.19.8's stage-0 wrappers (FP16_Optimizer with its fused
+    Adam, FP16_UnfusedOptimizer otherwise) are not `ZeROOptimizer`s, so `engine.backward` never
+    multiplies the loss by the loss scale, yet their `step()` divides the gradients by it: every
+    update is 2**16 times too small and the scaler never sees an overflow. bf16 at stage 0 runs the
+    same FP16_Optimizer (fp32 gradient copies per parameter), and 16-bit gradients are accumulated
+    in fp32 only at stage >= 1. So a 16-bit run takes ZeRO-1 where stage 0 was configured or one
+    process makes ZeRO-1/2 equivalent; the update is the same, and the ZeRO optimizers scale the
+    loss and keep fp32 masters."""
     zero = cfg.zero_optimization
     offloads = resolve_offload_device(zero.offload_optimizer.device) != "none"
-    shortcut = world_size == 1 and zero.stage in (1, 2) and not offloads
-    if accumulates_in_fp32(cfg):
-        return 1 if shortcut or zero.stage == 0 else zero.stage
-    return 0 if shortcut else zero.stage
+    nothing_to_partition = world_size == 1 and zero.stage in (1, 2) and not offloads
+    if cfg.weight_dtype_name == "float32":
+        return 0 if nothing_to_partition else zero.stage
+    return 1 if nothing_to_partition or zero.stage == 0 else zero.stage
 
 
 def zero_block(cfg: Config, world_size: int) -> dict[str, Any]:
