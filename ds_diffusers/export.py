@@ -5,7 +5,7 @@ from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` (o
 `StableDiffusionXLPipeline`, for an SDXL base) loads the pipeline.
 LoRA: `output_dir/pytorch_lora_weights.safetensors`, read by `pipe.load_lora_weights(output_dir)`.
 
-Trained weights come from the fp32 masters (`masters.MasterWeights`), not the 16-bit compute copy,
+Trained weights come from the fp32 masters (`engine.MasterWeights`), not the 16-bit compute copy,
 then are cast to `export_dtype` (fp32 by default), so the end-of-run export and the offline export of
 the last checkpoint (`export_cli`) write the same bytes. Under ZeRO-3 a parameter on one rank is an
 empty placeholder, so weights are gathered one tensor at a time on all ranks and only rank 0 writes
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ds_diffusers.masters import MasterWeights
+from ds_diffusers.engine import MasterWeights, gathered, is_zero3_param
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -40,15 +40,13 @@ def cast_for_export(state: dict[str, torch.Tensor], export_dtype: str) -> dict[s
 def gathered_state_dict(module: torch.nn.Module, *, rank: int, trainable_only: bool = False,
                         exclude: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """All ranks must call this. Returns full CPU tensors on rank 0 and an empty dict elsewhere."""
-    import deepspeed
-
     trainable = {name for name, param in module.named_parameters() if param.requires_grad}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         if (trainable_only and name not in trainable) or name in exclude:
             continue
-        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        if is_zero3_param(tensor):
+            with gathered([tensor]):
                 if rank == 0:
                     state[name] = tensor.detach().cpu().clone()
         elif rank == 0:

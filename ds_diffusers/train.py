@@ -28,11 +28,12 @@ from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check
                                select_train_samples, to_device)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
+from ds_diffusers.engine import full_numel, is_zero3_param, skip_nonfinite_steps, skip_single_rank_allreduce
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32)
-from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message, skip_nonfinite_steps
+from ds_diffusers.engine.overflow import check_weights_before_writing, nonfinite_stop_message
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.step_window import StepWindow
@@ -165,9 +166,9 @@ def train(cfg: Config) -> Path | None:
                                     fused_adam_ok=fused_adam_problem is None)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     unet = build_unet(cfg, ds_config if zero3 else None, dist.rank)
-    loaded_partitioned = hasattr(next(unet.parameters()), "ds_id")
+    loaded_partitioned = is_zero3_param(next(unet.parameters()))
     groups = param_groups(unet, cfg)
-    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+    num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
@@ -186,11 +187,7 @@ def train(cfg: Config) -> Path | None:
         (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config,
                                                       lr_scheduler=lr_scheduler_factory(cfg, plan.total_steps))
-    if dist.world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
-        # Averaging gradients over one rank changes nothing, but the stage-0 engine would still
-        # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their
-        # gradient buffers in that call, so they keep it.)
-        engine.enable_backward_allreduce = False
+    skip_single_rank_allreduce(engine, dist.world_size, ds_config["zero_optimization"]["stage"])
     skip_nonfinite_steps(engine)
     if cfg.compile:
         engine.compile()

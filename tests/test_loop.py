@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from ds_diffusers import nonfinite
+from ds_diffusers.engine import overflow as nonfinite
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.data import default_num_workers, to_device

@@ -12,12 +12,12 @@ import types
 import pytest
 import torch
 
-from ds_diffusers import nonfinite
+from ds_diffusers.engine import overflow as nonfinite
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import check_consistency
 from ds_diffusers.ema import ShardedEMA, ema_decay
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.masters import MasterWeights
+from ds_diffusers.engine import MasterWeights
 
 MICRO, ACCUMULATION = 8, 4
 

@@ -1,4 +1,4 @@
-"""ZeRO-3 loads the UNet already partitioned (`zero_load`), on the SD 1.5-shaped test model, in one
+"""ZeRO-3 loads the UNet already partitioned (`engine.zero_load`), on the SD 1.5-shaped test model, in one
 in-process rank: the weights equal `from_pretrained`'s, LoRA attaches to the partitioned UNet, and
 layouts it does not read fall back to the ordinary loader. (Two ranks: the ZeRO-3 launcher tests.)"""
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.models import build_unet
-from ds_diffusers.zero_load import WEIGHTS, load_unet_partitioned
+from ds_diffusers.engine.zero_load import WEIGHTS, load_unet_partitioned
 
 
 def zero3(model_dir, **changes):

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ds_diffusers.engine.params import full_numel, full_shape, is_zero3_param, partition_numel
+
 Slice = tuple[torch.Tensor, int]
 
 
@@ -52,13 +54,15 @@ class MasterWeights:
         self.optimizer = engine.optimizer
         self.rank, world = _world()
         # Partitioned: a rank holds only part of each master, so full tensors need a collective.
-        self.partitioned = world > 1 and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in self.params)
+        self.partitioned = world > 1 and any(is_zero3_param(p) or hasattr(p, "_hp_mapping") for p in self.params)
+        # ZeRO-1/2: each rank computes with full parameters but holds only fragments of the masters.
+        self.fragmented = self.partitioned and not is_zero3_param(self.params[0])
 
     def numel(self, param: torch.nn.Parameter) -> int:
-        return param.ds_numel if hasattr(param, "ds_id") else param.numel()
+        return full_numel(param)
 
     def shape(self, param: torch.nn.Parameter) -> torch.Size:
-        return param.ds_shape if hasattr(param, "ds_id") else param.shape
+        return full_shape(param)
 
     def local(self) -> list[Slice]:
         """This rank's fp32 master slices, views into the optimizer's own storage (no copies except
@@ -68,10 +72,10 @@ class MasterWeights:
         stage0 = None
         out: list[Slice] = []
         for p in self.params:
-            if hasattr(p, "ds_id"):
+            if is_zero3_param(p):
                 # ZeRO-3 partitions are equal-sized; rank r holds [r * size, (r + 1) * size).
                 master = safe_get_local_fp32_param(p).view(-1)
-                out.append((master, self.rank * p.ds_tensor.ds_numel))
+                out.append((master, self.rank * partition_numel(p)))
             elif hasattr(p, "_hp_mapping"):
                 mapping = p._hp_mapping
                 if mapping is None:  # no fragment of this parameter on this rank
