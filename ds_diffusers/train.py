@@ -33,7 +33,7 @@ from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, attention_description, build_unet, load_frozen_components, param_groups, set_tf32)
-from ds_diffusers.engine.overflow import check_weights_before_writing, nonfinite_stop_message
+from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.step_window import StepWindow

@@ -17,9 +17,9 @@ are used only here, so a version bump has one place to audit and one test to run
 # config first resolves the two in either import order.
 import ds_diffusers.config  # noqa: F401  (isort: skip)
 from ds_diffusers.engine.masters import MasterWeights
-from ds_diffusers.engine.overflow import grad_norm, skip_nonfinite_steps
+from ds_diffusers.engine.overflow import grad_norm, optimizer_fp32_tensors, skip_nonfinite_steps
 from ds_diffusers.engine.params import full_numel, full_shape, gathered, is_zero3_param, local_partition
 from ds_diffusers.engine.stage import accumulates_in_fp32, engine_zero_stage, skip_single_rank_allreduce
 
 __all__ = ["MasterWeights", "accumulates_in_fp32", "engine_zero_stage", "full_numel", "full_shape", "gathered", "grad_norm",
-           "is_zero3_param", "local_partition", "skip_nonfinite_steps", "skip_single_rank_allreduce"]
+           "is_zero3_param", "local_partition", "optimizer_fp32_tensors", "skip_nonfinite_steps", "skip_single_rank_allreduce"]
