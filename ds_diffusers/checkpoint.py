@@ -33,6 +33,7 @@ import torch
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
 from ds_diffusers.errors import ConfigError, TrainingError
+from ds_diffusers.export import EXPORT_RESULTS
 from ds_diffusers.family import FAMILY_NAMES, model_family
 
 META_FILE = "ds_diffusers.json"
@@ -198,7 +199,7 @@ def check_fresh_start(cfg: Config) -> None:
     leftovers = []
     if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
         leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
-    results = ["unet", "unet_ema", "pytorch_lora_weights.safetensors"]
+    results = list(EXPORT_RESULTS)
     if cfg.resume_from_checkpoint is False:
         results.append("logs")
     out = Path(cfg.output_dir)

@@ -1,6 +1,4 @@
-"""Offline export of a checkpoint, no process group needed:
-
-    python -m ds_diffusers.export --checkpoint CHECKPOINT_DIR[/step_N] --out DIR [--export-dtype fp32|fp16|bf16]
+"""Offline export of a checkpoint in one process, no process group needed (the CLI is `__main__`).
 
 The fp32 master weights are read from the checkpoint (ZeRO-1/2/3 partitions merged with DeepSpeed's
 own consolidation; at stage 0 the fp16/bf16 optimizer's fp32 copies) and cast to `export_dtype`
@@ -10,17 +8,15 @@ in the same layout (`unet/`, `unet_ema/` with EMA, or `pytorch_lora_weights.safe
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from ds_diffusers.checkpoint import LATEST, read_meta
 from ds_diffusers.config import validate_dict
-from ds_diffusers.config.deepspeed import engine_zero_stage
+from ds_diffusers.engine import engine_zero_stage
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.export import EXPORT_DTYPES, cast_for_export, copy_frozen_components, write_lora, write_unet
+from ds_diffusers.export.write import EMA_DIR, UNET_DIR, cast_for_export, copy_frozen_components, write_lora, write_unet
 from ds_diffusers.models import build_unet, param_groups
 
 
@@ -98,7 +94,7 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     train_cfg = meta["training_config"]
     cfg = validate_dict({**train_cfg, "pretrained_model_name_or_path": meta["pretrained_model_name_or_path"], "dataset_dir": "."})
     base_dir = Path(cfg.pretrained_model_name_or_path)
-    if not (base_dir / "unet").is_dir():
+    if not (base_dir / UNET_DIR).is_dir():
         raise ConfigError("--checkpoint", str(step_dir), f"its base model {base_dir} is gone; the export needs its frozen "
                           "components and UNet config")
     is_lora = cfg.use_lora.action
@@ -117,22 +113,7 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     path = write_unet(unet.to_json_string(), cast_for_export(full, export_dtype), out_dir)
     if cfg.use_ema:
         ema = _ema_state(step_dir, unet, meta["world_size"], stage)
-        write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir, subfolder="unet_ema")
+        write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir, subfolder=EMA_DIR)
     copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None)
     return path
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ds_diffusers.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint_dir (uses its latest) or one step_<N> folder")
-    parser.add_argument("--out", required=True, help="folder to write the diffusers export into")
-    parser.add_argument("--export-dtype", choices=sorted(EXPORT_DTYPES), default=None,
-                        help="dtype of the written weights (default: the run's export_dtype, fp32 unless set)")
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, args.export_dtype)
-    except ConfigError as err:
-        print(f"ds-diffusers: export error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {path}")
-    return 0
