@@ -38,6 +38,13 @@ def _stage0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     return masters
 
 
+def place_slice(full: torch.Tensor, local: torch.Tensor, start: int) -> None:
+    """Copy a rank's 1-D slice into the flattened parameter `full` at `start`; ZeRO-3 pads the last
+    partition past the parameter's end, and that padding is dropped."""
+    length = max(0, min(local.numel(), full.numel() - start))
+    full[start:start + length] = local[:length].to(full.device)
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -106,8 +113,7 @@ class MasterWeights:
             numel = self.numel(p)
             if self.partitioned:
                 full = torch.zeros(numel, dtype=torch.float32, device=device)
-                length = max(0, min(local.numel(), numel - start))  # ZeRO-3 pads the last partition
-                full[start:start + length] = local[:length].to(device)
+                place_slice(full, local, start)
                 torch.distributed.all_reduce(full.view(torch.int32))
             else:
                 full = local
