@@ -93,5 +93,9 @@ def skip_nonfinite_steps(engine: Any) -> None:
 def optimizer_fp32_tensors(engine: Any) -> list[torch.Tensor]:
     """The non-empty fp32 tensors this rank's optimizer steps: the masters (or their partitions)
     under DeepSpeed's wrappers, the parameters themselves under a plain torch optimizer."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wrappers keep the torch optimizer here
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        # ZeRO-3 puts its flat fp32 partitions into the torch optimizer's groups only inside step().
+        return [flat for flat in optimizer.fp32_partitioned_groups_flat if flat.numel()]
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wrappers keep the torch optimizer here
     return [p for group in inner.param_groups for p in group["params"] if p.numel()]
