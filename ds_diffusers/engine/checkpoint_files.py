@@ -5,9 +5,10 @@ this module knows DeepSpeed 0.19.8's layout of a step folder, which depends on t
 - stage 0: `mp_rank_00_model_states.pt` holds the module state dict (in the compute dtype) and the
   optimizer state; under fp16/bf16 the FP16 optimizer wrappers keep their fp32 copies there, per
   parameter (`fp32_groups`) or as one flat buffer per group (`fp32_groups_flat`);
-- BF16_Optimizer (bf16 with fp32 gradient accumulation at stage 1): `bf16_zero_pp_rank_<R>_*`
-  files, each rank's flat fp32 partition and where each parameter's fragment lies in it;
-- ZeRO-1/2/3 otherwise: DeepSpeed's own consolidation, `zero_to_fp32`.
+- ZeRO-1/2 under bf16 (BF16_Optimizer with fp32 gradient accumulation at stage 1, the ZeRO
+  optimizer otherwise): `bf16_zero_pp_rank_<R>_*` files, each rank's flat fp32 partition and where
+  each parameter's fragment lies in it;
+- ZeRO-1/2 in fp32 and ZeRO-3: DeepSpeed's own consolidation, `zero_to_fp32`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def read_fp32_state(step_dir: Path, engine_stage: int, *, trainable_only: bool, 
     come back too (widened from the compute dtype); with `trainable_only` the ZeRO reader skips them."""
     if engine_stage == 0:
         return _stage0_state(step_dir, optimizer_order)
-    if list(step_dir.glob(BF16_OPTIMIZER_STATES)):
+    # ZeRO-3 under bf16 names its files the same way, but they hold flat partitions zero_to_fp32 reads.
+    if engine_stage < 3 and list(step_dir.glob(BF16_OPTIMIZER_STATES)):
         return _bf16_optimizer_state(step_dir, shapes)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
