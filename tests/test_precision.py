@@ -17,7 +17,7 @@ from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import check_consistency
 from ds_diffusers.ema import ShardedEMA, ema_decay
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.engine import MasterWeights
+from ds_diffusers.engine import MasterWeights, local_partition
 
 MICRO, ACCUMULATION = 8, 4
 
@@ -109,7 +109,7 @@ def test_ema_swap_in_and_out_restores_the_compute_copy(one_rank, stage):
     engine = engine_for(bf16_config(zero_optimization={"stage": stage}))
     ema = ShardedEMA(engine, decay=0.9, update_after_step=0)
     train(engine, 3, MICRO * ACCUMULATION, after_step=ema.update)
-    local = [p.ds_tensor if hasattr(p, "ds_id") else p.data for p in engine.module.parameters()]
+    local = [local_partition(p) for p in engine.module.parameters()]
     before = [t.clone() for t in local]
     with ema.swapped_in():
         for tensor, shadow in zip(local, ema.shadow):
