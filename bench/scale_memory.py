@@ -73,7 +73,7 @@ def plan_memory(unet_config: dict[str, Any], mode: str, stage: int, procs: int,
     unet, largest = _count(lambda: UNet2DConditionModel(**unet_config))
     frozen = _count(lambda: AutoencoderKL(**arch.vae))[0] + _count(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_encoder)))[0]
     trainable = unet if mode == "full" else _lora_params(unet_config)
-    # ZeRO-3 loads the UNet partitioned (ds_diffusers.zero_load): one layer whole at a time.
+    # ZeRO-3 loads the UNet partitioned (ds_diffusers.engine.zero_load): one layer whole at a time.
     engine_stage = 0 if procs == 1 and stage in (1, 2) else stage
     weight = 2 if bf16 else 4  # bytes of a compute-copy weight (and of a frozen one)
     bucket = weight * min(bucket_elements, trainable)

@@ -67,7 +67,7 @@ def main() -> None:
         _, lora_gpu = estimate_zero2_model_states_mem_needs(lora, gpus, 1, cpu_offload=False)
         rows.append(("sdxl_lora (ZeRO-2, LoRA, bf16)", gpus, 2 * (total + frozen) + lora_gpu, full_cpu))
         # sdxl_full.json: ZeRO-3 with the optimizer offloaded, parameters on the GPUs; encoders + VAE bf16 outside.
-        # ZeRO-3 loads the UNet partitioned (ds_diffusers.zero_load), the estimator's zero_init=True.
+        # ZeRO-3 loads the UNet partitioned (ds_diffusers.engine.zero_load), the estimator's zero_init=True.
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, cpu_offload=True, cpu_offload_params=False,
                                                             zero_init=True)
         rows.append(("sdxl_full (ZeRO-3, optimizer offload, bf16)", gpus, gpu + 2 * frozen, cpu))

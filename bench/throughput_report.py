@@ -89,7 +89,7 @@ def print_table(results: list[Result], vs_peer: list[dict]) -> None:
           "floor).\n1st step: from launch to the first step finished. RSS: largest process of the tree; rank0: as logged.")
     for procs, ceiling in cache_ceilings(results).items():
         print(f"floor+encoders ÷ floor for ×{procs}: {ceiling:.2f}× (the most any encoder cache can gain)")
-    print("With one process ZeRO-1/2 run as ZeRO-0 (nothing to partition; see ds_diffusers/config/deepspeed.py).")
+    print("With one process ZeRO-1/2 run as ZeRO-0 (nothing to partition; see ds_diffusers/engine/stage.py).")
     for ratio in vs_peer:
         rounds = ratio["paired_rounds_vs_peer"]
         per_round = f" (round by round {', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f}×)" if len(rounds) > 1 else ""

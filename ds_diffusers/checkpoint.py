@@ -8,7 +8,8 @@ Layout of `checkpoint_dir`:
     step_<N>/ds_diffusers.json   position, settings; written last, marks the folder complete
     latest               the tag of the newest complete checkpoint, replaced atomically
 
-`save` and `load` are collective: call them on all ranks.
+`save` and `load` are collective: call them on all ranks. Both read back through
+`checkpoint_reader`, as the offline export does.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_meta, read_rank_state
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
+from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.errors import ConfigError, TrainingError
+from ds_diffusers.export import EXPORT_RESULTS
 from ds_diffusers.family import FAMILY_NAMES, model_family
 
-META_FILE = "ds_diffusers.json"
-LATEST = "latest"
 # Test hooks: "kill_during_save:<step>" and "kill_after_save:<step>" SIGKILL rank 0 like a lost rank,
 # between the files of that step's checkpoint or once it is complete (a crash resumable from it);
 # "usr1_at_step:<step>" makes rank 0 send itself SIGUSR1 at that optimizer step (see preemption);
@@ -124,7 +126,7 @@ def damaged_file(step_dir: Path) -> Path | None:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         return meta_file
-    expected = [step_dir / f"rank_{rank}.pt" for rank in range(int(meta.get("world_size", 0)))]
+    expected = [rank_file(step_dir, rank) for rank in range(int(meta.get("world_size", 0)))]
     for path in [*expected, *sorted(set(step_dir.glob("*.pt")) - set(expected))]:
         try:
             with zipfile.ZipFile(path):
@@ -198,7 +200,7 @@ def check_fresh_start(cfg: Config) -> None:
     leftovers = []
     if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
         leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
-    results = ["unet", "unet_ema", "pytorch_lora_weights.safetensors"]
+    results = list(EXPORT_RESULTS)
     if cfg.resume_from_checkpoint is False:
         results.append("logs")
     out = Path(cfg.output_dir)
@@ -260,7 +262,7 @@ def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, global_step: int
     engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
     _inject_fault(global_step, dist)
     rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
-    torch.save(rank_state, Path(cfg.checkpoint_dir) / tag / f"rank_{dist.rank}.pt")
+    torch.save(rank_state, rank_file(Path(cfg.checkpoint_dir) / tag, dist.rank))
 
 
 def _mark_complete(cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int]) -> None:
@@ -304,25 +306,6 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
     return step_dir
 
 
-def written_at_stage_0(step_dir: Path) -> bool:
-    """Whether a ZeRO-0 engine wrote this checkpoint: it writes no `*optim_states.pt` files (its
-    optimizer state is inside the model-states file). Read from the files, not from today's stage
-    policy: 16-bit runs with one process wrote stage-0 checkpoints before they were moved to ZeRO-1."""
-    return not any(step_dir.glob("*optim_states.pt"))
-
-
-def read_meta(step_dir: Path) -> dict[str, Any]:
-    meta_file = step_dir / META_FILE
-    if not meta_file.is_file():
-        raise ConfigError("resume_from_checkpoint", str(step_dir), f"incomplete checkpoint (no {META_FILE}); "
-                          "resume from an earlier step folder or set resume_from_checkpoint=false")
-    try:
-        return json.loads(meta_file.read_text())
-    except ValueError:
-        raise ConfigError("resume_from_checkpoint", str(step_dir), f"{meta_file} is damaged (not valid JSON); "
-                          "resume from an earlier step folder or set resume_from_checkpoint=false") from None
-
-
 def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
     """Raise on settings the checkpoint cannot be loaded with; return the other changed training keys."""
     current = resume_settings(cfg, world_size)
@@ -346,7 +329,7 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, ema: Any = No
     try:
         path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)
-        rank_state = torch.load(step_dir / f"rank_{dist.rank}.pt", weights_only=False) if path is not None else None
+        rank_state = read_rank_state(step_dir, dist.rank) if path is not None else None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         path, reason = None, f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     else:

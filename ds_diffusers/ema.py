@@ -2,7 +2,7 @@
 
 Averaging the 16-bit compute copy would lose every update smaller than its rounding step (bf16 keeps
 8 bits), which at a decay of 0.9999 is nearly all of them. Each rank averages the part of the masters
-it holds (`masters.MasterWeights`): the full parameters under ZeRO-0, its fragments under ZeRO-1/2,
+it holds (`engine.MasterWeights`): the full parameters under ZeRO-0, its fragments under ZeRO-1/2,
 its partitions under ZeRO-3, so the EMA costs no communication per step and stays sharded like the
 optimizer. Exports reassemble it; the result equals an EMA computed without ZeRO.
 """
@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ds_diffusers.masters import MasterWeights
+from ds_diffusers.engine import MasterWeights, local_partition
 
 
 def ema_decay(step: int, *, decay: float, update_after_step: int) -> float:
@@ -66,9 +66,10 @@ class ShardedEMA:
         """All ranks must enter this. Inside it the module computes with the EMA weights (cast to the
         compute dtype); on exit the compute copy (which in fp32 at stage 0 is the master) is restored
         bit for bit."""
-        targets = [_local_compute(p) for p in self.masters.params]
+        # The compute copy this rank holds: its ZeRO-3 partition, or the full parameter.
+        targets = [local_partition(p) for p in self.masters.params]
         saved = [t.detach().clone() for t in targets]
-        if self.masters.partitioned and not hasattr(self.masters.params[0], "ds_id"):
+        if self.masters.fragmented:
             # ZeRO-1/2: each rank computes with full parameters but holds only fragments of the EMA.
             full = self.masters.gather_full(list(zip(self.shadow, self.starts)), to_all=True)
             values = [full[name] for name in self.names]
@@ -84,7 +85,3 @@ class ShardedEMA:
             with torch.no_grad():
                 torch._foreach_copy_(targets, saved)
 
-
-def _local_compute(param: torch.nn.Parameter) -> torch.Tensor:
-    """The compute copy this rank holds: its ZeRO-3 partition, or the full parameter."""
-    return param.ds_tensor if hasattr(param, "ds_id") else param.data

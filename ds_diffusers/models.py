@@ -20,7 +20,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ds_diffusers.config.schema import Config, LoraCfg
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.family import Family, model_family, model_index
-from ds_diffusers.zero_load import load_unet_partitioned
+from ds_diffusers.engine.params import is_zero3_param
+from ds_diffusers.engine.zero_load import load_unet_partitioned
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -131,7 +132,7 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
 def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict | None = None, rank: int = 0
               ) -> UNet2DConditionModel:
     """fp32 weights on the host; DeepSpeed casts and moves them. With `zero3_config` (a ZeRO-3 run; all
-    ranks call this) the UNet is partitioned while it loads (`zero_load`), so no rank holds all of it."""
+    ranks call this) the UNet is partitioned while it loads (`engine.zero_load`), so no rank holds all of it."""
     unet = load_unet_partitioned(model_dir, zero3_config, rank) if zero3_config is not None else None
     if unet is None:
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
@@ -192,10 +193,10 @@ def cast_trainable_like_partitioned(unet: torch.nn.Module, dtype: torch.dtype) -
     parameter: fp32 adapters on a partitioned UNet would make an fp16 run's loss scale a static 1.
     Cast here, as the engine does on the ordinary load path, so both paths compute the same numbers
     (the fp32 masters are written from the values before the cast, `masters.StartingValues`)."""
-    if not any(hasattr(p, "ds_id") for p in unet.parameters()):
+    if not any(is_zero3_param(p) for p in unet.parameters()):
         return
     for param in unet.parameters():
-        if param.requires_grad and not hasattr(param, "ds_id") and param.dtype != dtype:
+        if param.requires_grad and not is_zero3_param(param) and param.dtype != dtype:
             param.data = param.data.to(dtype)
 
 

@@ -1,102 +1,23 @@
-"""Non-finite losses and weights: skip the optimizer steps they would spoil, stop after too many in a
-row, and never write non-finite weights to a checkpoint or an export.
-
-Skipping is DeepSpeed's own mechanism wherever it has one: its optimizer wrappers set `overflow`,
-and the engine then skips the update and the LR scheduler step and counts `engine.skipped_steps`.
-fp16 (loss scaler), bf16 without ZeRO (BF16_Optimizer) and bf16 ZeRO-1/2 check every step already;
-`skip_nonfinite_steps` switches the same check on where DeepSpeed leaves it off (fp32 and ZeRO-3),
-so no precision steps a nan/inf gradient into the weights.
+"""Non-finite losses and weights, as the user meets them: stop after too many skipped steps in a row
+with the likely cause, and never write non-finite weights to a checkpoint or an export. (The steps
+themselves are skipped by `engine.overflow`.)
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 
 from ds_diffusers.distributed import all_ranks_ok
+from ds_diffusers.engine import optimizer_fp32_tensors
 from ds_diffusers.errors import TrainingError
-
-
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm over all gradients, computed as DeepSpeed's `clip_grad_norm_` does (fp32 norm per
-    tensor, squared, summed, root) but in one multi-tensor kernel instead of a Python loop. It is nan
-    or inf when any element is, so it also answers whether the step may be applied."""
-    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum().pow(0.5)
-
-
-def _guard_plain_optimizer(engine: Any) -> None:
-    """A torch optimizer stepped by the engine directly (ZeRO-0, fp32). Its gradients were averaged
-    over the ranks in the backward pass, so every rank sees the same ones and decides the same.
-
-    One norm per step serves both the clipping and the skip decision. DeepSpeed's own clipping here
-    (`engine.clip_fp32_gradients`) loops over the parameters in Python, twice, and all-reduces a norm
-    every rank already has; with a finite check on top that was a tenth of the tiny model's CPU step.
-    The replacement applies the same formula (coefficient max_norm / (norm + 1e-6), at most 1)."""
-    optimizer = engine.optimizer
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    plain_step = optimizer.step
-    clipped_norm: list[torch.Tensor] = []  # set by clip() in this step, read by step()
-
-    def grads() -> list[torch.Tensor]:
-        return [p.grad for p in params if p.grad is not None]
-
-    def clip(self: Any) -> None:
-        current = grads()
-        if not current:
-            return
-        norm = grad_norm(current)
-        clipped_norm.append(norm)
-        coefficient = torch.clamp(self.gradient_clipping() / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(current, coefficient.to(current[0].dtype))
-
-    def step(self: Any, closure: Any = None) -> Any:
-        if clipped_norm:
-            norm = clipped_norm.pop()
-        else:  # gradient_clipping 0: the engine did not call clip()
-            current = grads()
-            norm = grad_norm(current) if current else torch.zeros(())
-        self.overflow = not bool(norm.isfinite())
-        if self.overflow:
-            return None  # the engine zeroes the gradients and counts the skip
-        return plain_step(closure)
-
-    optimizer.overflow = False
-    optimizer.step = types.MethodType(step, optimizer)
-    engine.clip_fp32_gradients = types.MethodType(clip, engine)
-
-
-def _guard_zero3(optimizer: Any) -> None:
-    """DeepSpeed's ZeRO-3 checks its (collectively reduced) overflow flag only under fp16; run the
-    same check for every dtype. Its loss scaler is static (1) outside fp16, so the scale stays."""
-
-    def overflow_check(self: Any, update_scale: bool = True) -> bool:
-        self.overflow = False
-        self.check_overflow()
-        if not update_scale:
-            return self.overflow
-        return self._loss_scale_update_and_overflow_cleanup()
-
-    optimizer._overflow_check_and_loss_scale_update = types.MethodType(overflow_check, optimizer)
-
-
-def skip_nonfinite_steps(engine: Any) -> None:
-    """Make the engine skip (not apply) optimizer steps whose gradients hold nan or inf."""
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "check_grad_overflow"):  # ZeRO-1/2: off by DeepSpeed's default under fp32
-        optimizer.check_grad_overflow = True
-    elif hasattr(optimizer, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
-        _guard_zero3(optimizer)
-    elif not hasattr(optimizer, "overflow"):  # a plain torch optimizer; the others check already
-        _guard_plain_optimizer(engine)
 
 
 def master_weights_finite(engine: Any, device: torch.device) -> bool:
     """All ranks must call this. Every rank checks the fp32 master weights (or partitions) its
     optimizer holds; true only when they are finite on every rank."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wrappers keep the torch optimizer here
-    tensors = [p for group in inner.param_groups for p in group["params"] if p.numel()]
+    tensors = optimizer_fp32_tensors(engine)
     finite = True
     if tensors:
         finite = bool(torch.stack([norm.to(device) for norm in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())

@@ -28,17 +28,17 @@ from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check
                                select_train_samples, to_device)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
+from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, skip_nonfinite_steps, skip_single_rank_allreduce,
+                                 unet_weight_files)
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
-from ds_diffusers.masters import StartingValues
 from ds_diffusers.models import (DTYPES, attention_description, build_unet, cast_trainable_like_partitioned, load_frozen_components,
                                  param_groups, set_tf32)
-from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message, skip_nonfinite_steps
+from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.step_window import StepWindow
-from ds_diffusers.zero_load import weight_files
 
 
 class Preempted(Exception):
@@ -171,15 +171,15 @@ def train(cfg: Config) -> Path | None:
                                     fused_adam_ok=fused_adam_problem is None)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     unet = build_unet(cfg, ds_config if zero3 else None, dist.rank)
-    loaded_partitioned = hasattr(next(unet.parameters()), "ds_id")
+    loaded_partitioned = is_zero3_param(next(unet.parameters()))
     # 16-bit: the optimizer's fp32 masters start from the checkpoint's values, not rounded ones.
     starting_values = None
     if weight_dtype != torch.float32 and resume_from is None:
-        unet_files = weight_files(Path(cfg.pretrained_model_name_or_path) / "unet") if loaded_partitioned else None
+        unet_files = unet_weight_files(cfg.pretrained_model_name_or_path) if loaded_partitioned else None
         starting_values = StartingValues.capture(unet, unet_files)
     cast_trainable_like_partitioned(unet, weight_dtype)
     groups = param_groups(unet, cfg)
-    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+    num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
@@ -201,11 +201,7 @@ def train(cfg: Config) -> Path | None:
     if starting_values is not None:
         starting_values.write_into(engine)
         starting_values = None
-    if dist.world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
-        # Averaging gradients over one rank changes nothing, but the stage-0 engine would still
-        # flatten, all-reduce and copy back every gradient each step. (ZeRO-1..3 finalise their
-        # gradient buffers in that call, so they keep it.)
-        engine.enable_backward_allreduce = False
+    skip_single_rank_allreduce(engine, dist.world_size, ds_config["zero_optimization"]["stage"])
     skip_nonfinite_steps(engine)
     if cfg.compile:
         engine.compile()

@@ -11,6 +11,7 @@ import torch
 
 from ds_diffusers import checkpoint
 from ds_diffusers.distributed import DistInfo
+from ds_diffusers.engine.checkpoint_files import MODEL_STATES
 from ds_diffusers.errors import ConfigError, TrainingError
 from tests.test_checkpoint_unit import make_cfg as unit_cfg
 
@@ -32,7 +33,7 @@ class FakeEngine:
 
     def save_checkpoint(self, save_dir, tag, **_):
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"w": torch.ones(4)}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+        torch.save({"w": torch.ones(4)}, Path(save_dir) / tag / MODEL_STATES)
         if self.fail is not None:
             raise self.fail
 
@@ -64,7 +65,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "rank_0.pt", checkpoint.META_FILE])
+@pytest.mark.parametrize("victim", [MODEL_STATES, "rank_0.pt", checkpoint.META_FILE])
 def test_truncated_newest_checkpoint_is_named_and_latest_falls_back(tmp_path, capsys, victim):
     cfg = make_cfg(tmp_path)
     for step in (3, 6):

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
-from ds_diffusers.config.deepspeed import engine_zero_stage
-from ds_diffusers.masters import MasterWeights, StartingValues
+from ds_diffusers.engine import engine_zero_stage
+from ds_diffusers.engine import MasterWeights, StartingValues
 from ds_diffusers.models import DTYPES, build_unet, cast_trainable_like_partitioned
 
 MICRO, STEPS, LR = 8, 4, 0.05

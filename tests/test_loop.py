@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ds_diffusers import nonfinite
+from ds_diffusers.engine import overflow
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.data import default_num_workers, to_device
@@ -62,7 +63,7 @@ def test_plain_optimizer_skips_nonfinite_gradients_and_reports_overflow():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1)
     engine = types.SimpleNamespace(optimizer=optimizer)
-    nonfinite.skip_nonfinite_steps(engine)
+    overflow.skip_nonfinite_steps(engine)
     weight.grad = torch.tensor([1.0, math.nan, 1.0])
     optimizer.step()
     assert optimizer.overflow and torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
@@ -73,7 +74,7 @@ def test_plain_optimizer_skips_nonfinite_gradients_and_reports_overflow():
 
 def test_zero_1_2_optimizer_gets_deepspeeds_own_overflow_check():
     optimizer = types.SimpleNamespace(check_grad_overflow=False, overflow=False)
-    nonfinite.skip_nonfinite_steps(types.SimpleNamespace(optimizer=optimizer))
+    overflow.skip_nonfinite_steps(types.SimpleNamespace(optimizer=optimizer))
     assert optimizer.check_grad_overflow is True
 
 

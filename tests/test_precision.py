@@ -12,12 +12,12 @@ import types
 import pytest
 import torch
 
-from ds_diffusers import nonfinite
+from ds_diffusers.engine import overflow
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import check_consistency
 from ds_diffusers.ema import ShardedEMA, ema_decay
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.masters import MasterWeights
+from ds_diffusers.engine import MasterWeights, local_partition
 
 MICRO, ACCUMULATION = 8, 4
 
@@ -109,7 +109,7 @@ def test_ema_swap_in_and_out_restores_the_compute_copy(one_rank, stage):
     engine = engine_for(bf16_config(zero_optimization={"stage": stage}))
     ema = ShardedEMA(engine, decay=0.9, update_after_step=0)
     train(engine, 3, MICRO * ACCUMULATION, after_step=ema.update)
-    local = [p.ds_tensor if hasattr(p, "ds_id") else p.data for p in engine.module.parameters()]
+    local = [local_partition(p) for p in engine.module.parameters()]
     before = [t.clone() for t in local]
     with ema.swapped_in():
         for tensor, shadow in zip(local, ema.shadow):
@@ -141,11 +141,11 @@ def test_plain_optimizer_clips_exactly_as_deepspeed_in_one_pass(one_rank):
         mine.grad = 3 * torch.randn_like(mine)
         reference.grad = mine.grad.clone()
     engine = types.SimpleNamespace(optimizer=torch.optim.SGD(ours, lr=0.1), gradient_clipping=lambda: 1.0)
-    nonfinite.skip_nonfinite_steps(engine)
+    overflow.skip_nonfinite_steps(engine)
     engine.clip_fp32_gradients()
     clip_grad_norm_(theirs, 1.0)
     assert all(torch.equal(mine.grad, reference.grad) for mine, reference in zip(ours, theirs))
-    assert nonfinite.grad_norm([p.grad for p in ours]).item() == pytest.approx(1.0, rel=1e-5)
+    assert overflow.grad_norm([p.grad for p in ours]).item() == pytest.approx(1.0, rel=1e-5)
     ours[1].grad[4] = math.inf  # a non-finite gradient survives clipping as nan and skips the step
     engine.clip_fp32_gradients()
     engine.optimizer.step()

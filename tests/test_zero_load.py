@@ -1,4 +1,4 @@
-"""ZeRO-3 loads the UNet already partitioned (`zero_load`), on the SD 1.5-shaped test model, in one
+"""ZeRO-3 loads the UNet already partitioned (`engine.zero_load`), on the SD 1.5-shaped test model, in one
 in-process rank: the weights equal `from_pretrained`'s, LoRA attaches to the partitioned UNet, and
 layouts it does not read fall back to the ordinary loader. (Two ranks: the ZeRO-3 launcher tests.)"""
 
@@ -12,8 +12,9 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
+from ds_diffusers.engine import is_zero3_param
+from ds_diffusers.engine.zero_load import WEIGHTS, load_unet_partitioned
 from ds_diffusers.models import build_unet
-from ds_diffusers.zero_load import WEIGHTS, load_unet_partitioned
 
 
 def zero3(model_dir, **changes):
@@ -34,7 +35,7 @@ def test_partitioned_load_equals_from_pretrained(sd15_assets, one_rank):
     _, ds_config = zero3(sd15_assets.model_dir)
     unet = load_unet_partitioned(str(sd15_assets.model_dir), ds_config, rank=0)
     assert unet is not None
-    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in unet.parameters()), "parameters must stay partitioned"
+    assert all(is_zero3_param(p) and p.numel() == 0 for p in unet.parameters()), "parameters must stay partitioned"
     reference = UNet2DConditionModel.from_pretrained(sd15_assets.model_dir, subfolder="unet").state_dict()
     loaded = gathered_state(unet)
     assert loaded.keys() == reference.keys()
@@ -48,7 +49,7 @@ def test_lora_attaches_to_the_partitioned_unet(sd15_assets, one_rank):
     plain = build_unet(zero3(sd15_assets.model_dir, use_lora=lora)[0])
     trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
     assert trainable and trainable == {name for name, p in plain.named_parameters() if p.requires_grad}
-    assert all(hasattr(p, "ds_id") for name, p in unet.named_parameters() if name not in trainable)
+    assert all(is_zero3_param(p) for name, p in unet.named_parameters() if name not in trainable)
 
 
 @pytest.mark.parametrize("change", ["bin", "renamed"])

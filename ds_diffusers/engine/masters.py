@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ds_diffusers.engine.params import full_numel, full_shape, is_zero3_param, partition_numel
+
 Slice = tuple[torch.Tensor, int]
 
 
@@ -36,6 +38,13 @@ def _stage0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     return masters
 
 
+def place_slice(full: torch.Tensor, local: torch.Tensor, start: int) -> None:
+    """Copy a rank's 1-D slice into the flattened parameter `full` at `start`; ZeRO-3 pads the last
+    partition past the parameter's end, and that padding is dropped."""
+    length = max(0, min(local.numel(), full.numel() - start))
+    full[start:start + length] = local[:length].to(full.device)
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -52,13 +61,15 @@ class MasterWeights:
         self.optimizer = engine.optimizer
         self.rank, world = _world()
         # Partitioned: a rank holds only part of each master, so full tensors need a collective.
-        self.partitioned = world > 1 and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in self.params)
+        self.partitioned = world > 1 and any(is_zero3_param(p) or hasattr(p, "_hp_mapping") for p in self.params)
+        # ZeRO-1/2: each rank computes with full parameters but holds only fragments of the masters.
+        self.fragmented = self.partitioned and not is_zero3_param(self.params[0])
 
     def numel(self, param: torch.nn.Parameter) -> int:
-        return param.ds_numel if hasattr(param, "ds_id") else param.numel()
+        return full_numel(param)
 
     def shape(self, param: torch.nn.Parameter) -> torch.Size:
-        return param.ds_shape if hasattr(param, "ds_id") else param.shape
+        return full_shape(param)
 
     def local(self) -> list[Slice]:
         """This rank's fp32 master slices, views into the optimizer's own storage (no copies except
@@ -66,7 +77,7 @@ class MasterWeights:
         stage0: dict[int, torch.Tensor] | None = None
         out: list[Slice] = []
         for p in self.params:
-            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
+            if is_zero3_param(p) or hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
                 out.append(self._local_slice(p))
                 continue
             stage0 = _stage0_masters(self.optimizer) if stage0 is None else stage0
@@ -79,9 +90,9 @@ class MasterWeights:
     def _local_slice(self, p: torch.nn.Parameter) -> Slice:
         from deepspeed.utils import safe_get_local_fp32_param
 
-        if hasattr(p, "ds_id"):
+        if is_zero3_param(p):
             # ZeRO-3 partitions are equal-sized; rank r holds [r * size, (r + 1) * size).
-            return safe_get_local_fp32_param(p).view(-1), self.rank * p.ds_tensor.ds_numel
+            return safe_get_local_fp32_param(p).view(-1), self.rank * partition_numel(p)
         if hasattr(p, "_hp_mapping"):
             mapping = p._hp_mapping
             if mapping is None:  # no fragment of this parameter on this rank
@@ -99,10 +110,10 @@ class MasterWeights:
         stage0: dict[int, torch.Tensor] | None = None
         for name, p in zip(self.names, self.params):
             full = full_value(name).reshape(-1)
-            if hasattr(p, "ds_id"):
+            if is_zero3_param(p):
                 # DeepSpeed's setter, not a copy into safe_get_local_fp32_param's result: under
                 # optimizer offload that is a copy on the accelerator, not the host partition.
-                size = p.ds_tensor.ds_numel
+                size = partition_numel(p)
                 start = self.rank * size
                 partition = torch.zeros(size, dtype=torch.float32)
                 length = max(0, min(size, full.numel() - start))  # the last partition is padded
@@ -130,8 +141,7 @@ class MasterWeights:
             numel = self.numel(p)
             if self.partitioned:
                 full = torch.zeros(numel, dtype=torch.float32, device=device)
-                length = max(0, min(local.numel(), numel - start))  # ZeRO-3 pads the last partition
-                full[start:start + length] = local[:length].to(device)
+                place_slice(full, local, start)
                 torch.distributed.all_reduce(full.view(torch.int32))
             else:
                 full = local
@@ -162,7 +172,7 @@ class StartingValues:
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            if hasattr(p, "ds_id"):
+            if is_zero3_param(p):
                 if unet_weight_files is None or name not in unet_weight_files:
                     raise RuntimeError(f"{name} was built partitioned but is not in the UNet's safetensors files")
                 files[name] = unet_weight_files[name]

@@ -1,13 +1,13 @@
-"""Export room: gathered weights -> a diffusers folder that the standard loaders read.
+"""Gathered weights -> a diffusers folder that the standard loaders read.
 
 Full fine-tune: `output_dir/unet/` (safetensors) plus the frozen components copied byte-for-byte
 from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` (or
 `StableDiffusionXLPipeline`, for an SDXL base) loads the pipeline.
 LoRA: `output_dir/pytorch_lora_weights.safetensors`, read by `pipe.load_lora_weights(output_dir)`.
 
-Trained weights come from the fp32 masters (`masters.MasterWeights`), not the 16-bit compute copy,
+Trained weights come from the fp32 masters (`engine.MasterWeights`), not the 16-bit compute copy,
 then are cast to `export_dtype` (fp32 by default), so the end-of-run export and the offline export of
-the last checkpoint (`export_cli`) write the same bytes. Under ZeRO-3 a parameter on one rank is an
+the last checkpoint (`export.offline`) write the same bytes. Under ZeRO-3 a parameter on one rank is an
 empty placeholder, so weights are gathered one tensor at a time on all ranks and only rank 0 writes
 (a plain `save_pretrained` would write empty tensors).
 """
@@ -22,10 +22,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ds_diffusers.masters import MasterWeights
+from ds_diffusers.engine import MasterWeights, gathered, is_zero3_param
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+UNET_DIR = "unet"
+EMA_DIR = "unet_ema"  # the EMA weights of a use_ema run, beside UNET_DIR
+# What an export writes into output_dir besides the frozen components.
+EXPORT_RESULTS = (UNET_DIR, EMA_DIR, LORA_WEIGHTS)
 FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker",
                 "text_encoder_2", "tokenizer_2", "image_encoder")
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,15 +44,13 @@ def cast_for_export(state: dict[str, torch.Tensor], export_dtype: str) -> dict[s
 def gathered_state_dict(module: torch.nn.Module, *, rank: int, trainable_only: bool = False,
                         exclude: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """All ranks must call this. Returns full CPU tensors on rank 0 and an empty dict elsewhere."""
-    import deepspeed
-
     trainable = {name for name, param in module.named_parameters() if param.requires_grad}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         if (trainable_only and name not in trainable) or name in exclude:
             continue
-        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        if is_zero3_param(tensor):
+            with gathered([tensor]):
                 if rank == 0:
                     state[name] = tensor.detach().cpu().clone()
         elif rank == 0:
@@ -68,7 +70,7 @@ def _replace_dir(staging: Path, final: Path) -> None:
         os.replace(staging, final)
 
 
-def write_unet(config_json: str, state: dict[str, torch.Tensor], out_dir: Path, subfolder: str = "unet") -> Path:
+def write_unet(config_json: str, state: dict[str, torch.Tensor], out_dir: Path, subfolder: str = UNET_DIR) -> Path:
     """Rank 0 only. Writes `out_dir/<subfolder>/` in the diffusers layout."""
     final = out_dir / subfolder
     staging = out_dir / f".{subfolder}.partial"
@@ -122,7 +124,7 @@ def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], 
 
 
 def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, export_dtype: str = "fp32",
-                 subfolder: str = "unet", replacements: dict[str, torch.Tensor] | None = None,
+                 subfolder: str = UNET_DIR, replacements: dict[str, torch.Tensor] | None = None,
                  vae_dir: str | None = None) -> Path | None:
     """All ranks must call this (gathers masters and ZeRO-3 partitions); rank 0 writes. Returns the
     written path on rank 0.
@@ -142,11 +144,3 @@ def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, ran
     path = write_unet(unet.to_json_string(), state, out, subfolder=subfolder)
     copy_frozen_components(Path(base_dir), out, Path(vae_dir) if vae_dir else None)
     return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    from ds_diffusers.export_cli import main
-
-    sys.exit(main())

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import UNet2DConditionModel
+
+from ds_diffusers.engine.params import gathered
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
@@ -38,6 +42,11 @@ def weight_files(unet_dir: Path) -> dict[str, Path] | None:
         with safe_open(str(unet_dir / WEIGHTS), framework="pt") as handle:
             return {name: unet_dir / WEIGHTS for name in handle.keys()}
     return None
+
+
+def unet_weight_files(model_dir: str) -> dict[str, Path] | None:
+    """`weight_files` of a model folder's `unet/`."""
+    return weight_files(Path(model_dir) / "unet")
 
 
 class _Reader:
@@ -61,6 +70,7 @@ def load_unet_partitioned(model_dir: str, ds_config: dict, rank: int) -> UNet2DC
     """The UNet built inside `deepspeed.zero.Init(ds_config)` with the checkpoint's weights, every
     parameter already partitioned; None when the weights are not in a layout read here. All ranks."""
     import deepspeed
+    from diffusers import UNet2DConditionModel
 
     unet_dir = Path(model_dir) / "unet"
     files = weight_files(unet_dir)
@@ -82,7 +92,7 @@ def load_unet_partitioned(model_dir: str, ds_config: dict, rank: int) -> UNet2DC
         if not params:
             continue
         # Only rank 0 reads; DeepSpeed broadcasts its values and re-partitions when the context exits.
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        with gathered(list(params.values()), modifier_rank=0):
             if rank == 0:
                 for name, param in params.items():
                     reader.copy_into(param, prefix + name)

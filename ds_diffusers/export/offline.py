@@ -1,0 +1,51 @@
+"""Offline export of a checkpoint in one process, no process group needed (the CLI is `__main__`).
+
+The fp32 master weights are read from the checkpoint (ZeRO-1/2/3 partitions merged with DeepSpeed's
+own consolidation; at stage 0 the fp16/bf16 optimizer's fp32 copies) and cast to `export_dtype`
+(the run's setting unless --export-dtype is given): the same bytes as the end-of-training export,
+in the same layout (`unet/`, `unet_ema/` with EMA, or `pytorch_lora_weights.safetensors` for LoRA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_diffusers.checkpoint_reader import read_ema, read_meta, resolve_step_dir
+from ds_diffusers.config import validate_dict
+from ds_diffusers.engine.checkpoint_files import checkpoint_engine_stage, read_fp32_state
+from ds_diffusers.errors import ConfigError
+from ds_diffusers.export.write import EMA_DIR, UNET_DIR, cast_for_export, copy_frozen_components, write_lora, write_unet
+from ds_diffusers.models import build_unet, param_groups
+
+
+def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None) -> Path:
+    step_dir = resolve_step_dir(Path(checkpoint))
+    meta = read_meta(step_dir)
+    train_cfg = meta["training_config"]
+    cfg = validate_dict({**train_cfg, "pretrained_model_name_or_path": meta["pretrained_model_name_or_path"], "dataset_dir": "."})
+    base_dir = Path(cfg.pretrained_model_name_or_path)
+    if not (base_dir / UNET_DIR).is_dir():
+        raise ConfigError("--checkpoint", str(step_dir), f"its base model {base_dir} is gone; the export needs its frozen "
+                          "components and UNet config")
+    is_lora = cfg.use_lora.action
+    export_dtype = export_dtype or cfg.export_dtype
+    unet = build_unet(cfg)
+    stage = checkpoint_engine_stage(step_dir, cfg.zero_optimization.stage)
+    shapes = {name: param.shape for name, param in unet.named_parameters()}
+    name_of = {id(param): name for name, param in unet.named_parameters()}
+    optimizer_order = [name_of[id(param)] for group in param_groups(unet, cfg) for param in group["params"]]
+    state = read_fp32_state(step_dir, stage, trainable_only=is_lora, optimizer_order=optimizer_order, shapes=shapes)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_lora:
+        trainable = {name for name, param in unet.named_parameters() if param.requires_grad}
+        adapters = {name: tensor for name, tensor in state.items() if name in trainable}
+        return write_lora(unet, cast_for_export(adapters, export_dtype), out_dir)
+    full = {**unet.state_dict(), **state}
+    path = write_unet(unet.to_json_string(), cast_for_export(full, export_dtype), out_dir)
+    if cfg.use_ema:
+        ema = read_ema(step_dir, meta["world_size"], stage, shapes)
+        write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir, subfolder=EMA_DIR)
+    copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None)
+    return path
+
