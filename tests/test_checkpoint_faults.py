@@ -12,6 +12,7 @@ import torch
 from ds_diffusers import checkpoint
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError, TrainingError
+from ds_diffusers.train_state import TrainState
 from tests.test_checkpoint_unit import make_cfg as unit_cfg
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -38,7 +39,7 @@ class FakeEngine:
 
 
 def save(cfg, step, engine=None):
-    return checkpoint.save(engine or FakeEngine(), cfg, DIST, step, {"epoch": 0, "samples_in_epoch": step})
+    return checkpoint.save(engine or FakeEngine(), cfg, DIST, TrainState(global_step=step, epoch=0, samples_in_epoch=step))
 
 
 @pytest.mark.parametrize("failure", [
