@@ -9,7 +9,8 @@ Layout of `checkpoint_dir`:
     latest               the tag of the newest complete checkpoint, replaced atomically
 
 `save` and `load` are collective: call them on all ranks. Both read back through
-`checkpoint_reader`, as the offline export does.
+`checkpoint_reader`, as the offline export does. When to save, how many step folders to keep and
+whether to resume is `checkpoint_manager`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
@@ -28,7 +28,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_meta, read_rank_state
@@ -36,8 +35,8 @@ from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.errors import ConfigError, TrainingError
-from ds_diffusers.export import EXPORT_RESULTS
 from ds_diffusers.family import FAMILY_NAMES, model_family
+from ds_diffusers.train_state import RNG_KEY, TrainState
 
 # Test hooks: "kill_during_save:<step>" and "kill_after_save:<step>" SIGKILL rank 0 like a lost rank,
 # between the files of that step's checkpoint or once it is complete (a crash resumable from it);
@@ -57,26 +56,6 @@ _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validati
 
 def step_tag(global_step: int) -> str:
     return f"step_{global_step}"
-
-
-def rng_state() -> dict[str, Any]:
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if accelerator.device_name() != "cpu":
-        state["accelerator"] = accelerator.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "accelerator" in state:
-        get_accelerator().set_rng_state(state["accelerator"])
 
 
 def _unet_config_hash(cfg: Config) -> str:
@@ -192,35 +171,6 @@ def check_family(cfg: Config, step_dir: Path) -> None:
                           "another checkpoint_dir")
 
 
-def check_fresh_start(cfg: Config) -> None:
-    """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`.
-
-    With resume requested but no checkpoint yet, leftover logs are this run's own earlier attempt (a
-    requeued job that died before its first save): they do not block the restart."""
-    leftovers = []
-    if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
-        leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
-    results = list(EXPORT_RESULTS)
-    if cfg.resume_from_checkpoint is False:
-        results.append("logs")
-    out = Path(cfg.output_dir)
-    if any((out / name).exists() for name in results):
-        leftovers.append(f"output_dir {cfg.output_dir} holds a previous run's results")
-    if leftovers and not cfg.overwrite_output_dir:
-        raise ConfigError("overwrite_output_dir", False, f"{'; '.join(leftovers)}. Resume it with "
-                          "resume_from_checkpoint=latest, choose new folders, or set overwrite_output_dir=true to replace them")
-
-
-def clear_previous_run(cfg: Config) -> None:
-    """Rank 0, on a fresh start: an earlier attempt's metrics and (with overwrite_output_dir) old
-    checkpoints would otherwise mix with the new run's."""
-    if cfg.overwrite_output_dir:
-        for step in complete_steps(cfg.checkpoint_dir):
-            shutil.rmtree(Path(cfg.checkpoint_dir) / step_tag(step))
-        (Path(cfg.checkpoint_dir) / LATEST).unlink(missing_ok=True)
-    shutil.rmtree(Path(cfg.output_dir) / "logs", ignore_errors=True)
-
-
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
@@ -228,13 +178,6 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def _prune(checkpoint_dir: str, keep: int, protected: int) -> None:
-    steps = complete_steps(checkpoint_dir)
-    for step in steps[: max(0, len(steps) - keep)]:
-        if step != protected:
-            shutil.rmtree(Path(checkpoint_dir) / step_tag(step), ignore_errors=True)
 
 
 def _write_error(err: Exception, step_dir: Path) -> str:
@@ -256,38 +199,43 @@ def _inject_fault(global_step: int, dist: DistInfo) -> None:
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
 
 
-def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, global_step: int, ema: Any) -> None:
-    tag = step_tag(global_step)
+def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> dict[str, Any]:
+    """This rank's files; returns the train state's position, the same on every rank, for the metadata."""
+    tag = step_tag(state.global_step)
     # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
     engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
-    _inject_fault(global_step, dist)
-    rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
+    _inject_fault(state.global_step, dist)
+    position = state.state_dict()
+    rank_state = {RNG_KEY: position.pop(RNG_KEY), "ema": ema.state_dict() if ema is not None else None}
     torch.save(rank_state, rank_file(Path(cfg.checkpoint_dir) / tag, dist.rank))
+    return position
 
 
-def _mark_complete(cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int]) -> None:
+def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any]) -> None:
+    global_step = position["global_step"]
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
-    meta = {"global_step": global_step, **position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
+    meta = {**position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
             "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
             "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve())}
     _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     _write_atomically(Path(cfg.checkpoint_dir) / LATEST, step_tag(global_step))
 
 
-def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: dict[str, int], ema: Any = None) -> Path:
+def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None) -> Path:
     """All ranks must call this. `latest` moves only after every rank has written everything; a
     failed save removes its partial step folder and stops every rank with one message."""
+    global_step = state.global_step
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     latest = Path(cfg.checkpoint_dir) / LATEST
     previous = latest.read_text().strip() if latest.is_file() else None
-    error = ""
+    error, position = "", {}
     try:
-        _write_rank_files(engine, cfg, dist, global_step, ema)
+        position = _write_rank_files(engine, cfg, dist, state, ema)
     except (OSError, RuntimeError) as err:
         error = _write_error(err, step_dir)
     if all_ranks_ok(not error, dist.device) and dist.is_main:
         try:
-            _mark_complete(cfg, dist, global_step, position)
+            _mark_complete(cfg, dist, position)
         except OSError as err:
             error = _write_error(err, step_dir)
     if not all_ranks_ok(not error, dist.device):
@@ -298,8 +246,6 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
         raise TrainingError(f"saving checkpoint {step_dir} failed: {error or 'on another rank, see its message'}; the partial "
                             f"folder was removed and {kept}. Free space or fix permissions (or lower checkpoints_total_limit), "
                             "then resume with resume_from_checkpoint=latest.")
-    if dist.is_main:
-        _prune(cfg.checkpoint_dir, cfg.checkpoints_total_limit, protected=global_step)
     barrier()
     if os.environ.get(FAULT_ENV) == f"kill_after_save:{global_step}" and dist.is_main:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -317,8 +263,9 @@ def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_di
     return sorted(key for key in new if json.dumps(new[key], default=str) != json.dumps(old.get(key), default=str))
 
 
-def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, ema: Any = None) -> dict[str, Any]:
-    """All ranks must call this. Restores engine, RNG and EMA state; returns the checkpoint's metadata."""
+def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainState, ema: Any = None) -> dict[str, Any]:
+    """All ranks must call this. Restores engine, train state (position and this rank's RNG) and EMA;
+    returns the checkpoint's metadata."""
     meta = read_meta(step_dir)
     meta["changed_keys"] = check_compatible(meta, cfg, dist.world_size, step_dir)
     if written_at_stage_0(step_dir) and engine.zero_optimization_stage() != 0:
@@ -339,7 +286,7 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, ema: Any = No
         fix = f"resume_from_checkpoint={previous}" if previous else "resume_from_checkpoint=false"
         raise ConfigError("resume_from_checkpoint", str(step_dir), f"DeepSpeed could not read this checkpoint{reason}; "
                           f"resume from the previous complete step with {fix}")
-    set_rng_state(rank_state["rng"])
+    state.load_state_dict({**meta, RNG_KEY: rank_state[RNG_KEY]})
     if ema is not None:
         ema.load_state_dict(rank_state["ema"])
     return meta

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ds_diffusers import checkpoint, lock, preemption, validation
+from ds_diffusers import lock, preemption, validation
+from ds_diffusers.cadence import LogCadence, ValidationCadence
+from ds_diffusers.checkpoint_manager import CheckpointManager, clear_previous_run, resume_or_fresh_start
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
-                               load_train_dataset, num_batches_per_epoch, prepare_caches, resolve_columns,
-                               select_train_samples, to_device)
+                               load_train_dataset, prepare_caches, resolve_columns, select_train_samples, to_device)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, skip_nonfinite_steps, skip_single_rank_allreduce,
@@ -33,45 +34,18 @@ from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, ski
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
-from ds_diffusers.models import (DTYPES, attention_description, build_unet, cast_trainable_like_partitioned, load_frozen_components,
-                                 param_groups, set_tf32)
+from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
+                                 load_frozen_components, param_groups, set_tf32)
 from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
-from ds_diffusers.step_window import StepWindow
+from ds_diffusers.run_plan import RunPlan, epoch_batches
+from ds_diffusers.step_window import StepWindow, WindowStats
+from ds_diffusers.train_state import TrainState
 
 
 class Preempted(Exception):
     """The run saved a checkpoint and stopped on a signal; it is meant to be started again."""
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Run length in optimizer steps; `max_train_steps` wins over `num_epochs` when set.
-
-    An accumulation window never spans two epochs: the last micro-batches of an epoch, fewer than
-    `gradient_accumulation_steps`, still make an optimizer step (as accelerate does in diffusers'
-    script). Windows are placed by the position in the epoch, which a checkpoint stores, so a
-    resumed run cuts them in the same places."""
-
-    batches_per_epoch: int
-    accumulation_steps: int
-    steps_per_epoch: int
-    total_steps: int
-    num_epochs: int
-
-    @classmethod
-    def from_config(cls, cfg: Config, dataset_len: int, world_size: int) -> "RunPlan":
-        batches = num_batches_per_epoch(dataset_len, cfg.train_micro_batch_size_per_gpu, world_size)
-        steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
-        total = cfg.max_train_steps or cfg.num_epochs * steps_per_epoch
-        epochs = math.ceil(total / steps_per_epoch)
-        return cls(batches_per_epoch=batches, accumulation_steps=cfg.gradient_accumulation_steps,
-                   steps_per_epoch=steps_per_epoch, total_steps=total, num_epochs=epochs)
-
-    def ends_window(self, batch_in_epoch: int) -> bool:
-        """Whether micro-batch `batch_in_epoch` (0-based) is the last of its accumulation window."""
-        return (batch_in_epoch + 1) % self.accumulation_steps == 0 or batch_in_epoch + 1 == self.batches_per_epoch
 
 
 def zero_description(cfg: Config, ds_config: dict, loaded_partitioned: bool = False) -> str:
@@ -100,18 +74,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_batches(loader, sampler, dataset, start_epoch: int, num_epochs: int, start_in_epoch: int):
-    """(epoch, batch) pairs from `start_epoch` on, skipping the `start_in_epoch` samples this rank
-    already consumed (resume); each epoch ends with (epoch, None)."""
-    for epoch in range(start_epoch, num_epochs):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_start(start_in_epoch if epoch == start_epoch else 0)
-        for batch in loader:
-            yield epoch, batch
-        yield epoch, None
-
-
 def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None) -> None:
     """All ranks: the EMA swap may gather, and under ZeRO-3 the forward gathers parameters collectively;
     without ZeRO-3 rank 0 alone generates."""
@@ -135,16 +97,35 @@ def _generate_validation(cfg: Config, dist: DistInfo, frozen, engine, global_ste
             logger.log_images(global_step, str(path), cfg.validation_prompts)
 
 
-def train(cfg: Config) -> Path | None:
+@dataclass
+class Run:
+    """The parts of a run that `set_up` builds for the loop."""
+
+    cfg: Config
+    dist: DistInfo
+    plan: RunPlan
+    frozen: FrozenComponents
+    engine: Any
+    lr_scheduler: Any
+    ema: ShardedEMA | None
+    loader: Any
+    sampler: Any
+    dataset: Any
+    state: TrainState
+    checkpoints: CheckpointManager
+    logger: RunLogger
+
+
+def set_up(cfg: Config) -> Run:
+    """All ranks: every check of the input, then the process group, models, data, engine, resume
+    (or a fresh start's per-rank seeds) and the logger."""
     # Data problems (missing columns, too few rows) surface before any process group exists.
     hf_dataset = select_train_samples(load_train_dataset(cfg.dataset_dir, cfg.imagefolder), cfg.max_train_samples, cfg.seed)
     image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
     missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
 
     lock.check_not_locked(cfg)
-    resume_from = checkpoint.resume_target(cfg)
-    if resume_from is None:
-        checkpoint.check_fresh_start(cfg)
+    resume_from = resume_or_fresh_start(cfg)
 
     dist = init_distributed()
     check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
@@ -153,10 +134,9 @@ def train(cfg: Config) -> Path | None:
     if refusal is not None:
         raise refusal
     if resume_from is None and dist.is_main:
-        checkpoint.clear_previous_run(cfg)
+        clear_previous_run(cfg)
     barrier()
 
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     accelerator_name = get_accelerator().device_name()
@@ -193,33 +173,17 @@ def train(cfg: Config) -> Path | None:
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
-    if dist.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config,
-                                                      lr_scheduler=lr_scheduler_factory(cfg, plan.total_steps))
-    if starting_values is not None:
-        starting_values.write_into(engine)
-        starting_values = None
-    skip_single_rank_allreduce(engine, dist.world_size, ds_config["zero_optimization"]["stage"])
-    skip_nonfinite_steps(engine)
-    if cfg.compile:
-        engine.compile()
-
+    engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
-    global_step, start_epoch, consumed_in_epoch = 0, 0, 0
-    if resume_from is not None:
-        load_started = time.perf_counter()
-        meta = checkpoint.load(engine, cfg, dist, resume_from, ema)
-        load_s = time.perf_counter() - load_started
-        global_step, start_epoch, consumed_in_epoch = meta["global_step"], meta["epoch"], meta["samples_in_epoch"]
-    else:
+    state = TrainState()
+    checkpoints = CheckpointManager(cfg, dist, {"engine": engine, "train_state": state, "ema": ema}, plan.total_steps)
+    resumed = checkpoints.load(resume_from) if resume_from is not None else None
+    if resumed is None:
         seed_everything(cfg.seed + dist.rank)  # per-rank noise and timesteps from here on
 
-    logger = RunLogger(cfg, is_main=dist.is_main, total_steps=plan.total_steps, initial_step=global_step, monitor=engine.monitor)
-    if resume_from is not None:
-        changed = f"; changed since: {', '.join(meta['changed_keys'])}" if meta["changed_keys"] else ""
-        logger.message(f"resumed from {resume_from} at step {global_step} in {load_s:.1f} s{changed}")
+    logger = RunLogger(cfg, is_main=dist.is_main, total_steps=plan.total_steps, initial_step=state.global_step, monitor=engine.monitor)
+    if resumed is not None:
+        logger.message(resumed.message())
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
@@ -229,104 +193,149 @@ def train(cfg: Config) -> Path | None:
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config, loaded_partitioned)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
-    compute_dtype = DTYPES[cfg.weight_dtype_name]
-    samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * dist.world_size
+    return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=loader,
+               sampler=sampler, dataset=dataset, state=state, checkpoints=checkpoints, logger=logger)
+
+
+def build_engine(cfg: Config, dist: DistInfo, unet: torch.nn.Module, groups: list[dict], ds_config: dict,
+                 total_steps: int, starting_values: StartingValues | None) -> tuple[Any, Any]:
+    """All ranks: the DeepSpeed engine around the UNet, and its lr scheduler. `starting_values`
+    (16-bit fresh starts): the fp32 values the masters are set to before anything reads them."""
+    import deepspeed
+
+    if dist.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=unet, model_parameters=groups, config=ds_config,
+                                                      lr_scheduler=lr_scheduler_factory(cfg, total_steps))
+    if starting_values is not None:
+        starting_values.write_into(engine)
+    skip_single_rank_allreduce(engine, dist.world_size, ds_config["zero_optimization"]["stage"])
+    skip_nonfinite_steps(engine)
+    if cfg.compile:
+        engine.compile()
+    return engine, lr_scheduler
+
+
+def train(cfg: Config) -> Path | None:
+    run = set_up(cfg)
+    run_loop(run)
+    return finish(run)
+
+
+def run_loop(run: Run) -> None:
+    """All ranks: optimizer steps from the train state's position to the end of the plan, with the log
+    points, validation images and checkpoints their cadences ask for; raises Preempted after the save
+    a stop signal asks for."""
+    cfg, dist, engine, state, plan, logger = run.cfg, run.dist, run.engine, run.state, run.plan, run.logger
+    validation = ValidationCadence(cfg.validation_steps, cfg.validation_epochs)
+    log_points = LogCadence(cfg.log_every_n_steps, first_step=state.global_step + 1, last_step=plan.total_steps,
+                            also_at=run.checkpoints.should_save)
+    window = StepWindow(dist.device, cfg.log_every_n_steps)
     samples_per_micro_batch = cfg.train_micro_batch_size_per_gpu * dist.world_size
+    window_started = time.perf_counter()
+    for epoch, batch in epoch_batches(run.loader, run.sampler, run.dataset, state.epoch, plan.num_epochs,
+                                      state.samples_in_epoch // dist.world_size):
+        state.epoch = epoch
+        if state.global_step >= plan.total_steps:
+            break
+        if batch is None:  # end of an epoch
+            state.samples_in_epoch = 0
+            if validation.should_run_at_epoch_end(epoch, state.global_step):
+                validate(run, validation)
+            continue
+        # Set before the forward: ZeRO reduces gradients in the backward of a window's last micro-batch.
+        # A window ends every gradient_accumulation_steps micro-batches and at the end of an epoch
+        # (a partial window steps, as with accelerate); everything below the `continue` happens once
+        # per optimizer step.
+        engine.set_gradient_accumulation_boundary(plan.ends_window(state.samples_in_epoch // samples_per_micro_batch))
+        loss = micro_batch_loss(run, batch)
+        window.add_micro_batch(loss)  # before backward, which may scale the loss (accumulation, fp16)
+        engine.backward(loss)
+        at_boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()  # skips (and counts in engine.skipped_steps) an update with nan/inf gradients
+        state.samples_in_epoch += samples_per_micro_batch
+        if not at_boundary:
+            continue
+        state.global_step += 1
+        window.end_optimizer_step()
+        logger.advance()
+        last = state.global_step >= plan.total_steps
+        stop = False
+        if log_points.should_run(state.global_step):
+            stats = window.sync(preemption.signalled(state.global_step, dist.rank))  # the interval's one collective
+            window_started = log_point(run, stats, window_started)
+            stop = stats.stop_requested and not last
+        if run.ema is not None:  # before validation, which may show the EMA of this step
+            run.ema.update(state.global_step)
+        if validation.should_run(state.global_step):
+            validate(run, validation)
+        run.checkpoints.after_step(logger, stop=stop)
+        if stop:
+            logger.close()
+            raise Preempted(state.global_step)
+        if last:
+            break
+    if validation.should_run_at_end(state.global_step):
+        validate(run, validation)
+    run.checkpoints.at_end(logger)
+
+
+def micro_batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    cfg = run.cfg
     # channels_last: NHWC latents make cuDNN (and oneDNN) pick NHWC convolution kernels, which follow
     # the input's format. The weights stay contiguous: DeepSpeed's parameter broadcast views them as
     # bytes and ZeRO/bf16 re-point them into flat buffers, both of which need the default layout.
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def unet_forward(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
-        return engine(noisy_latents.contiguous(memory_format=memory_format), timesteps, encoder_hidden_states,
-                      added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+        return run.engine(noisy_latents.contiguous(memory_format=memory_format), timesteps, encoder_hidden_states,
+                          added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
-    def save(epoch: int) -> None:
-        started = time.perf_counter()
-        check_weights_before_writing(engine, dist.device, "checkpoint", global_step)
-        saved = checkpoint.save(engine, cfg, dist, global_step, {"epoch": epoch, "samples_in_epoch": consumed_in_epoch}, ema)
-        logger.message(f"checkpoint saved: {saved} (step {global_step}, {time.perf_counter() - started:.1f} s)")
+    encoded = encode_batch(run.frozen, to_device(batch, run.dist.device))
+    return diffusion_loss(unet_forward, run.frozen, encoded.latents, encoded.encoder_hidden_states,
+                          compute_dtype=DTYPES[cfg.weight_dtype_name], noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
+                          input_perturbation=cfg.input_perturbation, added_cond_kwargs=encoded.added_cond_kwargs)
 
-    window = StepWindow(dist.device, cfg.log_every_n_steps)
-    first_step = global_step + 1
-    validated_at = saved_at = -1
-    epoch = start_epoch
-    window_started = time.perf_counter()
-    for epoch, batch in epoch_batches(loader, sampler, dataset, start_epoch, plan.num_epochs, consumed_in_epoch // dist.world_size):
-        if global_step >= plan.total_steps:
-            break
-        if batch is None:  # end of an epoch
-            consumed_in_epoch = 0
-            if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0 and validated_at != global_step:
-                run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
-                validated_at = global_step
-            continue
-        # Set before the forward: ZeRO reduces gradients in the backward of a window's last micro-batch.
-        # A window ends every gradient_accumulation_steps micro-batches and at the end of an epoch
-        # (a partial window steps, as with accelerate); everything below the `continue` happens once
-        # per optimizer step.
-        engine.set_gradient_accumulation_boundary(plan.ends_window(consumed_in_epoch // samples_per_micro_batch))
-        encoded = encode_batch(frozen, to_device(batch, dist.device))
-        loss = diffusion_loss(unet_forward, frozen, encoded.latents, encoded.encoder_hidden_states, compute_dtype=compute_dtype,
-                              noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma, input_perturbation=cfg.input_perturbation,
-                              added_cond_kwargs=encoded.added_cond_kwargs)
-        window.add_micro_batch(loss)  # before backward, which may scale the loss (accumulation, fp16)
-        engine.backward(loss)
-        at_boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()  # skips (and counts in engine.skipped_steps) an update with nan/inf gradients
-        consumed_in_epoch += samples_per_micro_batch
-        if not at_boundary:
-            continue
-        global_step += 1
-        window.end_optimizer_step()
-        logger.advance()
-        last = global_step >= plan.total_steps
-        save_due = bool(cfg.save_interval) and global_step % cfg.save_interval == 0 and not last
-        stop = False
-        if save_due or last or global_step == first_step or global_step % cfg.log_every_n_steps == 0:
-            stats = window.sync(preemption.signalled(global_step, dist.rank))  # the interval's one collective
-            now = time.perf_counter()
-            lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else engine.get_lr()[0]
-            logger.log_step(global_step, {"loss": stats.mean_loss, "lr": lr,
-                                          "samples_per_s": samples_per_step * stats.steps / (now - window_started),
-                                          "epoch": epoch, "skipped_steps": float(engine.skipped_steps),
-                                          "nonfinite_losses": float(stats.nonfinite_losses)})
-            window_started = now
-            if stats.longest_nonfinite_run >= cfg.max_nonfinite_steps:
-                raise TrainingError(nonfinite_stop_message(stats.longest_nonfinite_run, global_step, epoch, cfg.use_fp16.enabled))
-            stop = stats.stop_requested and not last
-        if ema is not None:  # before validation, which may show the EMA of this step
-            ema.update(global_step)
-        if cfg.validation_steps and global_step % cfg.validation_steps == 0:
-            run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
-            validated_at = global_step
-        if save_due or stop:  # once, also when a save step is the stop step
-            save(epoch)
-            saved_at = global_step
-        if stop:
-            logger.message(f"stopped by {preemption.signal_names()} at step {global_step}; checkpoint saved in "
-                           f"{cfg.checkpoint_dir}; start again with resume_from_checkpoint=latest to continue")
-            logger.close()
-            raise Preempted(global_step)
-        if last:
-            break
 
-    if (cfg.validation_steps or cfg.validation_epochs) and validated_at != global_step:
-        run_validation(cfg, dist, frozen, engine, global_step, logger, ema)
-    if saved_at != global_step:
-        save(epoch)
+def log_point(run: Run, stats: WindowStats, window_started: float) -> float:
+    """The numbers all ranks agreed on go to the logger; every rank stops on too long a run of
+    non-finite losses. Returns the start of the next interval."""
+    cfg, state, engine = run.cfg, run.state, run.engine
+    now = time.perf_counter()
+    lr = run.lr_scheduler.get_last_lr()[0] if run.lr_scheduler is not None else engine.get_lr()[0]
+    samples_per_step = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps * run.dist.world_size
+    run.logger.log_step(state.global_step, {"loss": stats.mean_loss, "lr": lr,
+                                            "samples_per_s": samples_per_step * stats.steps / (now - window_started),
+                                            "epoch": state.epoch, "skipped_steps": float(engine.skipped_steps),
+                                            "nonfinite_losses": float(stats.nonfinite_losses)})
+    if stats.longest_nonfinite_run >= cfg.max_nonfinite_steps:
+        raise TrainingError(nonfinite_stop_message(stats.longest_nonfinite_run, state.global_step, state.epoch,
+                                                   cfg.use_fp16.enabled))
+    return now
+
+
+def validate(run: Run, cadence: ValidationCadence) -> None:
+    run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema)
+    cadence.ran(run.state.global_step)
+
+
+def finish(run: Run) -> Path | None:
+    """All ranks: the export of the trained (and EMA) weights, and the closing lines."""
+    cfg, dist, logger, global_step = run.cfg, run.dist, run.logger, run.state.global_step
     export_started = time.perf_counter()
-    check_weights_before_writing(engine, dist.device, "export", global_step)
-    exported = export_model(engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
+    check_weights_before_writing(run.engine, dist.device, "export", global_step)
+    exported = export_model(run.engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
                             out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path)
-    if ema is not None:
-        export_model(engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
-                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema", replacements=ema.gathered(dist.rank),
-                     vae_dir=cfg.vae_path)
+    if run.ema is not None:
+        export_model(run.engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
+                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema",
+                     replacements=run.ema.gathered(dist.rank), vae_dir=cfg.vae_path)
     barrier()
     logger.message(f"export written in {time.perf_counter() - export_started:.1f} s")
-    if dataset.bad_rows():
-        logger.message(f"skipped {len(dataset.bad_rows())} unreadable or missing image row(s) on rank 0 (skip_bad_images): {dataset.bad_rows()[:20]}")
+    bad_rows = run.dataset.bad_rows()
+    if bad_rows:
+        logger.message(f"skipped {len(bad_rows)} unreadable or missing image row(s) on rank 0 (skip_bad_images): {bad_rows[:20]}")
     logger.message(f"done: {global_step} steps; weights in {exported}" if exported else f"done: {global_step} steps")
     logger.close()
     return exported

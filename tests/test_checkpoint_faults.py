@@ -13,6 +13,7 @@ from ds_diffusers import checkpoint
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.engine.checkpoint_files import MODEL_STATES
 from ds_diffusers.errors import ConfigError, TrainingError
+from ds_diffusers.train_state import TrainState
 from tests.test_checkpoint_unit import make_cfg as unit_cfg
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -31,6 +32,9 @@ class FakeEngine:
     def __init__(self, fail: Exception | None = None) -> None:
         self.fail = fail
 
+    def zero_optimization_stage(self) -> int:
+        return 0  # it writes a model-states file and no optimizer-state files, as stage 0 does
+
     def save_checkpoint(self, save_dir, tag, **_):
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"w": torch.ones(4)}, Path(save_dir) / tag / MODEL_STATES)
@@ -39,7 +43,7 @@ class FakeEngine:
 
 
 def save(cfg, step, engine=None):
-    return checkpoint.save(engine or FakeEngine(), cfg, DIST, step, {"epoch": 0, "samples_in_epoch": step})
+    return checkpoint.save(engine or FakeEngine(), cfg, DIST, TrainState(global_step=step, epoch=0, samples_in_epoch=step))
 
 
 @pytest.mark.parametrize("failure", [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_diffusers import checkpoint
+from ds_diffusers import checkpoint, checkpoint_manager
 from ds_diffusers.config import validate_dict
 from ds_diffusers.errors import ConfigError
 from tests.test_config import with_changes
@@ -27,7 +27,7 @@ def test_only_complete_steps_count_and_prune_keeps_newest_and_latest(tmp_path):
         make_step(root, step)
     make_step(root, 25, complete=False)
     assert checkpoint.complete_steps(str(root)) == [5, 10, 15, 20]
-    checkpoint._prune(str(root), keep=2, protected=5)
+    checkpoint_manager.prune(str(root), keep=2, protected=5)
     assert checkpoint.complete_steps(str(root)) == [5, 15, 20]  # 5 is what latest names: kept
     assert (root / "step_25").is_dir()  # an incomplete folder is left for the next save to overwrite
 
@@ -46,17 +46,17 @@ def test_resume_target(tmp_path):
 
 
 def test_fresh_start_refusals(tmp_path):
-    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))  # empty folders: fine
+    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))  # empty folders: fine
     (tmp_path / "out" / "logs").mkdir(parents=True)
     with pytest.raises(ConfigError) as info:
-        checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))
+        checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))
     assert info.value.field == "overwrite_output_dir"
     # a requeued job that died before its first checkpoint restarts instead of failing
-    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
     (tmp_path / "out" / "unet").mkdir()
     with pytest.raises(ConfigError):
-        checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
-    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False, overwrite_output_dir=True))
+        checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False, overwrite_output_dir=True))
 
 
 def test_config_hash_ignores_paths_and_cadence_but_not_training_keys(tmp_path):

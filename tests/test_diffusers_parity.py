@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 from ds_diffusers.config import validate_dict
 from ds_diffusers.data import select_train_samples
 from ds_diffusers.objective import diffusion_loss
-from ds_diffusers.train import RunPlan
+from ds_diffusers.run_plan import RunPlan
 from tests.test_config import with_changes
 
 

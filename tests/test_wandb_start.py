@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ds_diffusers import checkpoint
+from ds_diffusers import checkpoint_manager
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.metrics import RunLogger, wandb_mode
 from tests.test_checkpoint_unit import make_cfg
@@ -49,7 +49,7 @@ def test_failed_start_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_pat
         RunLogger(cfg, is_main=True, total_steps=1, initial_step=0)
     assert info.value.field == "wandb.enabled" and "api_key not configured" in info.value.fix and "\n" not in str(info.value)
     assert not (tmp_path / "out" / "wandb").exists() and not (tmp_path / "out" / "logs").exists()
-    checkpoint.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))  # the plain re-run may start
+    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))  # the plain re-run may start
 
 
 def test_offline_fallback_really_logs(tmp_path, no_wandb_env, capsys):
