@@ -21,7 +21,6 @@ import pickle
 import random
 import re
 import shutil
-import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -37,11 +36,6 @@ from ds_diffusers.family import FAMILY_NAMES, model_family
 
 META_FILE = "ds_diffusers.json"
 LATEST = "latest"
-# Test hooks: "kill_during_save:<step>" and "kill_after_save:<step>" SIGKILL rank 0 like a lost rank,
-# between the files of that step's checkpoint or once it is complete (a crash resumable from it);
-# "usr1_at_step:<step>" makes rank 0 send itself SIGUSR1 at that optimizer step (see preemption);
-# "enospc_during_save:<step>" fails that save on every rank as a full disk does.
-FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
 _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
@@ -245,20 +239,10 @@ def _write_error(err: Exception, step_dir: Path) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({step_dir})"
 
 
-def _inject_fault(global_step: int, dist: DistInfo) -> None:
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == f"kill_during_save:{global_step}" and dist.is_main:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == f"enospc_during_save:{global_step}":
-        # What torch's zip writer raises when the disk fills up under it.
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
-
-
 def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, global_step: int, ema: Any) -> None:
     tag = step_tag(global_step)
     # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
     engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
-    _inject_fault(global_step, dist)
     rank_state = {"rng": rng_state(), "ema": ema.state_dict() if ema is not None else None}
     torch.save(rank_state, Path(cfg.checkpoint_dir) / tag / f"rank_{dist.rank}.pt")
 
@@ -299,8 +283,6 @@ def save(engine: Any, cfg: Config, dist: DistInfo, global_step: int, position: d
     if dist.is_main:
         _prune(cfg.checkpoint_dir, cfg.checkpoints_total_limit, protected=global_step)
     barrier()
-    if os.environ.get(FAULT_ENV) == f"kill_after_save:{global_step}" and dist.is_main:
-        os.kill(os.getpid(), signal.SIGKILL)
     return step_dir
 
 
