@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
-import importlib.machinery
 import os
 import signal
 import sys
