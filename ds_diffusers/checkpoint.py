@@ -22,7 +22,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -38,11 +37,6 @@ from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.family import FAMILY_NAMES, model_family
 from ds_diffusers.train_state import RNG_KEY, TrainState
 
-# Test hooks: "kill_during_save:<step>" and "kill_after_save:<step>" SIGKILL rank 0 like a lost rank,
-# between the files of that step's checkpoint or once it is complete (a crash resumable from it);
-# "usr1_at_step:<step>" makes rank 0 send itself SIGUSR1 at that optimizer step (see preemption);
-# "enospc_during_save:<step>" fails that save on every rank as a full disk does.
-FAULT_ENV = "DSD_FAULT_INJECT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
 _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
@@ -190,21 +184,11 @@ def _write_error(err: Exception, step_dir: Path) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({step_dir})"
 
 
-def _inject_fault(global_step: int, dist: DistInfo) -> None:
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == f"kill_during_save:{global_step}" and dist.is_main:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == f"enospc_during_save:{global_step}":
-        # What torch's zip writer raises when the disk fills up under it.
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
-
-
 def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> dict[str, Any]:
     """This rank's files; returns the train state's position, the same on every rank, for the metadata."""
     tag = step_tag(state.global_step)
     # Frozen base weights come from the pretrained folder again on resume; LoRA checkpoints stay small.
     engine.save_checkpoint(cfg.checkpoint_dir, tag=tag, save_latest=False, exclude_frozen_parameters=cfg.use_lora.action)
-    _inject_fault(state.global_step, dist)
     position = state.state_dict()
     rank_state = {RNG_KEY: position.pop(RNG_KEY), "ema": ema.state_dict() if ema is not None else None}
     torch.save(rank_state, rank_file(Path(cfg.checkpoint_dir) / tag, dist.rank))
@@ -247,8 +231,6 @@ def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any =
                             f"folder was removed and {kept}. Free space or fix permissions (or lower checkpoints_total_limit), "
                             "then resume with resume_from_checkpoint=latest.")
     barrier()
-    if os.environ.get(FAULT_ENV) == f"kill_after_save:{global_step}" and dist.is_main:
-        os.kill(os.getpid(), signal.SIGKILL)
     return step_dir
 
 

@@ -8,11 +8,8 @@ every rank reaches the collective checkpoint save together instead of one vanish
 
 from __future__ import annotations
 
-import os
 import signal
 from types import FrameType
-
-from ds_diffusers.checkpoint import FAULT_ENV
 
 # EX_TEMPFAIL: the run is incomplete but saved; the caller is invited to start it again (requeue).
 EXIT_PREEMPTED = 75
@@ -32,8 +29,6 @@ def install() -> None:
 
 def signalled(global_step: int, rank: int) -> bool:
     """Whether this process got a stop signal; local, no collective."""
-    if rank == 0 and os.environ.get(FAULT_ENV) == f"usr1_at_step:{global_step}":
-        os.kill(os.getpid(), signal.SIGUSR1)  # test hook: a real signal through the real handler
     return bool(_received)
 
 

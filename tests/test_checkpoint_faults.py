@@ -3,6 +3,8 @@ checkpoint (named, with the previous complete step to resume from)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from ds_diffusers.distributed import DistInfo
 from ds_diffusers.engine.checkpoint_files import MODEL_STATES
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.train_state import TrainState
+from tests.fault_injection.dsd_faults import PATCHES, fail_engine_save
 from tests.test_checkpoint_unit import make_cfg as unit_cfg
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -49,13 +52,13 @@ def save(cfg, step, engine=None):
 @pytest.mark.parametrize("failure", [
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024"),
     OSError(28, "No space left on device"),
-    None,  # the injected fault, as the integration tests and users reproducing it use it
+    None,  # the fault the launcher tests inject (tests/fault_injection), on this stand-in engine
 ])
 def test_full_disk_during_save_names_the_disk_and_removes_the_partial_folder(tmp_path, monkeypatch, failure):
     cfg = make_cfg(tmp_path)
     save(cfg, 3)
     if failure is None:
-        monkeypatch.setenv(checkpoint.FAULT_ENV, "enospc_during_save:6")
+        monkeypatch.setattr(FakeEngine, "save_checkpoint", fail_engine_save(FakeEngine.save_checkpoint, "enospc_during_save", 6))
     with pytest.raises(TrainingError) as info:
         save(cfg, 6, FakeEngine(failure))
     message = str(info.value)
@@ -63,6 +66,19 @@ def test_full_disk_during_save_names_the_disk_and_removes_the_partial_folder(tmp
     assert not (tmp_path / "ckpt" / "step_6").exists()
     assert (tmp_path / "ckpt" / "latest").read_text() == "step_3"
     assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
+
+
+@pytest.mark.parametrize("fault", sorted(PATCHES))
+def test_fault_injection_still_finds_the_function_it_patches(fault):
+    """The launcher and Slurm tests inject faults by patching these names from outside; a rename
+    would make them fail minutes in (or pass without the fault), so it fails here first."""
+    module_name, attribute, _ = PATCHES[fault]
+    target = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    # The arguments the wrappers read by position (checkpoint.save's wrapper reads only its returned step folder).
+    expected = {"save_checkpoint": ["self", "save_dir", "tag"], "signalled": ["global_step", "rank"]}.get(part, [])
+    assert callable(target) and list(inspect.signature(target).parameters)[: len(expected)] == expected
 
 
 def truncate(path: Path) -> None:

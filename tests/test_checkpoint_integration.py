@@ -7,7 +7,6 @@ equal to a ZeRO-0 run, crash safety, and refusals that protect earlier runs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.fault_injection import injected
 from tests.test_train_integration import REPO, assert_ok, launch, losses, run_cfg
 
 pytestmark = pytest.mark.multiprocess
@@ -107,11 +107,8 @@ def test_single_process_zero2_runs_as_zero0_and_exports_offline(tiny_assets, tmp
 def test_kill_during_save_keeps_previous_checkpoint(tiny_assets, tmp_path):
     overrides = run_cfg(tiny_assets, tmp_path, *COMMON, "max_train_steps=9", "save_interval=3")
     overrides = [o for o in overrides if o != "save_interval=0"]
-    os.environ["DSD_FAULT_INJECT"] = "kill_during_save:6"
-    try:
+    with injected("kill_during_save:6"):
         killed = launch(overrides)
-    finally:
-        del os.environ["DSD_FAULT_INJECT"]
     assert killed.returncode != 0
     checkpoints = tmp_path / "checkpoints"
     # the save of step 6 was killed between files: latest still names step 3, which is complete

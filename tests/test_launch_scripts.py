@@ -84,6 +84,32 @@ def test_launch_command_without_gpus(tmp_path, env, command):
     assert result.stdout.strip() == command
 
 
+@pytest.mark.parametrize("command_line, command", [
+    ("train_text_to_image.sh", "python -m ds_diffusers.train --cfg cfg/default.json"),
+    ("train_text_to_image.sh --set seed=1", "python -m ds_diffusers.train --cfg cfg/default.json --set seed=1"),
+    ("test_text_to_image.sh cfg/sd15_lora.json --set sample.seed=2",
+     "python -m ds_diffusers.sample --cfg cfg/sd15_lora.json --set sample.seed=2"),
+])
+def test_cfg_is_the_first_argument_unless_it_is_an_option(tmp_path, command_line, command):
+    (tmp_path / "nvidia-smi").write_text(NO_DRIVER)
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    result = bash(f"bash scripts/{command_line}", {"DSD_DRY_RUN": "1"}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == command
+
+
+def _repo_bootstrap(script: str) -> str:
+    text = (REPO / "scripts" / script).read_text()
+    return text[text.index("# sbatch runs a copy"):text.index('repo="$(dsd_find_repo)"')]
+
+
+def test_slurm_scripts_find_the_repository_the_same_way():
+    """sbatch runs a spooled copy of a .slurm file, so the function that finds the repository (and
+    with it scripts/lib/) cannot itself live in scripts/lib/: each file carries it, and they must not drift."""
+    assert "dsd_find_repo() {" in _repo_bootstrap("train_text_to_image.slurm")
+    assert _repo_bootstrap("train_text_to_image.slurm") == _repo_bootstrap("test_text_to_image.slurm")
+
+
 def requeue(rc: int, usr1: int = 0, term: int = 0, restarts: int = 0, max_restarts: int = 3) -> tuple[bool, str]:
     result = bash(f". scripts/lib/slurm.sh; dsd_requeue_reason {rc} {usr1} {term} {restarts} {max_restarts}")
     assert result.returncode in (0, 1), result.stderr

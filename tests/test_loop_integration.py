@@ -3,11 +3,10 @@ on a save step, and the numerics-neutral kernel options. Short runs through the 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ds_diffusers.preemption import EXIT_PREEMPTED
+from tests.fault_injection import injected
 from tests.test_train_integration import assert_ok, launch, losses, run_cfg
 
 pytestmark = pytest.mark.multiprocess
@@ -36,11 +35,8 @@ def test_logged_loss_is_the_mean_over_the_log_interval_and_channels_last_changes
 
 def test_stop_signal_on_a_save_step_saves_once_and_exits_75(tiny_assets, tmp_path):
     overrides = run_cfg(tiny_assets, tmp_path, "max_train_steps=6", "save_interval=2", "log_every_n_steps=5")
-    os.environ["DSD_FAULT_INJECT"] = "usr1_at_step:2"
-    try:
+    with injected("usr1_at_step:2"):
         result = launch(overrides)
-    finally:
-        del os.environ["DSD_FAULT_INJECT"]
     output = result.stdout + result.stderr
     assert result.returncode == EXIT_PREEMPTED, output[-3000:]
     assert output.count("checkpoint saved: ") == 1 and "stopped by SIGUSR1 at step 2" in output

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ds_diffusers.embedded.cache import DEFAULT_NUM_IMAGES, DEFAULT_VAE_TRAIN_STEPS, ensure_embedded_assets
+from ds_diffusers.embedded.cache import ensure_embedded_assets
+from ds_diffusers.embedded.recipe import DEFAULT_NUM_IMAGES, DEFAULT_VAE_TRAIN_STEPS
 from ds_diffusers.errors import ConfigError
 
 

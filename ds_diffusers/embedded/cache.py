@@ -17,12 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# Bump when anything that changes the built files changes (architecture, VAE recipe, rendering,
-# captions, tokenizer words): existing caches then rebuild instead of being silently reused.
-RECIPE_VERSION = 3
+from ds_diffusers.embedded.recipe import DEFAULT_NUM_IMAGES, DEFAULT_VAE_TRAIN_STEPS, RECIPE_VERSION
+
 BUILD_INFO = "BUILD_INFO.json"
-DEFAULT_NUM_IMAGES = 1536
-DEFAULT_VAE_TRAIN_STEPS = 400
 # The builders (torch, diffusers, PIL) are imported only when something must be built: the launch
 # scripts check the assets before every run, and a reuse should cost milliseconds, not imports.
 

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ds_diffusers.embedded.arch_sd import save_diffusers_folder
-from ds_diffusers.embedded.cache import DEFAULT_VAE_TRAIN_STEPS
+from ds_diffusers.embedded.recipe import DEFAULT_VAE_TRAIN_STEPS
 from ds_diffusers.embedded.tokenizer import write_tokenizer
 from ds_diffusers.embedded.vae_training import latent_scaling_factor, train_vae
 

@@ -4,6 +4,6 @@ plan       the `sample` block with defaults filled in, cross-field checks, shard
 weights    where each weight comes from (checked on disk before anything loads)
 schedulers sampler names -> diffusers schedulers
 pipeline   a pipeline for one weight (UNet + LoRA adapters + sampler)
-generate   the images of one prompt, each from its own (seed, prompt, image) generator
+generate   the images of one prompt (through ds_diffusers.generation, as validation draws them)
 outputs    PNGs, the comparison grid and manifest.json
 """

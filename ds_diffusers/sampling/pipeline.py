@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+from ds_diffusers.generation import build_pipeline
 from ds_diffusers.models import FrozenComponents
 from ds_diffusers.sampling.plan import SamplePlan
 from ds_diffusers.sampling.schedulers import make_scheduler
 from ds_diffusers.sampling.weights import WeightSource
-from ds_diffusers.validation import build_pipeline
 
 
 def load_unet(unet_dir: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:

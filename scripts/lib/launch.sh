@@ -1,5 +1,8 @@
 # Shared by scripts/*.sh: how many processes and which launcher arguments for this machine.
 
+# The command line ([CFG] [ARGS...]) and the embedded default's build.
+. "$(dirname "${BASH_SOURCE[0]}")/args.sh"
+
 # The GPUs this run may use, comma-separated: CUDA_VISIBLE_DEVICES when it is set (the deepspeed
 # launcher drops that variable unless it gets the ids as --include localhost:2,3), else the indices
 # of every GPU nvidia-smi lists. Empty on a machine without GPUs, where CUDA_VISIBLE_DEVICES is left
@@ -93,37 +96,32 @@ dsd_print_command() {
 # written to log/<prefix>-<time>.log; the exit code is the launcher's. DSD_DRY_RUN=1 prints the
 # command instead of running it.
 dsd_launch() {
-  local module="$1" prefix="$2" cfg="cfg/default.json" gpus procs launcher log
+  local module="$1" prefix="$2" gpus procs launcher log
   local -a cmd
   shift 2
-  if [[ $# -gt 0 && "$1" != --* ]]; then
-    cfg="$1"
-    shift
-  fi
+  dsd_split_args "$@"
   gpus="$(dsd_visible_gpus)" || return
   procs="$(dsd_num_procs "$gpus")"
   if [[ "$procs" -eq 1 ]]; then
     # One process needs no launcher: the module forms a process group of one itself, and skipping
     # the launcher's two extra Python processes (each importing torch and deepspeed) saves ~5 s.
     # CUDA_VISIBLE_DEVICES, when set, reaches it unchanged.
-    cmd=(python -m "$module" --cfg "$cfg" "$@")
+    cmd=(python -m "$module" --cfg "$DSD_CFG" "${DSD_ARGS[@]}")
   else
     launcher="$(dsd_launcher_args "$procs" "$gpus")" || return
     # shellcheck disable=SC2206  # the launcher arguments are meant to split into words
-    cmd=(deepspeed $launcher --module "$module" --cfg "$cfg" "$@")
+    cmd=(deepspeed $launcher --module "$module" --cfg "$DSD_CFG" "${DSD_ARGS[@]}")
   fi
   if [[ "${DSD_DRY_RUN:-0}" == 1 ]]; then
     dsd_print_command "${cmd[@]}"
     return 0
   fi
-  if [[ "$cfg" == "cfg/default.json" ]]; then
-    python -m ds_diffusers.embedded --out data/embedded
-  fi
+  dsd_prepare_cfg "$DSD_CFG"
   dsd_export_threads "$procs"
   mkdir -p log
   log="log/${prefix}-$(date +%Y%m%d-%H%M%S).log"
   [[ -z "$gpus" ]] || gpus="$(cut -d, -f1-"$procs" <<<"$gpus")"
-  echo "ds-diffusers: $procs process(es)${gpus:+ on GPU(s) $gpus}, cfg $cfg, log $log"
+  echo "ds-diffusers: $procs process(es)${gpus:+ on GPU(s) $gpus}, cfg $DSD_CFG, log $log"
   "${cmd[@]}" 2>&1 | tee "$log"
   return "${PIPESTATUS[0]}"
 }

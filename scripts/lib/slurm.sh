@@ -94,16 +94,6 @@ dsd_check_gpus_per_node() {
   fi
 }
 
-# True when the arguments already set KEY (as `--set KEY=...` or inside a later `--set` list).
-dsd_args_set() {
-  local key="$1" arg
-  shift
-  for arg in "$@"; do
-    [[ "$arg" == "$key="* ]] && return 0
-  done
-  return 1
-}
-
 _dsd_on_usr1() {
   DSD_GOT_USR1=1
   if [[ -n "$DSD_SRUN_PID" ]]; then

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import fault_injection
 from tests.slurm.cluster import NODES, poll
 from tests.slurm.conftest import REPO, Submitter, metrics_steps, wait_for_steps, write_tiny_cfg
 
@@ -97,7 +98,7 @@ def test_crash_requeues_and_resumes_from_latest(slurm_cluster, tiny_assets, subm
     requeues the job as a crash, and the second run resumes from `latest` and finishes."""
     steps = 6
     cfg = write_tiny_cfg(tiny_assets, tmp_path, max_train_steps=steps, save_interval=3)
-    submitter.env["DSD_FAULT_INJECT"] = "kill_after_save:3"
+    submitter.env.update(fault_injection.environment("kill_after_save:3"))
     job = submitter.run(TRAIN, "dsd-crash", ONE_NODE_TWO_TASKS, [str(cfg)], timeout_s=420)
 
     assert job.returncode == 0, job.explain()

@@ -1,0 +1,93 @@
+"""Text-to-image generation shared by validation (training side) and sampling (`ds_diffusers.sample`):
+the family's pipeline around the frozen components and a UNet, and the noise each image starts from.
+
+Image i of prompt p starts from noise drawn by a CPU generator seeded from (seed, p, i), so a weight,
+a rank count or a device does not change which noise an image starts from: validation grids, sampled
+baseline images and sampled tuned images are directly comparable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ds_diffusers.data.seeding import seeded_generator
+from ds_diffusers.models import FrozenComponents
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+
+def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline | StableDiffusionXLPipeline":
+    """The family's text-to-image pipeline around these components (SDXL: both encoders, `text_time`),
+    with DPM-Solver++ built from the model's own scheduler config."""
+    # Imported here: the pipeline module pulls in transformers' image processors (seconds of start-up)
+    # that a training run without validation never needs.
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if frozen.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=frozen.vae, text_encoder=frozen.text_encoder, text_encoder_2=frozen.text_encoder_2,
+            tokenizer=frozen.tokenizer, tokenizer_2=frozen.tokenizer_2, unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config),
+            force_zeros_for_empty_prompt=frozen.force_zeros_for_empty_prompt, add_watermarker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    pipe = StableDiffusionPipeline(
+        vae=frozen.vae,
+        text_encoder=frozen.text_encoder,
+        tokenizer=frozen.tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_generators(seed: int, prompt_index: int, num_images: int) -> list[torch.Generator]:
+    """One CPU generator per image of prompt `prompt_index`, seeded from (seed, prompt_index, image_index)."""
+    return [seeded_generator(seed, prompt_index, image_index) for image_index in range(num_images)]
+
+
+def starting_latents(generators: list[torch.Generator], channels: int, latent_size: int) -> torch.Tensor:
+    """The initial noise of each image, one draw per generator, on the CPU (so it is the same on every device)."""
+    return torch.stack([torch.randn((channels, latent_size, latent_size), generator=generator) for generator in generators])
+
+
+@torch.no_grad()
+def generate_images(
+    pipe: "DiffusionPipeline",
+    prompt: str,
+    prompt_index: int,
+    *,
+    seed: int,
+    num_images: int,
+    resolution: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    negative_prompt: str = "",
+    clip_skip: int | None = None,
+    output_type: str = "pil",
+) -> Any:
+    """`num_images` images of `prompt`, image i from the (seed, prompt_index, i) generator: PIL images,
+    or a float numpy array (N, H, W, 3) in [0, 1] with `output_type="np"`."""
+    generators = image_generators(seed, prompt_index, num_images)
+    latents = starting_latents(generators, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor)
+    result = pipe(
+        [prompt] * num_images,
+        negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
+        height=resolution, width=resolution,
+        latents=latents.to(pipe.vae.device, pipe.unet.dtype),
+        # The same generators go on to drive the ancestral samplers' per-step noise.
+        generator=generators,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        clip_skip=clip_skip,
+        output_type=output_type,
+    )
+    return result.images
