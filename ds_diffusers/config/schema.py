@@ -97,9 +97,9 @@ class Config(Block):
     # --- data (seed keys + columns)
     image_column: Optional[str] = Field(None, json_schema_extra=DATA, description="Column holding the images; null = the "
                                         "first column of image type, else `image`.")
-    caption_column: Optional[str] = Field(None, json_schema_extra=DATA, description="Column holding the captions (a row "
-                                          "with several draws one per epoch); null = the first of `text`, `caption`, "
-                                          "`captions`, `prompt`.")
+    caption_column: Optional[str] = Field(None, json_schema_extra=DATA, description="Column holding the captions (strings, "
+                                          "or lists of strings of which one is drawn per sample and epoch); null = the "
+                                          "first of `text`, `caption`, `captions`, `prompt`.")
     resolution: int = Field(512, ge=8, json_schema_extra=DATA, description="Training resolution in pixels; a multiple of 8 "
                             "(the VAE downsamples by 8). Images are resized (bilinear) on the short side, then cropped square.")
     center_crop: bool = Field(False, json_schema_extra=DATA, description="Center crop after resizing the short side; "
@@ -133,8 +133,8 @@ class Config(Block):
     use_lora: LoraCfg = Field(LoraCfg(), json_schema_extra=LORA, description="peft LoRA adapters on the UNet's attention "
                               "projections (the seed's key); off by default.")
     use_ema: bool = Field(False, json_schema_extra=EMA, description="Keep an exponential moving average of the UNet "
-                          "weights (full fine-tune only, not with LoRA), split over the ranks like the weights and "
-                          "exported as `unet_ema/`. Not with NVMe offload.")
+                          "weights (full fine-tune only, not with LoRA), partitioned over the ranks as the weights are "
+                          "(ZeRO-3) and exported as `unet_ema/`. Not with NVMe offload.")
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0, json_schema_extra=EMA, description="EMA decay; the effective decay "
                              "ramps up as min(decay, (1 + k) / (10 + k)), as diffusers' EMAModel.")
     ema_update_after_step: int = Field(0, ge=0, json_schema_extra=EMA,
