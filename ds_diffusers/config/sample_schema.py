@@ -27,21 +27,31 @@ class _Block(BaseModel):
 
 
 class LoraFileCfg(_Block):
-    path: str = Field(min_length=1)  # a .safetensors file, or a folder holding pytorch_lora_weights.safetensors
-    weight: float = Field(1.0, allow_inf_nan=False)
+    path: str = Field(min_length=1, description="A .safetensors file, or a folder holding "
+                      "`pytorch_lora_weights.safetensors`.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="This adapter's weight in the combination.")
 
 
 class SampleCfg(_Block):
-    prompts: Optional[list[str]] = None  # null = validation_prompts
-    negative_prompt: str = ""
-    num_images_per_prompt: Optional[int] = Field(None, ge=1)  # null = num_validation_images
-    num_inference_steps: Optional[int] = Field(None, ge=1)  # null = validation_inference_steps
-    guidance_scale: Optional[float] = Field(None, ge=0.0, allow_inf_nan=False)  # null = validation_guidance_scale
-    scheduler: SchedulerName = "dpmsolver++"
-    clip_skip: Optional[int] = Field(None, ge=1)  # text-encoder layers skipped from the end; null = none
-    seed: Optional[int] = Field(None, ge=0)  # null = seed
-    resolution: Optional[int] = Field(None, ge=8)  # null = resolution
-    weights: list[WeightName] = ["baseline", "tuned"]
-    lora_scale: float = Field(1.0, allow_inf_nan=False)
-    loras: list[LoraFileCfg] = []  # empty = the training run's output_dir/pytorch_lora_weights.safetensors
-    output_dir: Optional[str] = None  # null = <output_dir>/samples
+    prompts: Optional[list[str]] = Field(None, description="Prompts to draw; null = `validation_prompts`.")
+    negative_prompt: str = Field("", description="Negative prompt for every image; \"\" = none (unconditional).")
+    num_images_per_prompt: Optional[int] = Field(None, ge=1, description="Images per prompt and weight; null = "
+                                                 "`num_validation_images`.")
+    num_inference_steps: Optional[int] = Field(None, ge=1, description="Sampler steps; null = `validation_inference_steps`.")
+    guidance_scale: Optional[float] = Field(None, ge=0.0, allow_inf_nan=False, description="Classifier-free guidance "
+                                            "scale; null = `validation_guidance_scale`.")
+    scheduler: SchedulerName = Field("dpmsolver++", description="`dpmsolver++` (DPM-Solver++ multistep), `euler`, "
+                                     "`euler_ancestral`, `ddim`, `pndm` or `unipc`, built from the model's scheduler config "
+                                     "(betas, prediction type).")
+    clip_skip: Optional[int] = Field(None, ge=1, description="Text-encoder layers skipped from the end (1 = the "
+                                     "penultimate layer); null = none.")
+    seed: Optional[int] = Field(None, ge=0, description="Seed of the per-image generators; null = `seed`.")
+    resolution: Optional[int] = Field(None, ge=8, description="Image size in pixels (a multiple of 8); null = `resolution`.")
+    weights: list[WeightName] = Field(["baseline", "tuned"], description="Columns of the comparison, any of `baseline`, "
+                                      "`tuned`, `ema`, `lora`, each once.")
+    lora_scale: float = Field(1.0, allow_inf_nan=False, description="Multiplies every adapter weight of the `lora` column "
+                              "(0 = the baseline).")
+    loras: list[LoraFileCfg] = Field([], description="LoRA files of the `lora` column, combined as peft adapters, e.g. "
+                                     "`[{\"path\": \"a.safetensors\", \"weight\": 0.7}, {\"path\": \"outputs/other/model\", "
+                                     "\"weight\": 0.3}]`; [] = the training run's `output_dir/pytorch_lora_weights.safetensors`.")
+    output_dir: Optional[str] = Field(None, description="Where images, grid and manifest go; null = `<output_dir>/samples`.")

@@ -1,197 +1,206 @@
 """The typed config tree. Key names keep the seed project's (deepspeed-diffusers `cfg/default.json`)
-so existing files load unchanged; every key added here is documented in README.md with its default.
+so existing files load unchanged. Every key carries its description here, and each top-level key the
+section of the reference it is listed under; `docs/config.md` is generated from them
+(`python -m ds_diffusers.config.docs --write`). The config itself stays flat: sections are for reading.
 
-Only shapes, types and ranges live here; checks that touch the disk or the accelerator are in
-`checks.py`, and the translation to a DeepSpeed dict is in `deepspeed.py`.
+Only shapes, types and ranges live here (the nested blocks in `blocks.py`); checks that touch the
+disk or the accelerator are in `checks.py`, and the translation to a DeepSpeed dict is in `deepspeed.py`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from ds_diffusers.config.blocks import (Bf16Cfg, Block, FlopsProfilerCfg, Fp16Cfg, LoraCfg, MonitorCfg, OffloadDevice,
+                                        OffloadOptimizerCfg, OffloadParamCfg, OptimizerCfg, ParamGroupCfg, SchedulerCfg,
+                                        WandbCfg, ZeroCfg)
 from ds_diffusers.config.sample_schema import SampleCfg
 
-OffloadDevice = Literal["none", "cpu", "nvme", "auto"]
+__all__ = ["Bf16Cfg", "Block", "Config", "FlopsProfilerCfg", "Fp16Cfg", "LoraCfg", "MonitorCfg", "OffloadDevice",
+           "OffloadOptimizerCfg", "OffloadParamCfg", "OptimizerCfg", "ParamGroupCfg", "SECTIONS", "SampleCfg",
+           "SchedulerCfg", "WandbCfg", "ZeroCfg", "section_of"]
+
+# The sections of docs/config.md, in reading order.
+SECTIONS = ("Model", "Data", "Encoder cache", "Run length and batch", "Objective", "Optimizer and learning rate",
+            "Precision and ZeRO", "Memory and kernels", "LoRA", "EMA", "Validation", "Checkpoints and export",
+            "Logging and profiling", "Sampling")
 
 
-class Block(BaseModel):
-    """Strict: a JSON string is never silently read as a number or a bool."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class LoraCfg(Block):
-    action: bool = False
-    rank: int = Field(4, ge=1)
-    alpha: float = Field(4.0, gt=0)
-    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # peft's `init_lora_weights`: true (zero B, the default), false (random), or a named scheme.
-    init: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = True
+def _in(section: str) -> dict[str, str]:
+    """Schema metadata naming the section a top-level key is listed under."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown config section {section!r}; use one of {SECTIONS}")
+    return {"section": section}
 
 
-class Fp16Cfg(Block):
-    enabled: bool = False
-    auto_cast: bool = False
-    loss_scale: float = Field(0.0, ge=0.0)  # 0 = dynamic loss scaling
-    initial_scale_power: int = Field(16, ge=0, le=64)
-    loss_scale_window: int = Field(1000, ge=1)
-    hysteresis: int = Field(2, ge=1)
-    consecutive_hysteresis: bool = False
-    min_loss_scale: float = Field(1.0, gt=0.0)
-
-
-class Bf16Cfg(Block):
-    enabled: bool = False
-
-
-class ParamGroupCfg(Block):
-    match: str = Field(min_length=1)  # a regular expression searched in the parameter name
-    lr_scale: float = Field(1.0, gt=0.0)
-    weight_decay: Optional[float] = Field(None, ge=0.0)
-
-
-class OptimizerCfg(Block):
-    type: str = "AdamW"
-    params: dict[str, Any] = {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
-    param_groups: list[ParamGroupCfg] = []
-
-
-class SchedulerCfg(Block):
-    # DeepSpeed's names (the seed's) and diffusers' get_scheduler names; see config/schedules.py.
-    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "constant", "constant_with_warmup", "linear", "cosine",
-                  "cosine_with_restarts", "polynomial", "none"] = "WarmupLR"
-    params: dict[str, Any] = {}
-
-
-class WandbCfg(Block):
-    enabled: bool = False
-    group: Optional[str] = None
-    project: str = "ds-diffusers"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-
-
-class FlopsProfilerCfg(Block):
-    enabled: bool = False
-    profile_step: int = Field(1, ge=1)
-    module_depth: int = -1
-    top_modules: int = Field(1, ge=1)
-    detailed: bool = True
-    output_file: Optional[str] = None
-
-
-class MonitorCfg(Block):
-    """DeepSpeed's `tensorboard` and `csv_monitor` blocks, passed through."""
-
-    enabled: bool = False
-    output_path: str = ""
-    job_name: str = "ds-diffusers"
-
-
-class OffloadParamCfg(Block):
-    device: OffloadDevice = "none"
-    nvme_path: Optional[str] = None
-    pin_memory: bool = False
-
-
-class OffloadOptimizerCfg(OffloadParamCfg):
-    pass
-
-
-class ZeroCfg(Block):
-    stage: int = Field(0, ge=0, le=3)
-    offload_param: OffloadParamCfg = OffloadParamCfg()
-    offload_optimizer: OffloadOptimizerCfg = OffloadOptimizerCfg()
-    # Tuning knobs passed to DeepSpeed as they are when set.
-    overlap_comm: Optional[bool] = None
-    contiguous_gradients: Optional[bool] = None
-    reduce_scatter: Optional[bool] = None
-    reduce_bucket_size: Optional[int] = Field(None, ge=1)
-    allgather_bucket_size: Optional[int] = Field(None, ge=1)
-    round_robin_gradients: Optional[bool] = None
-    sub_group_size: Optional[int] = Field(None, ge=1)
-    stage3_prefetch_bucket_size: Optional[int] = Field(None, ge=0)
-    stage3_param_persistence_threshold: Optional[int] = Field(None, ge=0)
-    stage3_max_live_parameters: Optional[int] = Field(None, ge=0)
-    stage3_max_reuse_distance: Optional[int] = Field(None, ge=0)
-    stage3_gather_16bit_weights_on_model_save: Optional[bool] = None
+MODEL, DATA, CACHE, RUN, OBJECTIVE = _in("Model"), _in("Data"), _in("Encoder cache"), _in("Run length and batch"), _in("Objective")
+OPTIMIZER, PRECISION, KERNELS = _in("Optimizer and learning rate"), _in("Precision and ZeRO"), _in("Memory and kernels")
+LORA, EMA, VALIDATION, CHECKPOINTS = _in("LoRA"), _in("EMA"), _in("Validation"), _in("Checkpoints and export")
+LOGGING, SAMPLING = _in("Logging and profiling"), _in("Sampling")
 
 
 class Config(Block):
     # --- run length and cadence (seed keys)
-    num_epochs: int = Field(1, ge=1)
-    max_train_steps: int = Field(0, ge=0)  # optimizer steps; 0 = use num_epochs
-    validation_epochs: int = Field(0, ge=0)  # 0 = no epoch-based validation
-    validation_steps: int = Field(0, ge=0)  # 0 = no step-based validation
-    num_validation_images: int = Field(4, ge=1)
-    validation_inference_steps: int = Field(25, ge=1)
-    validation_guidance_scale: float = Field(7.5, ge=0.0)
-    validation_prompts: list[str] = []
-    validation_use_ema: Optional[bool] = None  # None = true when use_ema: validation images from the EMA weights
-    save_interval: int = Field(500, ge=0)  # optimizer steps between checkpoints; 0 = only at the end (500 as diffusers')
-    checkpoints_total_limit: int = Field(3, ge=1)
-    log_every_n_steps: int = Field(10, ge=1)  # optimizer steps between log points (loss, stop signals)
-    max_nonfinite_steps: int = Field(10, ge=1)  # nan/inf losses in a row before training stops
-    overwrite_output_dir: bool = False
-    seed: int = Field(42, ge=0)
+    num_epochs: int = Field(1, ge=1, json_schema_extra=RUN, description="Epochs to train when `max_train_steps` is 0.")
+    max_train_steps: int = Field(0, ge=0, json_schema_extra=RUN, description="Optimizer steps to train; 0 = `num_epochs` epochs.")
+    validation_epochs: int = Field(0, ge=0, json_schema_extra=VALIDATION, description="Validation images every N epochs; 0 = off.")
+    validation_steps: int = Field(0, ge=0, json_schema_extra=VALIDATION,
+                                  description="Validation images every N optimizer steps; 0 = off.")
+    num_validation_images: int = Field(4, ge=1, json_schema_extra=VALIDATION, description="Images per prompt in the validation grid.")
+    validation_inference_steps: int = Field(25, ge=1, json_schema_extra=VALIDATION, description="Sampler steps for validation images.")
+    validation_guidance_scale: float = Field(7.5, ge=0.0, json_schema_extra=VALIDATION,
+                                             description="Classifier-free guidance scale for validation images.")
+    validation_prompts: list[str] = Field([], json_schema_extra=VALIDATION, description="Prompts of the validation grid; "
+                                          "required when validation is on (`validation_steps` or `validation_epochs` > 0).")
+    validation_use_ema: Optional[bool] = Field(None, json_schema_extra=VALIDATION, description="Validation images from the "
+                                               "EMA weights; null = true when `use_ema` (true without `use_ema` is an error).")
+    save_interval: int = Field(500, ge=0, json_schema_extra=CHECKPOINTS, description="Checkpoint every N optimizer steps (and "
+                               "always at the end and on a stop signal); 0 = only at the end. 500 = diffusers' "
+                               "`--checkpointing_steps`.")
+    checkpoints_total_limit: int = Field(3, ge=1, json_schema_extra=CHECKPOINTS,
+                                         description="Keep the newest N complete checkpoints; older ones are deleted.")
+    log_every_n_steps: int = Field(10, ge=1, json_schema_extra=LOGGING, description="Optimizer steps between log points. "
+                                   "Each logs the mean loss since the previous one (also at the first step of a start, every "
+                                   "save point and the last step), and is when stop signals are acted on.")
+    max_nonfinite_steps: int = Field(10, ge=1, json_schema_extra=RUN, description="A nan/inf loss in this many optimizer "
+                                     "steps in a row (on any rank) stops the run at the next log point (exit code 3); fewer "
+                                     "are skipped (the update is not applied and the schedule does not advance).")
+    overwrite_output_dir: bool = Field(False, json_schema_extra=CHECKPOINTS, description="Allow a fresh run into folders "
+                                       "holding another run's checkpoints or results (they are replaced); false = such a "
+                                       "start is refused.")
+    seed: int = Field(42, ge=0, json_schema_extra=RUN, description="Seed of everything (data order, crops, flips, caption "
+                      "choice and dropout, noise, timesteps); per-rank streams are derived from it. Below 2**63.")
     # --- paths (seed keys)
-    pretrained_model_name_or_path: str = Field(min_length=1)
-    dataset_dir: str = Field(min_length=1)
-    max_train_samples: Optional[int] = Field(None, ge=1)  # train on this many rows (a seeded random subset); null = all
-    imagefolder: bool = False
-    checkpoint_dir: str = "outputs/checkpoints"
-    output_dir: str = "outputs/model"
-    resume_from_checkpoint: Union[bool, str] = False
+    pretrained_model_name_or_path: str = Field(min_length=1, json_schema_extra=MODEL, description="Local diffusers model "
+                                               "folder (the one holding `model_index.json`); its parts are checked before any "
+                                               "work (configs readable, weights present, SDXL's second text encoder).")
+    dataset_dir: str = Field(min_length=1, json_schema_extra=DATA, description="Local dataset folder: a `datasets` "
+                             "`save_to_disk` folder, a hub-layout folder of parquet/arrow files, or an imagefolder "
+                             "(with `imagefolder: true`). Every image file it names is checked to exist before training.")
+    max_train_samples: Optional[int] = Field(None, ge=1, json_schema_extra=DATA, description="Train on this many rows, the "
+                                             "first N of a `seed`-shuffled order (the subset diffusers' "
+                                             "`--max_train_samples` takes for the same seed); null = all rows.")
+    imagefolder: bool = Field(False, json_schema_extra=DATA, description="Read `dataset_dir` as an imagefolder: images "
+                              "with their captions in `metadata.jsonl` or `metadata.csv`.")
+    checkpoint_dir: str = Field("outputs/checkpoints", json_schema_extra=CHECKPOINTS,
+                                description="Folder of the DeepSpeed checkpoints (`step_<N>/`, `latest`).")
+    output_dir: str = Field("outputs/model", json_schema_extra=CHECKPOINTS, description="Exported model (`unet/` or "
+                            "`pytorch_lora_weights.safetensors`, `unet_ema/`), `ds_config.json` (the DeepSpeed dict of "
+                            "every run), `validation/` and `logs/metrics.jsonl`.")
+    resume_from_checkpoint: Union[bool, str] = Field(False, json_schema_extra=CHECKPOINTS, description="true or "
+                                                     "\"latest\": resume from `checkpoint_dir/latest` when it exists (a fresh "
+                                                     "start otherwise; a damaged newest checkpoint falls back to the "
+                                                     "previous intact one with a warning); a step folder path: resume that "
+                                                     "one; false: never resume.")
     # --- data (seed keys + columns)
-    image_column: Optional[str] = None
-    caption_column: Optional[str] = None
-    resolution: int = Field(512, ge=8)
-    center_crop: bool = False
-    random_flip: bool = False
-    dataloader_num_workers: Optional[int] = Field(None, ge=0)  # None = min(8, CPUs available - 1)
-    skip_bad_images: bool = False  # skip (and report) unreadable/missing images instead of stopping
-    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)  # probability a sample trains on the empty prompt
+    image_column: Optional[str] = Field(None, json_schema_extra=DATA, description="Column holding the images; null = the "
+                                        "first column of image type, else `image`.")
+    caption_column: Optional[str] = Field(None, json_schema_extra=DATA, description="Column holding the captions (strings, "
+                                          "or lists of strings of which one is drawn per sample and epoch); null = the "
+                                          "first of `text`, `caption`, `captions`, `prompt`.")
+    resolution: int = Field(512, ge=8, json_schema_extra=DATA, description="Training resolution in pixels; a multiple of 8 "
+                            "(the VAE downsamples by 8). Images are resized (bilinear) on the short side, then cropped square.")
+    center_crop: bool = Field(False, json_schema_extra=DATA, description="Center crop after resizing the short side; "
+                              "false = a random crop, drawn per (seed, epoch, sample).")
+    random_flip: bool = Field(False, json_schema_extra=DATA,
+                              description="Random horizontal flip, drawn per (seed, epoch, sample).")
+    dataloader_num_workers: Optional[int] = Field(None, ge=0, json_schema_extra=DATA, description="DataLoader worker "
+                                                  "processes per rank; null = min(8, CPUs this process may run on − 1) "
+                                                  "(`os.sched_getaffinity`, so Slurm's `--cpus-per-task` counts). Workers "
+                                                  "are persistent and keep 2 batches each ready; results do not depend on "
+                                                  "the count (exact resume included).")
+    skip_bad_images: bool = Field(False, json_schema_extra=DATA, description="An image that is missing or cannot be "
+                                  "decoded is skipped (the next readable row takes its place), announced once and counted at "
+                                  "the end, instead of stopping the run. Not with `cache_latents`.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=DATA, description="Probability that a sample's "
+                                   "caption is replaced by the empty prompt, which teaches the model the unconditional "
+                                   "prediction classifier-free guidance needs (SD itself was trained with 0.1); drawn per "
+                                   "(seed, epoch, sample), so cached, uncached and resumed runs drop the same samples.")
     # --- cache of the frozen encoders' outputs (computed once, reused while its key matches)
-    cache_latents: bool = False
-    cache_text_embeddings: bool = False
-    cache_dir: str = "data/cache"
+    cache_latents: bool = Field(False, json_schema_extra=CACHE, description="Encode every image with the frozen VAE once "
+                                "and train from the stored posterior (mean and log-variance: every step still draws a "
+                                "fresh latent, with the random numbers an uncached run draws). Needs `center_crop: true`; "
+                                "`random_flip` stores the mirrored image too.")
+    cache_text_embeddings: bool = Field(False, json_schema_extra=CACHE, description="Encode every distinct caption with "
+                                        "the frozen text encoder once and reuse the stored outputs.")
+    cache_dir: str = Field("data/cache", json_schema_extra=CACHE, description="Where the caches live: a `latents-<key>` or "
+                           "`text-<key>` folder per combination of encoder files, weight dtype, resolution, crop/flip, "
+                           "column and dataset (a change builds a new folder; old ones are never deleted). Must be shared "
+                           "by all nodes of a multi-node run.")
     # --- model and objective
-    use_lora: LoraCfg = LoraCfg()
-    use_ema: bool = False
-    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
-    ema_update_after_step: int = Field(0, ge=0)
-    export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the exported weights (from the fp32 masters)
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
-    noise_offset: float = Field(0.0, ge=0.0)
-    input_perturbation: float = Field(0.0, ge=0.0)  # diffusers' --input_perturbation (0.1 is their suggestion)
-    snr_gamma: Optional[float] = Field(None, gt=0.0)
-    gradient_checkpointing: bool = False
-    vae_path: Optional[str] = None  # a diffusers VAE folder used instead of the model's vae/ (e.g. an fp16-safe SDXL VAE)
+    use_lora: LoraCfg = Field(LoraCfg(), json_schema_extra=LORA, description="peft LoRA adapters on the UNet's attention "
+                              "projections (the seed's key); off by default.")
+    use_ema: bool = Field(False, json_schema_extra=EMA, description="Keep an exponential moving average of the UNet "
+                          "weights (full fine-tune only, not with LoRA), partitioned over the ranks as the weights are "
+                          "(ZeRO-3) and exported as `unet_ema/`. Not with NVMe offload.")
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0, json_schema_extra=EMA, description="EMA decay; the effective decay "
+                             "ramps up as min(decay, (1 + k) / (10 + k)), as diffusers' EMAModel.")
+    ema_update_after_step: int = Field(0, ge=0, json_schema_extra=EMA,
+                                       description="The EMA copies the weights until this step, then averages.")
+    export_dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", json_schema_extra=CHECKPOINTS, description="Dtype of the "
+                                                          "exported weights (`unet/`, `unet_ema/`, LoRA file), cast from "
+                                                          "the fp32 masters; used by the end-of-run and the offline "
+                                                          "export alike.")
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, json_schema_extra=OBJECTIVE, description=
+                                                                          "What the UNet learns to predict; null = what the "
+                                                                          "model's scheduler config says.")
+    noise_offset: float = Field(0.0, ge=0.0, json_schema_extra=OBJECTIVE, description="Offset-noise strength (helps very "
+                                "dark or bright images), as diffusers' `--noise_offset`; 0 = off.")
+    input_perturbation: float = Field(0.0, ge=0.0, json_schema_extra=OBJECTIVE, description="Input-perturbation strength "
+                                      "as diffusers' `--input_perturbation` (0.1 is their suggestion): the noisy latents use "
+                                      "noise + strength × a second normal draw, the target stays the first noise; 0 = off.")
+    snr_gamma: Optional[float] = Field(None, gt=0.0, json_schema_extra=OBJECTIVE, description="Min-SNR loss weighting "
+                                       "gamma (5.0 is the usual value); null = plain MSE.")
+    gradient_checkpointing: bool = Field(False, json_schema_extra=KERNELS, description="Recompute the UNet's activations "
+                                         "in the backward pass to save memory.")
+    vae_path: Optional[str] = Field(None, json_schema_extra=MODEL, description="A local diffusers VAE folder used instead "
+                                    "of the model's `vae/` (e.g. an fp16-safe SDXL VAE); null = the model's own.")
     # --- kernels (numerics-neutral except allow_tf32)
-    allow_tf32: Optional[bool] = None  # None = true on CUDA
-    channels_last: bool = False
-    compile: bool = False
+    allow_tf32: Optional[bool] = Field(None, json_schema_extra=KERNELS, description="TF32 matmuls and convolutions for "
+                                       "fp32 compute on Ampere and newer GPUs; null = true on CUDA. No effect on CPUs or on "
+                                       "fp16/bf16 compute. Changes results in the last bits, like cuDNN's algorithm choice.")
+    channels_last: bool = Field(False, json_schema_extra=KERNELS, description="Feed the UNet its input latents in "
+                                "channels-last (NHWC) memory format, so cuDNN picks its NHWC convolution kernels (the "
+                                "weights keep the layout DeepSpeed needs); the same losses.")
+    compile: bool = Field(False, json_schema_extra=KERNELS, description="`torch.compile` the UNet through DeepSpeed's "
+                          "`engine.compile()`; the first steps take longer (compilation), the loss is the same to float "
+                          "tolerance.")
     # --- DeepSpeed
-    use_fp16: Fp16Cfg = Fp16Cfg()
-    bf16: Bf16Cfg = Bf16Cfg()
-    train_micro_batch_size_per_gpu: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    gradient_clipping: float = Field(1.0, ge=0.0)  # 0 = no clipping; 1.0 as diffusers' --max_grad_norm
-    optimizer: OptimizerCfg = OptimizerCfg()
-    scheduler: SchedulerCfg = SchedulerCfg()
-    lr_warmup_steps: int = Field(0, ge=0)
-    zero_optimization: ZeroCfg = ZeroCfg()
-    wall_clock_breakdown: bool = False
-    flops_profiler: FlopsProfilerCfg = FlopsProfilerCfg()
+    use_fp16: Fp16Cfg = Field(Fp16Cfg(), json_schema_extra=PRECISION, description="fp16 mixed precision: DeepSpeed's "
+                              "`fp16` block under the seed's name. The frozen encoders run in fp16 too.")
+    bf16: Bf16Cfg = Field(Bf16Cfg(), json_schema_extra=PRECISION, description="bf16 mixed precision: DeepSpeed's `bf16` "
+                          "block. The frozen encoders run in bf16 too.")
+    train_micro_batch_size_per_gpu: int = Field(1, ge=1, json_schema_extra=RUN,
+                                                description="Samples per process per micro step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, json_schema_extra=RUN, description="Micro steps per optimizer step; "
+                                             "DeepSpeed's `train_batch_size` = micro batch × accumulation × processes. A "
+                                             "window never spans two epochs (a shorter last window still steps). Under "
+                                             "fp16/bf16 with more than 1, gradients are summed in fp32 "
+                                             "(`data_types.grad_accum_dtype`), which DeepSpeed does from ZeRO-1 on: such "
+                                             "runs run stage 0 as stage 1 and keep stage 1 on one process.")
+    gradient_clipping: float = Field(1.0, ge=0.0, json_schema_extra=OPTIMIZER, description="Clip the global gradient norm "
+                                     "to this value (1.0 = diffusers' `--max_grad_norm`); 0 = off.")
+    optimizer: OptimizerCfg = Field(OptimizerCfg(), json_schema_extra=OPTIMIZER,
+                                    description="The optimizer DeepSpeed builds (its `optimizer` block).")
+    scheduler: SchedulerCfg = Field(SchedulerCfg(), json_schema_extra=OPTIMIZER, description="The learning-rate schedule: "
+                                    "one torch `LambdaLR` over that optimizer, handed to `deepspeed.initialize`.")
+    lr_warmup_steps: int = Field(0, ge=0, json_schema_extra=OPTIMIZER, description="Warm-up steps used when "
+                                 "`scheduler.params.warmup_num_steps` is absent; 0 = the full lr from the first step.")
+    zero_optimization: ZeroCfg = Field(ZeroCfg(), json_schema_extra=PRECISION, description="DeepSpeed's ZeRO block.")
+    wall_clock_breakdown: bool = Field(False, json_schema_extra=LOGGING, description="DeepSpeed's timing breakdown of "
+                                       "forward, backward and step.")
+    flops_profiler: FlopsProfilerCfg = Field(FlopsProfilerCfg(), json_schema_extra=LOGGING,
+                                             description="DeepSpeed's flops profiler block, passed through.")
     # --- logging
-    offline: bool = False  # wandb offline mode
-    wandb: WandbCfg = WandbCfg()
-    tensorboard: MonitorCfg = MonitorCfg()
-    csv_monitor: MonitorCfg = MonitorCfg()
-    sample: SampleCfg = SampleCfg()
+    offline: bool = Field(False, json_schema_extra=LOGGING, description="wandb offline mode (upload later with `wandb sync`).")
+    wandb: WandbCfg = Field(WandbCfg(), json_schema_extra=LOGGING, description="Weights & Biases logging (rank 0).")
+    tensorboard: MonitorCfg = Field(MonitorCfg(), json_schema_extra=LOGGING, description="DeepSpeed's TensorBoard monitor "
+                                    "(needs the `tensorboard` package, pinned in requirements.txt).")
+    csv_monitor: MonitorCfg = Field(MonitorCfg(), json_schema_extra=LOGGING, description="DeepSpeed's CSV monitor.")
+    sample: SampleCfg = Field(SampleCfg(), json_schema_extra=SAMPLING, description="Settings of `python -m "
+                              "ds_diffusers.sample` (baseline vs tuned images from the file that trained the model).")
 
     @property
     def validates_with_ema(self) -> bool:
@@ -205,3 +214,8 @@ class Config(Block):
         if self.bf16.enabled:
             return "bfloat16"
         return "float32"
+
+
+def section_of(key: str) -> str:
+    """The section a top-level key is listed under."""
+    return Config.model_fields[key].json_schema_extra["section"]
