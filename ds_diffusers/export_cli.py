@@ -118,7 +118,7 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     if cfg.use_ema:
         ema = _ema_state(step_dir, unet, meta["world_size"], stage)
         write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir, subfolder="unet_ema")
-    copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None)
+    copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None, cfg.variant)
     return path
 
 

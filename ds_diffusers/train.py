@@ -22,6 +22,7 @@ import torch
 from ds_diffusers import checkpoint, lock, preemption, validation
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.checks import fused_adam_unavailable
+from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
                                load_train_dataset, num_batches_per_epoch, prepare_caches, resolve_columns,
@@ -159,7 +160,7 @@ def train(cfg: Config) -> Path | None:
     seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type,
-                                    cfg.vae_path)
+                                    cfg.vae_path, cfg.variant)
     fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
     ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
                                     fused_adam_ok=fused_adam_problem is None)
@@ -307,11 +308,12 @@ def train(cfg: Config) -> Path | None:
     export_started = time.perf_counter()
     check_weights_before_writing(engine, dist.device, "export", global_step)
     exported = export_model(engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
-                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path)
+                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path,
+                            variant=cfg.variant)
     if ema is not None:
         export_model(engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
                      rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema", replacements=ema.gathered(dist.rank),
-                     vae_dir=cfg.vae_path)
+                     vae_dir=cfg.vae_path, variant=cfg.variant)
     barrier()
     logger.message(f"export written in {time.perf_counter() - export_started:.1f} s")
     if dataset.bad_rows():
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_notices()
     together = False  # every rank leaves train() at the same point: tearing the group down is safe
     try:
-        cfg = load_config(args.cfg, args.overrides)
+        cfg = resolve_hub_ids(load_config(args.cfg, args.overrides))
         check_environment(cfg)
         train(cfg)
         together = True

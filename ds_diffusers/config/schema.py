@@ -145,6 +145,10 @@ class Config(Block):
     checkpoint_dir: str = "outputs/checkpoints"
     output_dir: str = "outputs/model"
     resume_from_checkpoint: Union[bool, str] = False
+    # --- hub ids in the path keys (docs/hub.md); revision/variant as diffusers' --revision/--variant
+    revision: Optional[str] = Field(None, min_length=1)  # branch, tag or commit of a hub-id model; null = main
+    variant: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_]+$")  # weights file variant, e.g. "fp16" (*.fp16.safetensors)
+    dataset_revision: Optional[str] = Field(None, min_length=1)  # branch, tag or commit of a hub-id dataset; null = main
     # --- data (seed keys + columns)
     image_column: Optional[str] = None
     caption_column: Optional[str] = None
