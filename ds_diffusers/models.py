@@ -104,14 +104,15 @@ def _accept_any_float_latents(vae: AutoencoderKL) -> None:
 
 
 def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None,
-                           vae_path: str | None = None) -> FrozenComponents:
+                           vae_path: str | None = None, variant: str | None = None) -> FrozenComponents:
+    """`variant` ("fp16": the `*.fp16.safetensors` files) applies to the model's own parts, not to `vae_path`."""
     family = model_family(model_dir)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=variant)
     vae_dir = vae_folder(model_dir, vae_path)
     # The SDXL pipelines upcast a force_upcast VAE; the SD 1.x/2.x ones run it in the weight dtype.
     vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family == "sdxl" else dtype
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype)
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
@@ -119,7 +120,8 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
     tokenizer_2 = text_encoder_2 = None
     if family == "sdxl":
         tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-        text_encoder_2 = _frozen(CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2"), device, dtype)
+        text_encoder_2 = _frozen(CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2",
+                                                                                 variant=variant), device, dtype)
     vae = _frozen(vae, device, None)
     if vae.dtype != dtype:
         _accept_any_float_latents(vae)
@@ -129,13 +131,13 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
                             force_zeros_for_empty_prompt=bool(model_index(model_dir).get("force_zeros_for_empty_prompt", True)))
 
 
-def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict | None = None, rank: int = 0
-              ) -> UNet2DConditionModel:
+def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict | None = None, rank: int = 0,
+              variant: str | None = None) -> UNet2DConditionModel:
     """fp32 weights on the host; DeepSpeed casts and moves them. With `zero3_config` (a ZeRO-3 run; all
     ranks call this) the UNet is partitioned while it loads (`engine.zero_load`), so no rank holds all of it."""
-    unet = load_unet_partitioned(model_dir, zero3_config, rank) if zero3_config is not None else None
+    unet = load_unet_partitioned(model_dir, zero3_config, rank, variant) if zero3_config is not None else None
     if unet is None:
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32, variant=variant)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -179,7 +181,7 @@ def build_unet(cfg: Config, zero3_config: dict | None = None, rank: int = 0) -> 
     # Building inside zero.Init runs the UNet's random initialisation (then overwritten) and the
     # ordinary load does not: keep the RNG out of it, so LoRA's initialisation is the same either way.
     with torch.random.fork_rng(devices=[]):
-        unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank)
+        unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank, cfg.variant)
     if cfg.use_lora.action:
         add_lora(unet, cfg.use_lora)
     return unet

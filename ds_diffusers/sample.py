@@ -19,6 +19,7 @@ import torch
 
 from ds_diffusers.config import Config, load_config, parse_cfg_args
 from ds_diffusers.config.checks import check_model_dir, check_writable_folder
+from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
@@ -47,7 +48,7 @@ def prepare(cfg: Config) -> tuple[SamplePlan, list[WeightSource]]:
     """Every check that can fail on user input, before any process group or model exists."""
     plan = SamplePlan.from_config(cfg)
     check_accelerator_expected()
-    check_model_dir(cfg.pretrained_model_name_or_path)
+    check_model_dir(cfg.pretrained_model_name_or_path, cfg.variant)
     check_against_model(plan, cfg.pretrained_model_name_or_path)
     sources = resolve_weights(cfg, plan)
     check_writable_folder(plan.output_dir, "sample.output_dir")
@@ -64,7 +65,8 @@ def sample(cfg: Config, plan: SamplePlan, sources: list[WeightSource], run_info:
         print(f"ds-diffusers: sampling {len(plan.prompts)} prompt(s) x {plan.num_images_per_prompt} image(s) x "
               f"{', '.join(plan.weights)} ({plan.scheduler}, {plan.num_inference_steps} steps, {plan.resolution} px, "
               f"{str(dtype).removeprefix('torch.')}) on {dist.world_size} process(es) -> {plan.output_dir}", flush=True)
-    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, dtype, cfg.prediction_type, cfg.vae_path)
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, dtype, cfg.prediction_type, cfg.vae_path,
+                                    cfg.variant)
     records = []
     for source in sources:
         with weight_pipeline(source, frozen, plan, dist.device, dtype) as pipe:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_notices()
     try:
-        cfg = load_config(args.cfg, args.overrides)
+        cfg = resolve_hub_ids(load_config(args.cfg, args.overrides))
         plan, sources = prepare(cfg)
         sample(cfg, plan, sources, {"cfg": str(args.cfg), "overrides": list(args.overrides)})
     except ConfigError as err:

@@ -24,6 +24,7 @@ from ds_diffusers.cadence import LogCadence, ValidationCadence
 from ds_diffusers.checkpoint_manager import CheckpointManager, clear_previous_run, resume_or_fresh_start
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.checks import fused_adam_unavailable
+from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
                                load_train_dataset, prepare_caches, resolve_columns, select_train_samples, to_device)
@@ -32,7 +33,7 @@ from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, skip_nonfinite_steps, skip_single_rank_allreduce,
                                  unet_weight_files)
 from ds_diffusers.errors import ConfigError, TrainingError
-from ds_diffusers.export import export_model
+from ds_diffusers.export import EMA_DIR, export_model
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
@@ -145,7 +146,7 @@ def set_up(cfg: Config) -> Run:
     seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type,
-                                    cfg.vae_path)
+                                    cfg.vae_path, cfg.variant)
     fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
     ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
                                     fused_adam_ok=fused_adam_problem is None)
@@ -155,7 +156,7 @@ def set_up(cfg: Config) -> Run:
     # 16-bit: the optimizer's fp32 masters start from the checkpoint's values, not rounded ones.
     starting_values = None
     if weight_dtype != torch.float32 and resume_from is None:
-        unet_files = unet_weight_files(cfg.pretrained_model_name_or_path) if loaded_partitioned else None
+        unet_files = unet_weight_files(cfg.pretrained_model_name_or_path, cfg.variant) if loaded_partitioned else None
         starting_values = StartingValues.capture(unet, unet_files)
     cast_trainable_like_partitioned(unet, weight_dtype)
     groups = param_groups(unet, cfg)
@@ -326,11 +327,12 @@ def finish(run: Run) -> Path | None:
     export_started = time.perf_counter()
     check_weights_before_writing(run.engine, dist.device, "export", global_step)
     exported = export_model(run.engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
-                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path)
+                            out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path,
+                            variant=cfg.variant)
     if run.ema is not None:
         export_model(run.engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
-                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder="unet_ema",
-                     replacements=run.ema.gathered(dist.rank), vae_dir=cfg.vae_path)
+                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder=EMA_DIR,
+                     replacements=run.ema.gathered(dist.rank), vae_dir=cfg.vae_path, variant=cfg.variant)
     barrier()
     logger.message(f"export written in {time.perf_counter() - export_started:.1f} s")
     bad_rows = run.dataset.bad_rows()
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_notices()
     together = False  # every rank leaves train() at the same point: tearing the group down is safe
     try:
-        cfg = load_config(args.cfg, args.overrides)
+        cfg = resolve_hub_ids(load_config(args.cfg, args.overrides))
         check_environment(cfg)
         train(cfg)
         together = True

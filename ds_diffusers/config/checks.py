@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ds_diffusers.config.hub import weight_variants
 from ds_diffusers.config.optimizers import check_optimizer_backend, check_optimizer_block
 from ds_diffusers.config.schedules import check_scheduler
 from ds_diffusers.config.schema import Config
@@ -103,7 +104,31 @@ _MODEL_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "co
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
 
 
-def check_model_dir(value: str) -> None:
+def _check_weights(folder: Path, variant: str | None, field: str = "pretrained_model_name_or_path",
+                   value: str | None = None) -> None:
+    """Weights that `from_pretrained(folder, variant=variant)` finds: with a variant, files named
+    `*.<variant>.safetensors` (or .bin); without one, plain ones, not only another variant's."""
+    value = value if value is not None else str(folder.parent)
+    names = [child.name for child in folder.iterdir()]
+    variants = weight_variants(names)
+    if variant is not None and variant not in variants:
+        raise ConfigError("variant", variant, f"{folder} holds no {variant} weights (*.{variant}.safetensors); set variant "
+                          f"to null or to one the folder has ({', '.join(sorted(v or 'null' for v in variants)) or 'none'})")
+    if variant is None and not any(next(folder.glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+        raise ConfigError(field, value, f"{folder} holds no weights (*.safetensors or *.bin); download or copy the model again")
+    if variant is None and variants and None not in variants:
+        raise ConfigError("variant", None, f"{folder} holds only variant weights ({', '.join(sorted(variants))}); set "
+                          f"variant to {sorted(variants)[0]}")
+
+
+def check_vae_dir(value: str, field: str = "vae_path") -> None:
+    if not (Path(value) / "config.json").is_file():
+        raise ConfigError(field, value, "no config.json there; point it at a diffusers VAE folder "
+                          "(e.g. madebyollin/sdxl-vae-fp16-fix) or set it to null")
+    _check_weights(Path(value), None, field, value)
+
+
+def check_model_dir(value: str, variant: str | None = None) -> None:
     path = Path(value)
     if not path.is_dir():
         raise ConfigError("pretrained_model_name_or_path", value,
@@ -121,9 +146,8 @@ def check_model_dir(value: str) -> None:
             except (OSError, ValueError) as err:
                 reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
                 raise ConfigError("pretrained_model_name_or_path", value, f"{config_file} is {reason}; download or copy the model again")
-        if sub in ("unet", "vae", "text_encoder") and not any(next((path / sub).glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
-            raise ConfigError("pretrained_model_name_or_path", value, f"{path / sub} holds no weights (*.safetensors or *.bin); "
-                              "download or copy the model again")
+        if sub in ("unet", "vae", "text_encoder"):
+            _check_weights(path / sub, variant)
     if not any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise ConfigError("pretrained_model_name_or_path", value, f"{path / 'tokenizer'} holds no vocab.json or tokenizer.json; "
                           "download or copy the model again")
@@ -181,13 +205,12 @@ def check_lora_targets(cfg: Config) -> None:
 
 def check_environment(cfg: Config) -> None:
     """Disk, accelerator and package checks; must be called on every rank before models are loaded."""
-    check_model_dir(cfg.pretrained_model_name_or_path)
+    check_model_dir(cfg.pretrained_model_name_or_path, cfg.variant)
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")
-    if cfg.vae_path is not None and not (Path(cfg.vae_path) / "config.json").is_file():
-        raise ConfigError("vae_path", cfg.vae_path, "no config.json there; point it at a diffusers VAE folder "
-                          "(e.g. madebyollin/sdxl-vae-fp16-fix downloaded locally) or set it to null")
+    if cfg.vae_path is not None:
+        check_vae_dir(cfg.vae_path)
     for field in ("output_dir", "checkpoint_dir"):
         check_writable_folder(getattr(cfg, field), field)
     if cfg.cache_latents or cfg.cache_text_embeddings:

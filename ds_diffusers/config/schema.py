@@ -73,11 +73,13 @@ class Config(Block):
     seed: int = Field(42, ge=0, json_schema_extra=RUN, description="Seed of everything (data order, crops, flips, caption "
                       "choice and dropout, noise, timesteps); per-rank streams are derived from it. Below 2**63.")
     # --- paths (seed keys)
-    pretrained_model_name_or_path: str = Field(min_length=1, json_schema_extra=MODEL, description="Local diffusers model "
-                                               "folder (the one holding `model_index.json`); its parts are checked before any "
-                                               "work (configs readable, weights present, SDXL's second text encoder).")
-    dataset_dir: str = Field(min_length=1, json_schema_extra=DATA, description="Local dataset folder: a `datasets` "
-                             "`save_to_disk` folder, a hub-layout folder of parquet/arrow files, or an imagefolder "
+    pretrained_model_name_or_path: str = Field(min_length=1, json_schema_extra=MODEL, description="A diffusers model "
+                                               "folder (the one holding `model_index.json`) or a hub id `org/name` (resolved once "
+                                               "at start-up to the Hugging Face cache, docs/hub.md; an existing local folder "
+                                               "wins); its parts are checked before any work (configs readable, weights present, "
+                                               "SDXL's second text encoder).")
+    dataset_dir: str = Field(min_length=1, json_schema_extra=DATA, description="Dataset folder, or a hub "
+                             "dataset id `org/name` resolved like the model's: a `datasets` `save_to_disk` folder, a hub-layout folder of parquet/arrow files, or an imagefolder "
                              "(with `imagefolder: true`). Every image file it names is checked to exist before training.")
     max_train_samples: Optional[int] = Field(None, ge=1, json_schema_extra=DATA, description="Train on this many rows, the "
                                              "first N of a `seed`-shuffled order (the subset diffusers' "
@@ -94,6 +96,13 @@ class Config(Block):
                                                      "start otherwise; a damaged newest checkpoint falls back to the "
                                                      "previous intact one with a warning); a step folder path: resume that "
                                                      "one; false: never resume.")
+    revision: Optional[str] = Field(None, min_length=1, json_schema_extra=MODEL, description="Branch, tag or commit of "
+                                    "a hub-id model (diffusers' `--revision`); null = main. Refused with a local folder.")
+    variant: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_]+$", json_schema_extra=MODEL, description="Weights-file "
+                                   "variant, e.g. \"fp16\" for `*.fp16.safetensors` (diffusers' `--variant`); only that "
+                                   "variant's weights are downloaded and loaded; the export writes plain names.")
+    dataset_revision: Optional[str] = Field(None, min_length=1, json_schema_extra=DATA, description="Branch, tag or commit "
+                                            "of a hub-id `dataset_dir`; null = main.")
     # --- data (seed keys + columns)
     image_column: Optional[str] = Field(None, json_schema_extra=DATA, description="Column holding the images; null = the "
                                         "first column of image type, else `image`.")

@@ -11,13 +11,13 @@ from ds_diffusers.embedded.recipe import DEFAULT_NUM_IMAGES, DEFAULT_VAE_TRAIN_S
 from ds_diffusers.errors import ConfigError
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ds_diffusers.embedded", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("data/embedded"))
     parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES)
     parser.add_argument("--vae-train-steps", type=int, default=DEFAULT_VAE_TRAIN_STEPS)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         assets = ensure_embedded_assets(args.out, args.num_images, args.vae_train_steps, args.seed)
     except ConfigError as error:

@@ -31,22 +31,25 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 
 
-def weight_files(unet_dir: Path) -> dict[str, Path] | None:
-    """Tensor name -> safetensors file holding it, or None when the folder has no safetensors weights."""
+def weight_files(unet_dir: Path, variant: str | None = None) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file holding it, or None when the folder has no safetensors weights
+    (of `variant`, named as diffusers names them: `diffusion_pytorch_model.fp16.safetensors`)."""
+    from diffusers.utils import _add_variant
     from safetensors import safe_open
 
-    if (unet_dir / INDEX).is_file():
-        weight_map = json.loads((unet_dir / INDEX).read_text())["weight_map"]
+    index, weights = _add_variant(INDEX, variant), _add_variant(WEIGHTS, variant)
+    if (unet_dir / index).is_file():
+        weight_map = json.loads((unet_dir / index).read_text())["weight_map"]
         return {name: unet_dir / shard for name, shard in weight_map.items()}
-    if (unet_dir / WEIGHTS).is_file():
-        with safe_open(str(unet_dir / WEIGHTS), framework="pt") as handle:
-            return {name: unet_dir / WEIGHTS for name in handle.keys()}
+    if (unet_dir / weights).is_file():
+        with safe_open(str(unet_dir / weights), framework="pt") as handle:
+            return {name: unet_dir / weights for name in handle.keys()}
     return None
 
 
-def unet_weight_files(model_dir: str) -> dict[str, Path] | None:
+def unet_weight_files(model_dir: str, variant: str | None = None) -> dict[str, Path] | None:
     """`weight_files` of a model folder's `unet/`."""
-    return weight_files(Path(model_dir) / "unet")
+    return weight_files(Path(model_dir) / "unet", variant)
 
 
 class _Reader:
@@ -66,14 +69,14 @@ class _Reader:
             tensor.data.copy_(self.handles[path].get_tensor(name).view(tensor.shape))
 
 
-def load_unet_partitioned(model_dir: str, ds_config: dict, rank: int) -> UNet2DConditionModel | None:
+def load_unet_partitioned(model_dir: str, ds_config: dict, rank: int, variant: str | None = None) -> UNet2DConditionModel | None:
     """The UNet built inside `deepspeed.zero.Init(ds_config)` with the checkpoint's weights, every
     parameter already partitioned; None when the weights are not in a layout read here. All ranks."""
     import deepspeed
     from diffusers import UNet2DConditionModel
 
     unet_dir = Path(model_dir) / "unet"
-    files = weight_files(unet_dir)
+    files = weight_files(unet_dir, variant)
     if files is None:
         return None
     config = UNet2DConditionModel.load_config(str(unet_dir))

@@ -46,6 +46,6 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     if cfg.use_ema:
         ema = read_ema(step_dir, meta["world_size"], stage, shapes)
         write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir, subfolder=EMA_DIR)
-    copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None)
+    copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None, cfg.variant)
     return path
 

@@ -83,10 +83,23 @@ def write_unet(config_json: str, state: dict[str, torch.Tensor], out_dir: Path, 
     return final
 
 
-def copy_frozen_components(base_dir: Path, out_dir: Path, vae_dir: Path | None = None) -> None:
+def _drop_variant(folder: Path, variant: str) -> None:
+    """Plain weight names (`model.fp16.safetensors` -> `model.safetensors`, shard indexes rewritten),
+    so the export loads without a variant, as its `unet/` does. `folder` holds copies, never the cache's files."""
+    for path in list(folder.iterdir()):
+        plain = path.name.replace(f".{variant}.", ".").replace(f".{variant}-", "-")
+        if plain == path.name:
+            continue
+        if path.suffix == ".json":  # a shard index names the shard files
+            path.write_text(path.read_text().replace(f".{variant}-", "-"))
+        os.replace(path, path.with_name(plain))
+
+
+def copy_frozen_components(base_dir: Path, out_dir: Path, vae_dir: Path | None = None, variant: str | None = None) -> None:
     """Rank 0 only. The frozen parts are copied from the base model, not re-saved from memory,
     so they keep their original dtype and files. SDXL's second encoder and tokenizer are among them,
-    and `vae_dir` (the `vae_path` a run trained with) replaces the base model's `vae/`."""
+    and `vae_dir` (the `vae_path` a run trained with) replaces the base model's `vae/`. A `variant`
+    run's weight files are copied under their plain names."""
     if base_dir.resolve() == out_dir.resolve():
         return
     for part in FROZEN_PARTS:
@@ -95,6 +108,8 @@ def copy_frozen_components(base_dir: Path, out_dir: Path, vae_dir: Path | None =
             staging = out_dir / f".{part}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(source, staging)
+            if variant is not None:
+                _drop_variant(staging, variant)
             _replace_dir(staging, out_dir / part)
     shutil.copy2(base_dir / "model_index.json", out_dir / "model_index.json")
 
@@ -125,7 +140,7 @@ def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], 
 
 def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, export_dtype: str = "fp32",
                  subfolder: str = UNET_DIR, replacements: dict[str, torch.Tensor] | None = None,
-                 vae_dir: str | None = None) -> Path | None:
+                 vae_dir: str | None = None, variant: str | None = None) -> Path | None:
     """All ranks must call this (gathers masters and ZeRO-3 partitions); rank 0 writes. Returns the
     written path on rank 0.
 
@@ -142,5 +157,5 @@ def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, ran
     if is_lora:
         return write_lora(unet, state, out)
     path = write_unet(unet.to_json_string(), state, out, subfolder=subfolder)
-    copy_frozen_components(Path(base_dir), out, Path(vae_dir) if vae_dir else None)
+    copy_frozen_components(Path(base_dir), out, Path(vae_dir) if vae_dir else None, variant)
     return path

@@ -17,8 +17,8 @@ from ds_diffusers.sampling.schedulers import make_scheduler
 from ds_diffusers.sampling.weights import WeightSource
 
 
-def load_unet(unet_dir: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+def load_unet(unet_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None = None) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, variant=variant)
     unet.requires_grad_(False)
     return unet.eval().to(device)
 
@@ -26,7 +26,7 @@ def load_unet(unet_dir: str, device: torch.device, dtype: torch.dtype) -> UNet2D
 @contextlib.contextmanager
 def weight_pipeline(source: WeightSource, frozen: FrozenComponents, plan: SamplePlan, device: torch.device,
                     dtype: torch.dtype) -> Iterator[DiffusionPipeline]:
-    pipe = build_pipeline(frozen, load_unet(source.unet_dir, device, dtype))
+    pipe = build_pipeline(frozen, load_unet(source.unet_dir, device, dtype, source.variant))
     pipe.scheduler = make_scheduler(plan.scheduler, frozen.noise_scheduler.config)
     names = [f"lora_{index}" for index in range(len(source.loras))]
     try:

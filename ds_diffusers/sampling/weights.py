@@ -29,14 +29,17 @@ class WeightSource:
     name: str  # the column of the comparison grid: baseline, tuned, ema or lora
     unet_dir: str  # a diffusers UNet folder (config.json + weights)
     loras: tuple[LoraFile, ...] = ()  # adapter files on top of the UNet, weight already times lora_scale
+    variant: str | None = None  # the base model's weight variant (the `variant` key); exports have none
 
 
-def _unet_places(unet_dir: Path) -> list[Path]:
-    return [unet_dir / name for name in _UNET_WEIGHT_FILES]
+def _unet_places(unet_dir: Path, variant: str | None = None) -> list[Path]:
+    from diffusers.utils import _add_variant
+
+    return [unet_dir / _add_variant(name, variant) for name in _UNET_WEIGHT_FILES]
 
 
-def _has_unet(unet_dir: Path) -> bool:
-    return (unet_dir / "config.json").is_file() and any(place.is_file() for place in _unet_places(unet_dir))
+def _has_unet(unet_dir: Path, variant: str | None = None) -> bool:
+    return (unet_dir / "config.json").is_file() and any(place.is_file() for place in _unet_places(unet_dir, variant))
 
 
 def _lora_places(path: Path) -> list[Path]:
@@ -79,11 +82,11 @@ def _missing(field: str, value: object, places: list[Path], fix: str) -> ConfigE
 
 def _baseline(cfg: Config) -> WeightSource:
     unet_dir = Path(cfg.pretrained_model_name_or_path) / "unet"
-    if not _has_unet(unet_dir):
+    if not _has_unet(unet_dir, cfg.variant):
         raise _missing("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
-                       [unet_dir / "config.json", *_unet_places(unet_dir)],
+                       [unet_dir / "config.json", *_unet_places(unet_dir, cfg.variant)],
                        "point it at a local diffusers model folder (the one holding model_index.json)")
-    return WeightSource("baseline", str(unet_dir))
+    return WeightSource("baseline", str(unet_dir), variant=cfg.variant)
 
 
 def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
@@ -96,7 +99,7 @@ def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
             return WeightSource("tuned", str(full))
         if kind == "lora" and lora.is_file():
             check_lora_file(lora, "sample.weights", "tuned")
-            return WeightSource("tuned", baseline.unet_dir, (LoraFile(str(lora), 1.0),))
+            return WeightSource("tuned", baseline.unet_dir, (LoraFile(str(lora), 1.0),), baseline.variant)
     places = {"full": [full / "config.json", *_unet_places(full)], "lora": [lora]}
     raise _missing("sample.weights", "tuned", [place for kind in kinds for place in places[kind]],
                    f"train first (python -m ds_diffusers.train --cfg ...) or set output_dir to the training run's output_dir")
@@ -117,7 +120,7 @@ def _lora(cfg: Config, plan: SamplePlan, baseline: WeightSource) -> WeightSource
             raise _missing("sample.weights", "lora", [path], "train with use_lora.action true, or list LoRA files "
                            "in sample.loras ([{\"path\": ..., \"weight\": 1.0}])")
         check_lora_file(path, "sample.weights", "lora")
-        return WeightSource("lora", baseline.unet_dir, (LoraFile(str(path), plan.lora_scale),))
+        return WeightSource("lora", baseline.unet_dir, (LoraFile(str(path), plan.lora_scale),), baseline.variant)
     files = []
     for index, entry in enumerate(plan.loras):
         found = _find_lora(Path(entry.path))
@@ -126,7 +129,7 @@ def _lora(cfg: Config, plan: SamplePlan, baseline: WeightSource) -> WeightSource
                            "give a .safetensors LoRA file or a folder holding pytorch_lora_weights.safetensors")
         check_lora_file(found, f"sample.loras[{index}].path", entry.path)
         files.append(LoraFile(str(found), entry.weight * plan.lora_scale))
-    return WeightSource("lora", baseline.unet_dir, tuple(files))
+    return WeightSource("lora", baseline.unet_dir, tuple(files), baseline.variant)
 
 
 def _lora_context_width(lora_file: Path) -> int | None:
