@@ -12,7 +12,7 @@ import torch
 from ds_diffusers import checkpoint
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError, TrainingError
-from tests.test_checkpoint_unit import make_cfg as unit_cfg
+from tests.helpers import checkpoint_cfg as unit_cfg
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
