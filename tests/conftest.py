@@ -1,11 +1,20 @@
-"""Shared fixtures: one small build of the embedded tiny model and dataset per test session."""
+"""Shared fixtures (one small build of each test model per session, a byte-level tokenizer) and the
+test tiers: every `multiprocess` and `slurm` test is also `slow`, so `-m "not slow"` is the fast tier."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_collection_modifyitems(items):
+    """Launcher and Slurm runs are slow by nature; the fast tier (`-m "not slow"`) leaves them out."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
 
 
 # The environment the session started with, before any fixture ran.
@@ -82,3 +91,31 @@ def sd15_assets(tiny_assets, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd2_assets(tiny_assets, tmp_path_factory):
     return _real_arch_assets("sd2", tiny_assets, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory) -> Path:
+    from ds_diffusers.embedded.arch_sdxl import build_sdxl_model
+
+    return build_sdxl_model(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+def _bytes_to_unicode() -> list[str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [256 + n for n in range(256 - len(printable))]
+    others = [byte for byte in range(256) if byte not in printable]
+    return [chr(code) for code in printable] + [chr(shifted[others.index(b)]) for b in others]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A CLIP tokenizer over single bytes (no merges), 12 tokens long: captions tokenize predictably."""
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    symbols = _bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=12, local_files_only=True)

@@ -11,29 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_diffusers.config import load_config
-from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
-from ds_diffusers.distributed import DistInfo
+from ds_diffusers.data import CaptionedImageDataset, load_train_dataset
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.models import DTYPES, load_frozen_components
-from tests.test_train_integration import REPO, assert_ok, launch, losses, run_cfg
-
-SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-def make_cfg(model_dir: Path, dataset_dir: Path, cache_dir: Path, *overrides: str):
-    return load_config(REPO / "cfg/default.json", [
-        f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"cache_dir={cache_dir}",
-        "resolution=32", "train_micro_batch_size_per_gpu=8", "cache_latents=true", "cache_text_embeddings=true", *overrides])
-
-
-def prepare(cfg, image_column: str = "image", caption_column: str = "text"):
-    """(latent_cache, text_cache, log lines) for `cfg` in one process."""
-    messages: list[str] = []
-    dataset = load_train_dataset(cfg.dataset_dir, imagefolder=False)
-    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, torch.device("cpu"), DTYPES[cfg.weight_dtype_name], None)
-    latent_cache, text_cache = prepare_caches(cfg, dataset, image_column, caption_column, frozen, SINGLE, log=messages.append)
-    return latent_cache, text_cache, messages
+from ds_diffusers.models import load_frozen_components
+from tests.helpers import assert_ok, launch, losses, run_cfg
+from tests.helpers import cache_cfg as make_cfg
+from tests.helpers import prepare_caches_in_process as prepare
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from ds_diffusers import checkpoint
 from ds_diffusers.cadence import LogCadence, ValidationCadence
 from ds_diffusers.checkpoint_manager import CheckpointManager, stale_steps
 from ds_diffusers.train_state import TrainState
-from tests.test_checkpoint_faults import DIST, FakeEngine, make_cfg
+from tests.helpers import SINGLE as DIST
+from tests.helpers import FakeEngine, checkpoint_model_cfg as make_cfg
 
 
 class Messages:

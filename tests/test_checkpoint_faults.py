@@ -12,38 +12,12 @@ import pytest
 import torch
 
 from ds_diffusers import checkpoint
-from ds_diffusers.distributed import DistInfo
 from ds_diffusers.engine.checkpoint_files import MODEL_STATES
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.train_state import TrainState
 from tests.fault_injection.dsd_faults import PATCHES, fail_engine_save
-from tests.test_checkpoint_unit import make_cfg as unit_cfg
-
-DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-def make_cfg(tmp_path, **changes):
-    unet_config = tmp_path / "model" / "unet" / "config.json"
-    unet_config.parent.mkdir(parents=True, exist_ok=True)
-    unet_config.write_text("{}")
-    return unit_cfg(tmp_path, pretrained_model_name_or_path=str(tmp_path / "model"), **changes)
-
-
-class FakeEngine:
-    """Writes a DeepSpeed-like model-states file; `fail` is raised after the first bytes are out."""
-
-    def __init__(self, fail: Exception | None = None) -> None:
-        self.fail = fail
-
-    def zero_optimization_stage(self) -> int:
-        return 0  # it writes a model-states file and no optimizer-state files, as stage 0 does
-
-    def save_checkpoint(self, save_dir, tag, **_):
-        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"w": torch.ones(4)}, Path(save_dir) / tag / MODEL_STATES)
-        if self.fail is not None:
-            raise self.fail
-
+from tests.helpers import SINGLE as DIST
+from tests.helpers import FakeEngine, checkpoint_model_cfg as make_cfg
 
 def save(cfg, step, engine=None):
     return checkpoint.save(engine or FakeEngine(), cfg, DIST, TrainState(global_step=step, epoch=0, samples_in_epoch=step))

@@ -9,39 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from tests.fault_injection import injected
-from tests.test_train_integration import REPO, assert_ok, launch, losses, run_cfg
+from tests.helpers import REPO, assert_ok, launch, losses, max_diff, run_cfg, tensors, three_runs
+from tests.helpers import RESUME_COMMON as COMMON
+from tests.helpers import RESUME_STEPS as STEPS
 
 pytestmark = pytest.mark.multiprocess
-STEPS = 8
-# A constant-after-warmup schedule: the schedule of a run stopped at STEPS/2 is the same as the long run's.
-COMMON = ("scheduler.type=WarmupLR", "scheduler.params={}", "lr_warmup_steps=2", "save_interval=0")
-
-
-def tensors(path: Path) -> dict:
-    return load_file(str(path))
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def three_runs(tiny_assets, tmp_path: Path, *overrides: str, steps: int = STEPS) -> tuple[Path, Path]:
-    """2N steps straight, and N steps + resume for N more; returns both output folders."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(launch(run_cfg(tiny_assets, straight, *COMMON, *overrides, f"max_train_steps={steps}"), procs=2))
-    assert_ok(launch(run_cfg(tiny_assets, resumed, *COMMON, *overrides, f"max_train_steps={steps // 2}"), procs=2))
-    result = launch(run_cfg(tiny_assets, resumed, *COMMON, *overrides, f"max_train_steps={steps}",
-                            "resume_from_checkpoint=latest"), procs=2)
-    assert_ok(result)
-    assert f"resumed from {resumed / 'checkpoints' / f'step_{steps // 2}'}" in result.stdout + result.stderr
-    return straight / "model", resumed / "model"
 
 
 def test_full_resume_is_exact(tiny_assets, tmp_path):

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ds_diffusers import checkpoint, checkpoint_manager
-from ds_diffusers.config import validate_dict
 from ds_diffusers.errors import ConfigError
-from tests.test_config import with_changes
-
-
-def make_cfg(tmp_path, **changes):
-    return validate_dict(with_changes(checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"), **changes))
+from tests.helpers import checkpoint_cfg as make_cfg
 
 
 def make_step(root, step, complete=True):

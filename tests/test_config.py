@@ -2,47 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from ds_diffusers.config import apply_overrides, load_config, validate_dict
 from ds_diffusers.config.checks import check_consistency, check_environment
 from ds_diffusers.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
-
-# Every key of the seed project's (deepspeed-diffusers) cfg/default.json, with its values.
-SEED_DEFAULT = {
-    "num_epochs": 1, "validation_epochs": 10, "max_train_steps": 0, "lr_warmup_steps": 500, "save_interval": 1000,
-    "seed": 42, "validation_prompts": ["water turtle"], "pretrained_model_name_or_path": "model/stable-diffusion-v1-5",
-    "dataset_dir": "datasets/pokemon-blip-captions", "imagefolder": False, "checkpoint_dir": "sd-result/checkpoint-test",
-    "output_dir": "/sd-result/sd-pokemon", "use_lora": {"action": False, "rank": 32, "alpha": 32},
-    "dataloader_num_workers": 8, "resume_from_checkpoint": True, "use_ema": False, "offline": True, "resolution": 512,
-    "center_crop": True, "random_flip": True,
-    "use_fp16": {"enabled": True, "auto_cast": False, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                 "hysteresis": 2, "consecutive_hysteresis": False, "min_loss_scale": 1},
-    "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 32,
-    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01}},
-    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.0001, "warmup_num_steps": 1000}},
-    "wall_clock_breakdown": False, "wandb": {"enabled": False, "group": "ddp", "project": "deepspeed-diffusers"},
-    "flops_profiler": {"enabled": False, "profile_step": 1, "module_depth": -1, "top_modules": 1, "detailed": True, "output_file": None},
-    "zero_optimization": {"stage": 1, "offload_param": {"device": "auto"}, "offload_optimizer": {"device": "auto"}},
-}
-
-
-def with_changes(**changes) -> dict:
-    raw = json.loads(json.dumps(SEED_DEFAULT))
-    raw.update(changes)
-    return raw
-
-
-def error_of(raw: dict) -> ConfigError:
-    with pytest.raises(ConfigError) as info:
-        cfg = validate_dict(raw)
-        check_consistency(cfg)
-    return info.value
+from tests.helpers import REPO, SEED_DEFAULT, environment_cfg, error_of, with_changes
 
 
 def test_seed_default_is_accepted_with_its_meaning():
@@ -113,23 +78,8 @@ def test_load_config_reports_bad_json_and_missing_file(tmp_path):
     assert "line 1" in info.value.fix
 
 
-def _environment_cfg(tmp_path: Path, **changes):
-    model = tmp_path / "model"
-    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                      ("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")):
-        (model / sub).mkdir(parents=True)
-        (model / sub / name).write_text("{}")
-        (model / sub / "model.safetensors").write_bytes(b"")
-    (tmp_path / "data").mkdir()
-    raw = with_changes(pretrained_model_name_or_path=str(model), dataset_dir=str(tmp_path / "data"),
-                       output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ckpt"),
-                       use_fp16={"enabled": False})
-    raw.update(changes)
-    return validate_dict(raw)
-
-
 def test_environment_checks(tmp_path):
-    check_environment(_environment_cfg(tmp_path))
+    check_environment(environment_cfg(tmp_path))
     (tmp_path / "a_file").write_text("keep me")
     for field, value, fragment in [
         ("output_dir", str(tmp_path / "a_file"), "is a file"),
@@ -138,7 +88,7 @@ def test_environment_checks(tmp_path):
         ("pretrained_model_name_or_path", str(tmp_path / "data"), "no unet, vae"),
     ]:
         with pytest.raises(ConfigError) as info:
-            check_environment(_environment_cfg(tmp_path / field, **{field: value}))
+            check_environment(environment_cfg(tmp_path / field, **{field: value}))
         assert info.value.field == field and fragment in info.value.fix
     assert (tmp_path / "a_file").read_text() == "keep me"
 
@@ -149,7 +99,7 @@ def test_fp16_on_cpu_suggests_bf16(tmp_path):
     if get_accelerator().is_fp16_supported():
         pytest.skip("this accelerator supports fp16")
     with pytest.raises(ConfigError) as info:
-        check_environment(_environment_cfg(tmp_path, use_fp16={"enabled": True}))
+        check_environment(environment_cfg(tmp_path, use_fp16={"enabled": True}))
     assert info.value.field == "use_fp16.enabled" and "bf16" in info.value.fix
 
 

@@ -24,26 +24,9 @@ from ds_diffusers.data import (
 )
 from ds_diffusers.data.dataset import CaptionedImageDataset
 from ds_diffusers.errors import ConfigError
+from tests.helpers import COLOURS, RESOLUTION, captions_for, in_memory_dataset, solid_images
 
 datasets.disable_progress_bars()
-
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
-RESOLUTION = 16
-
-
-def solid_images(sizes=((20, 24), (24, 20), (16, 16), (8, 12), (30, 18), (18, 18))) -> list[Image.Image]:
-    return [Image.new("RGB", size, colour) for size, colour in zip(sizes, COLOURS)]
-
-
-def captions_for(row: int) -> list[str]:
-    return [f"photo {row} one", f"photo {row} two", f"photo {row} three"]
-
-
-def in_memory_dataset(num_rows: int = 6) -> datasets.Dataset:
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.List(datasets.Value("string"))})
-    images = (solid_images() * (num_rows // 6 + 1))[:num_rows]
-    return datasets.Dataset.from_dict(
-        {"image": images, "text": [captions_for(row) for row in range(num_rows)]}, features=features)
 
 
 def gradient_image(width: int, height: int) -> Image.Image:
@@ -58,26 +41,6 @@ def crop_offset(pixel_values: torch.Tensor) -> tuple[int, int]:
     """(top, left) read back from a gradient image's crop."""
     pixels = torch.round((pixel_values + 1.0) * 127.5)
     return int(pixels[1, 0, 0]), int(pixels[0, 0, 0])
-
-
-def bytes_to_unicode() -> list[str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [256 + n for n in range(256 - len(printable))]
-    others = [byte for byte in range(256) if byte not in printable]
-    return [chr(code) for code in printable] + [chr(shifted[others.index(b)]) for b in others]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    symbols = bytes_to_unicode()
-    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=12, local_files_only=True)
 
 
 # ---- loading: three layouts ----

@@ -13,7 +13,7 @@ from PIL import Image
 from ds_diffusers.data import build_train_dataloader, check_image_files, load_train_dataset, open_image, preprocess_image
 from ds_diffusers.data.dataset import CaptionedImageDataset
 from ds_diffusers.errors import ConfigError
-from tests.test_data import COLOURS, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from tests.helpers import COLOURS
 
 
 def imagefolder(tmp_path, truncate_row=None, missing_row=None, rows=6):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
-from tests.test_config import with_changes
+from tests.helpers import with_changes
 
 
 def translate(world_size=2, accelerator="cpu", **changes):

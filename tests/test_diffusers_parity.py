@@ -14,7 +14,7 @@ from ds_diffusers.config import validate_dict
 from ds_diffusers.data import select_train_samples
 from ds_diffusers.objective import diffusion_loss
 from ds_diffusers.run_plan import RunPlan
-from tests.test_config import with_changes
+from tests.helpers import with_changes
 
 
 def plan(rows: int, micro: int, accumulation: int, world: int = 1, **changes) -> RunPlan:

@@ -14,7 +14,7 @@ import pytest
 from ds_diffusers import lock
 from ds_diffusers.config import validate_dict
 from ds_diffusers.errors import ConfigError
-from tests.test_config import with_changes
+from tests.helpers import with_changes
 
 
 @pytest.fixture

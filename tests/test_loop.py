@@ -15,8 +15,7 @@ from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.data import default_num_workers, to_device
 from ds_diffusers.step_window import StepWindow
-from tests.test_config import with_changes
-from tests.test_data import tokenizer  # noqa: F401  (fixture)
+from tests.helpers import with_changes
 
 
 def window_of(micro_losses_per_step: list[list[float]], capacity: int = 2) -> StepWindow:
@@ -149,7 +148,7 @@ def test_worker_loader_resumes_mid_epoch_like_the_in_process_one(tokenizer):
     """The default now starts workers: a resume (start mid-epoch, in a later epoch) must still see
     exactly the samples a worker-less loader sees."""
     from ds_diffusers.data import build_train_dataloader
-    from tests.test_data import RESOLUTION, in_memory_dataset
+    from tests.helpers import RESOLUTION, in_memory_dataset
 
     def resumed_epoch(num_workers: int) -> list[torch.Tensor]:
         loader, sampler, dataset = build_train_dataloader(

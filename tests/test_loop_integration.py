@@ -7,7 +7,7 @@ import pytest
 
 from ds_diffusers.preemption import EXIT_PREEMPTED
 from tests.fault_injection import injected
-from tests.test_train_integration import assert_ok, launch, losses, run_cfg
+from tests.helpers import assert_ok, launch, losses, run_cfg
 
 pytestmark = pytest.mark.multiprocess
 ACCUMULATE = ("gradient_accumulation_steps=2", "max_train_steps=4", "train_micro_batch_size_per_gpu=4")

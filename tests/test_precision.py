@@ -55,6 +55,7 @@ def train(engine, steps: int, micro: int, seed: int = 0, after_step=None) -> tor
     return torch.cat([t.flatten() for t in masters.gather_full(masters.local()).values()])
 
 
+@pytest.mark.slow  # about 12 s: many small bf16 and fp32 engine steps
 def test_fp32_accumulation_tracks_the_big_batch_closer_than_bf16(one_rank):
     accumulated = bf16_config(gradient_accumulation_steps=ACCUMULATION)
     assert accumulated["data_types"] == {"grad_accum_dtype": "fp32"} and accumulated["zero_optimization"]["stage"] == 1

@@ -11,7 +11,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.test_train_integration import REPO, assert_ok, launch, run_cfg
+from tests.helpers import REPO, assert_ok, launch, run_cfg
 
 pytestmark = pytest.mark.multiprocess
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -12,7 +12,8 @@ from ds_diffusers.data import CaptionedImageDataset, load_train_dataset
 from ds_diffusers.embedded.arch_sd import FULL, TEST_RESOLUTION, count_parameters, sd_arch
 from ds_diffusers.models import load_frozen_components
 from ds_diffusers.objective import diffusion_loss, encode_batch
-from tests.test_cache import make_cfg, prepare
+from tests.helpers import cache_cfg as make_cfg
+from tests.helpers import prepare_caches_in_process as prepare
 
 FAMILIES = ("sd15", "sd2")
 # What a test model may change: widths and layer counts (and the sizes they imply).
@@ -110,6 +111,7 @@ def test_trainer_conditions_as_the_real_pipeline(family_assets):
     assert losses[0] < 1e-10 and losses[1] > 1e-6, losses
 
 
+@pytest.mark.slow  # 20-30 s a family: the VAE encodes the dataset at batch 4
 def test_cache_of_a_mid_attention_vae_at_batch_4_equals_the_encoders(family_assets, tmp_path):
     family, assets = family_assets
     cfg = make_cfg(assets.model_dir, assets.dataset_dir, tmp_path / "cache", f"resolution={TEST_RESOLUTION}",

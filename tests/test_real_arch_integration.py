@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 
 from ds_diffusers.embedded.arch_sd import TEST_RESOLUTION
-from tests.test_checkpoint_integration import max_diff, tensors, three_runs
-from tests.test_sample import read_manifest, run_sample
-from tests.test_train_integration import REPO, assert_ok, launch, losses, run_cfg
+from tests.helpers import REPO, assert_ok, launch, losses, max_diff, read_manifest, run_cfg, run_sample, tensors, three_runs
 
 pytestmark = pytest.mark.multiprocess
 UNET_FILE = Path("diffusion_pytorch_model.safetensors")

@@ -9,9 +9,6 @@ Tuned weights are made directly instead of trained: a perturbed copy of the tiny
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import get_args
 
@@ -25,14 +22,11 @@ from ds_diffusers.config.sample_schema import SchedulerName
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.sampling.plan import SamplePlan
 from ds_diffusers.sampling.schedulers import SCHEDULERS
-from tests.test_train_integration import REPO, free_port
+from tests.helpers import REPO, read_manifest, run_sample
 
 # Small enough that process start-up dominates: 3 prompts (an odd count, so 2 ranks get unequal
 # shares) x 2 images x 2 weights, 4 steps at 32 px.
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-# One thread per process: on a shared CPU box more threads oversubscribe the cores, and the same
-# thread count in every run keeps the 1- and 2-process images bitwise comparable.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,22 +69,6 @@ def overrides(tiny_assets, output_dir: Path, *extra: str) -> list[str]:
         f"output_dir={output_dir}", f"sample.prompts={json.dumps(PROMPTS)}", "sample.num_images_per_prompt=2",
         "sample.num_inference_steps=4", "sample.resolution=32", *extra,
     ]
-
-
-def run_sample(args: list[str], *, procs: int = 0, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
-    """procs=0: plain `python -m`; otherwise the deepspeed launcher with that many processes."""
-    if procs:
-        cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.sample"]
-    else:
-        cmd = [sys.executable, "-m", "ds_diffusers.sample"]
-    result = subprocess.run([*cmd, "--cfg", cfg, "--set", *args], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def read_manifest(samples_dir: Path) -> dict:
-    return json.loads((samples_dir / "manifest.json").read_text())
 
 
 def png_bytes(samples_dir: Path) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ from ds_diffusers.config import validate_dict
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.sampling.plan import SamplePlan
 from ds_diffusers.sampling.weights import check_lora_file, resolve_weights
-from tests.test_config import with_changes
+from tests.helpers import with_changes
 
 LORA_KEYS = ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
              "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight")

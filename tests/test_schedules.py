@@ -13,7 +13,7 @@ from ds_diffusers.config import validate_dict
 from ds_diffusers.config.checks import check_consistency
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.errors import ConfigError
-from tests.test_config import with_changes
+from tests.helpers import with_changes
 
 LR, WARMUP, TOTAL = 0.1, 3, 10
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +19,10 @@ from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import load_frozen_components
 from ds_diffusers.objective import encode_batch
-from tests.test_train_integration import REPO
+from tests.helpers import REPO
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 CAPTIONS = ["a red circle", "a small blue square on black"]
-
-
-@pytest.fixture(scope="session")
-def sdxl_model(tmp_path_factory) -> Path:
-    from ds_diffusers.embedded.arch_sdxl import build_sdxl_model
-
-    return build_sdxl_model(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")

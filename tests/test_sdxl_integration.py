@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_sdxl import sdxl_model  # noqa: F401  (the session fixture)
-from tests.test_train_integration import REPO, assert_ok, launch, losses
+from tests.helpers import REPO, assert_ok, launch, losses
 
 pytestmark = pytest.mark.multiprocess
 

@@ -8,7 +8,6 @@ leave nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,37 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_diffusers.distributed import free_port
+from tests.helpers import REPO, assert_ok, launch, losses, run_cfg
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
-
-
-def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
-    """A cfg file for the tiny model (the default's recipe, shortened) plus output paths."""
-    return [
-        f"pretrained_model_name_or_path={tiny_assets.model_dir}", f"dataset_dir={tiny_assets.dataset_dir}",
-        f"output_dir={tmp_path / 'model'}", f"checkpoint_dir={tmp_path / 'checkpoints'}",
-        "validation_steps=0", "save_interval=0", "train_micro_batch_size_per_gpu=8", "resolution=32",
-        "lr_warmup_steps=5", "log_every_n_steps=1", *overrides,
-    ]
-
-
-def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.train",
-           "--cfg", cfg, "--set", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs))}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return result
-
-
-def losses(output_dir: Path) -> list[float]:
-    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def assert_loss_falls(output_dir: Path, steps: int) -> None:

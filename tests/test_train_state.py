@@ -12,7 +12,8 @@ import torch
 
 from ds_diffusers import checkpoint
 from ds_diffusers.train_state import TrainState
-from tests.test_checkpoint_faults import DIST, FakeEngine, make_cfg
+from tests.helpers import SINGLE as DIST
+from tests.helpers import FakeEngine, checkpoint_model_cfg as make_cfg
 
 
 class ResumableEngine(FakeEngine):

@@ -10,7 +10,7 @@ import pytest
 from ds_diffusers import checkpoint_manager
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.metrics import RunLogger, wandb_mode
-from tests.test_checkpoint_unit import make_cfg
+from tests.helpers import checkpoint_cfg as make_cfg
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by scripts/*.slurm, sourced in the batch shell (which runs on the first node of the job):
-# repository set-up, the rendezvous address, and srun with preemption handling. See the Slurm section of README.md.
+# repository set-up, the rendezvous address, and srun with preemption handling. See docs/slurm.md.
 # The per-task side (Slurm ids -> RANK/LOCAL_RANK/WORLD_SIZE) is scripts/lib/slurm_task.sh, which
 # sources this file for dsd_tasks_on_node (only functions and constants are defined at the top level).
 

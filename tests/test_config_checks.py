@@ -13,7 +13,7 @@ from ds_diffusers.config import validate_dict
 from ds_diffusers.config.checks import check_consistency, check_environment, check_writable_folder
 from ds_diffusers.config.optimizers import DEEPSPEED_OPTIMIZERS, backend, check_optimizer_backend
 from ds_diffusers.errors import ConfigError
-from tests.test_config import _environment_cfg, error_of, with_changes
+from tests.helpers import environment_cfg, error_of, with_changes
 
 
 def optimizer(type_: str, **params) -> dict:
@@ -85,7 +85,7 @@ def test_backend_follows_the_engine_and_checks_its_params():
     (lambda model: (model / "tokenizer" / "vocab.json").unlink(), "no vocab.json"),
 ])
 def test_incomplete_model_folder_is_named_before_diffusers_reads_it(tmp_path, damage, fragment):
-    cfg = _environment_cfg(tmp_path)
+    cfg = environment_cfg(tmp_path)
     damage(tmp_path / "model")
     with pytest.raises(ConfigError) as info:
         check_environment(cfg)
@@ -110,7 +110,7 @@ def test_nvme_offload_needs_the_async_io_op(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(get_accelerator()), "create_op_builder", lambda self, name: NoAio())
     (tmp_path / "nvme").mkdir()
-    cfg = _environment_cfg(tmp_path, zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "nvme")}})
+    cfg = environment_cfg(tmp_path, zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "nvme")}})
     with pytest.raises(ConfigError) as info:
         check_environment(cfg)
     assert info.value.field == "zero_optimization.offload_param.device" and "libaio" in info.value.fix
@@ -129,7 +129,7 @@ def snapshot(root: Path) -> list[str]:
 ])
 def test_paths_handed_to_deepspeed_are_checked(tmp_path, field, value, fragment):
     (tmp_path / "a_file").write_text("keep")
-    cfg = _environment_cfg(tmp_path, **{field: json.loads(json.dumps(value).replace("{tmp}", str(tmp_path)))})
+    cfg = environment_cfg(tmp_path, **{field: json.loads(json.dumps(value).replace("{tmp}", str(tmp_path)))})
     before = snapshot(tmp_path)  # taken after the cfg's model and data folders exist
     with pytest.raises(ConfigError) as info:
         check_environment(cfg)

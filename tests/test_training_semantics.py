@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_integration import REPO, run_cfg
+from tests.helpers import REPO, run_cfg
 
+# One real training process (the user's start-up path), not an in-process test: outside the fast tier.
+pytestmark = pytest.mark.slow
 SECRET = "fake-wandb-key-0123456789abcdef0123456789"
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 STEPS = 4

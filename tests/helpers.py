@@ -1,0 +1,223 @@
+"""Helpers shared by several test files: cfg builders, launcher runs and their outputs, small datasets.
+Test files import from here and from conftest's fixtures, never from each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ds_diffusers.config import load_config, validate_dict
+from ds_diffusers.config.checks import check_consistency
+from ds_diffusers.distributed import DistInfo, free_port
+from ds_diffusers.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+# ---- config: the seed project's file and variations of it ----
+
+# Every key of the seed project's (deepspeed-diffusers) cfg/default.json, with its values.
+SEED_DEFAULT = {
+    "num_epochs": 1, "validation_epochs": 10, "max_train_steps": 0, "lr_warmup_steps": 500, "save_interval": 1000,
+    "seed": 42, "validation_prompts": ["water turtle"], "pretrained_model_name_or_path": "model/stable-diffusion-v1-5",
+    "dataset_dir": "datasets/pokemon-blip-captions", "imagefolder": False, "checkpoint_dir": "sd-result/checkpoint-test",
+    "output_dir": "/sd-result/sd-pokemon", "use_lora": {"action": False, "rank": 32, "alpha": 32},
+    "dataloader_num_workers": 8, "resume_from_checkpoint": True, "use_ema": False, "offline": True, "resolution": 512,
+    "center_crop": True, "random_flip": True,
+    "use_fp16": {"enabled": True, "auto_cast": False, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "consecutive_hysteresis": False, "min_loss_scale": 1},
+    "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 32,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.0001, "warmup_num_steps": 1000}},
+    "wall_clock_breakdown": False, "wandb": {"enabled": False, "group": "ddp", "project": "deepspeed-diffusers"},
+    "flops_profiler": {"enabled": False, "profile_step": 1, "module_depth": -1, "top_modules": 1, "detailed": True, "output_file": None},
+    "zero_optimization": {"stage": 1, "offload_param": {"device": "auto"}, "offload_optimizer": {"device": "auto"}},
+}
+
+
+def with_changes(**changes) -> dict:
+    raw = json.loads(json.dumps(SEED_DEFAULT))
+    raw.update(changes)
+    return raw
+
+
+def error_of(raw: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        cfg = validate_dict(raw)
+        check_consistency(cfg)
+    return info.value
+
+
+def environment_cfg(tmp_path: Path, **changes):
+    """The seed cfg on a stub model folder (configs and empty weight files) and an empty dataset folder."""
+    model = tmp_path / "model"
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                      ("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")):
+        (model / sub).mkdir(parents=True)
+        (model / sub / name).write_text("{}")
+        (model / sub / "model.safetensors").write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    raw = with_changes(pretrained_model_name_or_path=str(model), dataset_dir=str(tmp_path / "data"),
+                       output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ckpt"),
+                       use_fp16={"enabled": False})
+    raw.update(changes)
+    return validate_dict(raw)
+
+
+def checkpoint_cfg(tmp_path, **changes):
+    """The seed cfg with its checkpoint and output folders under `tmp_path`."""
+    return validate_dict(with_changes(checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"), **changes))
+
+def checkpoint_model_cfg(tmp_path, **changes):
+    """`checkpoint_cfg` with a model folder whose unet/config.json exists (what the settings hash reads)."""
+    unet_config = tmp_path / "model" / "unet" / "config.json"
+    unet_config.parent.mkdir(parents=True, exist_ok=True)
+    unet_config.write_text("{}")
+    return checkpoint_cfg(tmp_path, pretrained_model_name_or_path=str(tmp_path / "model"), **changes)
+
+
+class FakeEngine:
+    """Writes a DeepSpeed-like model-states file; `fail` is raised after the first bytes are out."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail = fail
+
+    def zero_optimization_stage(self) -> int:
+        return 0  # it writes a model-states file and no optimizer-state files, as stage 0 does
+
+    def save_checkpoint(self, save_dir, tag, **_):
+        from ds_diffusers.engine.checkpoint_files import MODEL_STATES
+
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.ones(4)}, Path(save_dir) / tag / MODEL_STATES)
+        if self.fail is not None:
+            raise self.fail
+
+
+def cache_cfg(model_dir: Path, dataset_dir: Path, cache_dir: Path, *overrides: str):
+    """cfg/default.json on the given model and data with both encoder caches on, at 32 px."""
+    return load_config(REPO / "cfg/default.json", [
+        f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"cache_dir={cache_dir}",
+        "resolution=32", "train_micro_batch_size_per_gpu=8", "cache_latents=true", "cache_text_embeddings=true", *overrides])
+
+
+def prepare_caches_in_process(cfg, image_column: str = "image", caption_column: str = "text"):
+    """(latent_cache, text_cache, log lines) for `cfg` in one process."""
+    from ds_diffusers.data import load_train_dataset, prepare_caches
+    from ds_diffusers.models import DTYPES, load_frozen_components
+
+    messages: list[str] = []
+    dataset = load_train_dataset(cfg.dataset_dir, imagefolder=False)
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, torch.device("cpu"), DTYPES[cfg.weight_dtype_name], None)
+    latent_cache, text_cache = prepare_caches(cfg, dataset, image_column, caption_column, frozen, SINGLE, log=messages.append)
+    return latent_cache, text_cache, messages
+
+
+# ---- training runs through the real launcher ----
+
+def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
+    """A cfg file for the tiny model (the default's recipe, shortened) plus output paths."""
+    return [
+        f"pretrained_model_name_or_path={tiny_assets.model_dir}", f"dataset_dir={tiny_assets.dataset_dir}",
+        f"output_dir={tmp_path / 'model'}", f"checkpoint_dir={tmp_path / 'checkpoints'}",
+        "validation_steps=0", "save_interval=0", "train_micro_batch_size_per_gpu=8", "resolution=32",
+        "lr_warmup_steps=5", "log_every_n_steps=1", *overrides,
+    ]
+
+
+def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.train",
+           "--cfg", cfg, "--set", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs))}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ---- resume: a long run against a stopped and resumed one ----
+
+RESUME_STEPS = 8
+# A constant-after-warmup schedule: the schedule of a run stopped at RESUME_STEPS/2 is the same as the long run's.
+RESUME_COMMON = ("scheduler.type=WarmupLR", "scheduler.params={}", "lr_warmup_steps=2", "save_interval=0")
+
+
+def tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def three_runs(tiny_assets, tmp_path: Path, *overrides: str, steps: int = RESUME_STEPS) -> tuple[Path, Path]:
+    """2N steps straight, and N steps + resume for N more; returns both output folders."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(launch(run_cfg(tiny_assets, straight, *RESUME_COMMON, *overrides, f"max_train_steps={steps}"), procs=2))
+    assert_ok(launch(run_cfg(tiny_assets, resumed, *RESUME_COMMON, *overrides, f"max_train_steps={steps // 2}"), procs=2))
+    result = launch(run_cfg(tiny_assets, resumed, *RESUME_COMMON, *overrides, f"max_train_steps={steps}",
+                            "resume_from_checkpoint=latest"), procs=2)
+    assert_ok(result)
+    assert f"resumed from {resumed / 'checkpoints' / f'step_{steps // 2}'}" in result.stdout + result.stderr
+    return straight / "model", resumed / "model"
+
+
+# ---- sampling runs ----
+
+# One thread per process: on a shared CPU box more threads oversubscribe the cores, and the same
+# thread count in every run keeps the 1- and 2-process images bitwise comparable.
+SAMPLE_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_sample(args: list[str], *, procs: int = 0, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
+    """procs=0: plain `python -m`; otherwise the deepspeed launcher with that many processes."""
+    if procs:
+        cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.sample"]
+    else:
+        cmd = [sys.executable, "-m", "ds_diffusers.sample"]
+    result = subprocess.run([*cmd, "--cfg", cfg, "--set", *args], cwd=REPO, env=SAMPLE_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_manifest(samples_dir: Path) -> dict:
+    return json.loads((samples_dir / "manifest.json").read_text())
+
+
+# ---- small in-memory datasets ----
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+RESOLUTION = 16
+
+
+def solid_images(sizes=((20, 24), (24, 20), (16, 16), (8, 12), (30, 18), (18, 18))) -> list[Image.Image]:
+    return [Image.new("RGB", size, colour) for size, colour in zip(sizes, COLOURS)]
+
+
+def captions_for(row: int) -> list[str]:
+    return [f"photo {row} one", f"photo {row} two", f"photo {row} three"]
+
+
+def in_memory_dataset(num_rows: int = 6) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.List(datasets.Value("string"))})
+    images = (solid_images() * (num_rows // 6 + 1))[:num_rows]
+    return datasets.Dataset.from_dict(
+        {"image": images, "text": [captions_for(row) for row in range(num_rows)]}, features=features)
