@@ -343,15 +343,50 @@ def finish(run: Run) -> Path | None:
     return exported
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give the number of processes, 1 or more")
+    return value
+
+
+def _print_options(parser: argparse.ArgumentParser) -> None:
+    printing = parser.add_argument_group("inspecting a run without starting it")
+    printing.add_argument("--print-deepspeed-config", action="store_true",
+                          help="print the DeepSpeed config the engine would get, after every adjustment (engine stage, "
+                               "dtypes, accumulation dtype, batch sizes), as JSON on stdout; writes nothing, needs no GPU, "
+                               "starts no process group")
+    printing.add_argument("--world-size", type=_positive, default=1, metavar="N",
+                          help="with --print-deepspeed-config: the number of processes of the run (default 1)")
+    printing.add_argument("--accelerator", default="cuda", metavar="NAME",
+                          help="with --print-deepspeed-config: DeepSpeed's accelerator name on the cluster (default cuda; "
+                               "cpu shows what a CPU run gets). DeepSpeed's fused Adam is assumed buildable there")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_cfg_args(argv, prog="python -m ds_diffusers.train", description=__doc__.splitlines()[0],
                           cfg_help="JSON config file (see cfg/ and README.md)",
-                          set_example="use_lora.rank=8 seed=1 (dotted for nested keys)")
+                          set_example="use_lora.rank=8 seed=1 (dotted for nested keys)", add_arguments=_print_options)
+
+
+def print_deepspeed_config(args: argparse.Namespace) -> int:
+    """`--print-deepspeed-config`: the validated config translated for `--world-size` processes. The
+    model and data are not read (hub ids are not resolved), so it runs on a login node."""
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+    except ConfigError as err:
+        print(f"ds-diffusers: config error: {err}", file=sys.stderr)
+        return 2
+    ds_config = to_deepspeed_config(cfg, world_size=args.world_size, accelerator_name=args.accelerator)
+    print(json.dumps(ds_config, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     preemption.install()  # first: a scheduler's warning signal may come while models still load
     args = parse_args(argv)
+    if args.print_deepspeed_config:
+        return print_deepspeed_config(args)
     quiet_known_notices()
     together = False  # every rank leaves train() at the same point: tearing the group down is safe
     try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from tests.helpers import with_changes
@@ -107,3 +111,21 @@ def test_fp32_gradient_accumulation(precision, accumulation, world_size, stage, 
     assert ("data_types" in ds) == fp32_accum
     if fp32_accum:
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_print_deepspeed_config_prints_the_engine_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from ds_diffusers.train import main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # the preset's output and checkpoint folders are relative
+    assert main(["--cfg", str(repo / "cfg/sd15_lora.json"), "--print-deepspeed-config", "--world-size", "8",
+                 "--set", "gradient_accumulation_steps=2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["zero_optimization"]["stage"] == 2 and printed["fp16"]["enabled"] is True
+    assert printed["train_batch_size"] == printed["train_micro_batch_size_per_gpu"] * 2 * 8
+    assert printed["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert main(["--cfg", str(repo / "cfg/sd15_lora.json"), "--print-deepspeed-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["zero_optimization"]["stage"] == 1  # fp16, one GPU: never stage 0
+    assert list(tmp_path.iterdir()) == [] and not torch.distributed.is_initialized()
+    assert main(["--cfg", str(repo / "cfg/sd15_lora.json"), "--print-deepspeed-config", "--set", "use_lora.rank=0"]) == 2
+    assert "use_lora.rank" in capsys.readouterr().err

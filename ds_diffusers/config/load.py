@@ -7,6 +7,7 @@ writes to disk.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import difflib
 import json
 from pathlib import Path
@@ -98,12 +99,16 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     return cfg
 
 
-def parse_cfg_args(argv: list[str] | None, *, prog: str, description: str, cfg_help: str, set_example: str) -> argparse.Namespace:
-    """`--cfg PATH [--set KEY=VALUE ...]`, the command line of every entrypoint that reads a cfg file."""
+def parse_cfg_args(argv: list[str] | None, *, prog: str, description: str, cfg_help: str, set_example: str,
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """`--cfg PATH [--set KEY=VALUE ...]`, the command line of every entrypoint that reads a cfg file;
+    `add_arguments` adds an entrypoint's own options."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--cfg", required=True, help=cfg_help)
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help=f"override config keys, e.g. --set {set_example}")
     # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    if add_arguments is not None:
+        add_arguments(parser)
     return parser.parse_args(argv)

@@ -187,8 +187,8 @@ class Config(Block):
                                              "DeepSpeed's `train_batch_size` = micro batch × accumulation × processes. A "
                                              "window never spans two epochs (a shorter last window still steps). Under "
                                              "fp16/bf16 with more than 1, gradients are summed in fp32 "
-                                             "(`data_types.grad_accum_dtype`), which DeepSpeed does from ZeRO-1 on: such "
-                                             "runs run stage 0 as stage 1 and keep stage 1 on one process.")
+                                             "(`data_types.grad_accum_dtype`), which DeepSpeed does from ZeRO-1 on (16-bit "
+                                             "runs always run ZeRO >= 1).")
     gradient_clipping: float = Field(1.0, ge=0.0, json_schema_extra=OPTIMIZER, description="Clip the global gradient norm "
                                      "to this value (1.0 = diffusers' `--max_grad_norm`); 0 = off.")
     optimizer: OptimizerCfg = Field(OptimizerCfg(), json_schema_extra=OPTIMIZER,
