@@ -26,6 +26,7 @@ from ds_diffusers.config import Config, check_environment, load_config, parse_cf
 from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
+from ds_diffusers.config.show import add_print_options, print_deepspeed_config
 from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
                                load_train_dataset, prepare_caches, resolve_columns, select_train_samples, to_device)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
@@ -73,29 +74,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None) -> None:
-    """All ranks: the EMA swap may gather, and under ZeRO-3 the forward gathers parameters collectively;
-    without ZeRO-3 rank 0 alone generates."""
-    zero3 = cfg.zero_optimization.stage == 3
-    with validation.weights(ema if cfg.validates_with_ema else None):
-        _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3)
-    barrier()
-
-
-def _generate_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, zero3: bool) -> None:
-    if zero3 or dist.is_main:
-        # The training RNG streams must not notice validation, or resumed runs would diverge.
-        with torch.random.fork_rng(devices=[]):
-            rows = validation.generate(
-                frozen, engine.module, cfg.validation_prompts, num_images=cfg.num_validation_images, seed=cfg.seed,
-                resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
-                guidance_scale=cfg.validation_guidance_scale,
-            )
-        if dist.is_main:
-            path = validation.save_validation_grid(rows, cfg.validation_prompts, cfg.output_dir, global_step)
-            logger.log_images(global_step, str(path), cfg.validation_prompts)
 
 
 @dataclass
@@ -317,7 +295,7 @@ def log_point(run: Run, stats: WindowStats, window_started: float) -> float:
 
 
 def validate(run: Run, cadence: ValidationCadence) -> None:
-    run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema)
+    validation.run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema)
     cadence.ran(run.state.global_step)
 
 
@@ -343,50 +321,17 @@ def finish(run: Run) -> Path | None:
     return exported
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give the number of processes, 1 or more")
-    return value
-
-
-def _print_options(parser: argparse.ArgumentParser) -> None:
-    printing = parser.add_argument_group("inspecting a run without starting it")
-    printing.add_argument("--print-deepspeed-config", action="store_true",
-                          help="print the DeepSpeed config the engine would get, after every adjustment (engine stage, "
-                               "dtypes, accumulation dtype, batch sizes), as JSON on stdout; writes nothing, needs no GPU, "
-                               "starts no process group")
-    printing.add_argument("--world-size", type=_positive, default=1, metavar="N",
-                          help="with --print-deepspeed-config: the number of processes of the run (default 1)")
-    printing.add_argument("--accelerator", default="cuda", metavar="NAME",
-                          help="with --print-deepspeed-config: DeepSpeed's accelerator name on the cluster (default cuda; "
-                               "cpu shows what a CPU run gets). DeepSpeed's fused Adam is assumed buildable there")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_cfg_args(argv, prog="python -m ds_diffusers.train", description=__doc__.splitlines()[0],
                           cfg_help="JSON config file (see cfg/ and README.md)",
-                          set_example="use_lora.rank=8 seed=1 (dotted for nested keys)", add_arguments=_print_options)
-
-
-def print_deepspeed_config(args: argparse.Namespace) -> int:
-    """`--print-deepspeed-config`: the validated config translated for `--world-size` processes. The
-    model and data are not read (hub ids are not resolved), so it runs on a login node."""
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-    except ConfigError as err:
-        print(f"ds-diffusers: config error: {err}", file=sys.stderr)
-        return 2
-    ds_config = to_deepspeed_config(cfg, world_size=args.world_size, accelerator_name=args.accelerator)
-    print(json.dumps(ds_config, indent=2))
-    return 0
+                          set_example="use_lora.rank=8 seed=1 (dotted for nested keys)", add_arguments=add_print_options)
 
 
 def main(argv: list[str] | None = None) -> int:
     preemption.install()  # first: a scheduler's warning signal may come while models still load
     args = parse_args(argv)
     if args.print_deepspeed_config:
-        return print_deepspeed_config(args)
+        return print_deepspeed_config(args.cfg, args.overrides, args.world_size, args.accelerator)
     quiet_known_notices()
     together = False  # every rank leaves train() at the same point: tearing the group down is safe
     try:

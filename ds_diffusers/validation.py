@@ -13,8 +13,11 @@ from typing import Any, ContextManager, Sequence
 import torch
 from PIL import Image
 
+from ds_diffusers.config.schema import Config
+from ds_diffusers.distributed import DistInfo, barrier
 from ds_diffusers.generation import build_pipeline, generate_images
 from ds_diffusers.images import image_grid
+from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import FrozenComponents
 
 
@@ -58,3 +61,26 @@ def save_validation_grid(rows: list[list[Image.Image]], prompts: Sequence[str], 
     path = folder / f"step_{global_step:06d}.png"
     image_grid(rows, row_labels=list(prompts)).save(path)
     return path
+
+
+def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None) -> None:
+    """All ranks: the EMA swap may gather, and under ZeRO-3 the forward gathers parameters collectively;
+    without ZeRO-3 rank 0 alone generates."""
+    zero3 = cfg.zero_optimization.stage == 3
+    with weights(ema if cfg.validates_with_ema else None):
+        _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3)
+    barrier()
+
+
+def _generate_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, zero3: bool) -> None:
+    if zero3 or dist.is_main:
+        # The training RNG streams must not notice validation, or resumed runs would diverge.
+        with torch.random.fork_rng(devices=[]):
+            rows = generate(
+                frozen, engine.module, cfg.validation_prompts, num_images=cfg.num_validation_images, seed=cfg.seed,
+                resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale,
+            )
+        if dist.is_main:
+            path = save_validation_grid(rows, cfg.validation_prompts, cfg.output_dir, global_step)
+            logger.log_images(global_step, str(path), cfg.validation_prompts)

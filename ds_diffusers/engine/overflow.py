@@ -2,7 +2,8 @@
 
 Skipping is DeepSpeed's own mechanism wherever it has one: its optimizer wrappers set `overflow`,
 and the engine then skips the update and the LR scheduler step and counts `engine.skipped_steps`.
-fp16 (loss scaler), bf16 without ZeRO (BF16_Optimizer) and bf16 ZeRO-1/2 check every step already;
+fp16 (loss scaler), BF16_Optimizer (bf16 with fp32 accumulation at stage 1) and bf16 ZeRO-1/2 check
+every step already (16-bit runs never take stage 0, `engine.stage`);
 `skip_nonfinite_steps` switches the same check on where DeepSpeed leaves it off (fp32 and ZeRO-3),
 so no precision steps a nan/inf gradient into the weights. The patches replace
 `engine.clip_fp32_gradients` (ZeRO-0, fp32) and the ZeRO-3 optimizer's
