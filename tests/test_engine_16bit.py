@@ -209,8 +209,11 @@ def test_bf16_run_with_lr_0_exports_the_base_unet_exactly(sd15_assets, tmp_path,
                  "max_train_steps=2", "validation_steps=0", "resolution=32", "train_micro_batch_size_per_gpu=2",
                  "lr_warmup_steps=0", "dataloader_num_workers=0"]
     repo = Path(__file__).resolve().parents[1]
+    # Not this module's in-process group's rendezvous: its port is still bound (EADDRINUSE).
+    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "-m", "ds_diffusers.train", "--cfg", "cfg/default.json", "--set", *overrides],
-                            cwd=repo, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ZeRO-{stage}" in result.stdout + result.stderr and "bfloat16" in result.stdout + result.stderr
     base = load_file(str(sd15_assets.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
