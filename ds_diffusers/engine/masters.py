@@ -74,18 +74,20 @@ class MasterWeights:
     def local(self) -> list[Slice]:
         """This rank's fp32 master slices, views into the optimizer's own storage (no copies except
         where DeepSpeed's ZeRO-3 API moves an offloaded partition to the accelerator)."""
-        stage0: dict[int, torch.Tensor] | None = None
-        out: list[Slice] = []
-        for p in self.params:
-            if is_zero3_param(p) or hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
-                out.append(self._local_slice(p))
-                continue
-            stage0 = _stage0_masters(self.optimizer) if stage0 is None else stage0
-            if id(p) not in stage0:
-                raise RuntimeError(f"no fp32 master weight found for a {p.dtype} parameter under "
-                                   f"{type(self.optimizer).__name__}")
-            out.append((stage0[id(p)], 0))
-        return out
+        stage0: dict[int, torch.Tensor] = {}
+        return [self._local_slice(p) if is_zero3_param(p) else self._view(p, stage0) for p in self.params]
+
+    def _view(self, p: torch.nn.Parameter, stage0: dict[int, torch.Tensor]) -> Slice:
+        """A parameter's master outside ZeRO-3, as a view the optimizer steps; `stage0` memoises the
+        stage-0 wrappers' masters over one pass (filled on first need)."""
+        if hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
+            return self._local_slice(p)
+        if not stage0:
+            stage0.update(_stage0_masters(self.optimizer))
+        if id(p) not in stage0:
+            raise RuntimeError(f"no fp32 master weight found for a {p.dtype} parameter under "
+                               f"{type(self.optimizer).__name__}")
+        return stage0[id(p)], 0
 
     def _local_slice(self, p: torch.nn.Parameter) -> Slice:
         from deepspeed.utils import safe_get_local_fp32_param
@@ -107,7 +109,7 @@ class MasterWeights:
         is: it already holds these values rounded."""
         from deepspeed.utils import safe_set_local_fp32_param
 
-        stage0: dict[int, torch.Tensor] | None = None
+        stage0: dict[int, torch.Tensor] = {}
         for name, p in zip(self.names, self.params):
             full = full_value(name).reshape(-1)
             if is_zero3_param(p):
@@ -120,11 +122,7 @@ class MasterWeights:
                 partition[:length] = full[start:start + length]
                 safe_set_local_fp32_param(p, partition)
                 continue
-            if hasattr(p, "_hp_mapping") or (p.dtype == torch.float32 and not hasattr(self.optimizer, "fp16_groups")):
-                master, start = self._local_slice(p)
-            else:
-                stage0 = _stage0_masters(self.optimizer) if stage0 is None else stage0
-                master, start = stage0[id(p)], 0
+            master, start = self._view(p, stage0)
             master.copy_(full[start:start + master.numel()])
 
     @torch.no_grad()
