@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.engine import (MasterWeights, full_numel, full_shape, gathered, is_zero3_param, local_partition,
@@ -48,14 +49,16 @@ def ds_config(stage: int, precision: str, accumulation: int = 1, clipping: float
     return config
 
 
-def build(name: str, clipping: float = 0.0):
+def build(name: str, clipping: float = 0.0, offload: bool = False):
     import deepspeed
 
     stage, precision, accumulation = ENGINES[name]
+    config = ds_config(stage, precision, accumulation, clipping)
+    if offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=ds_config(stage, precision, accumulation, clipping))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     return engine
 
 
@@ -231,23 +234,60 @@ def test_stage0_engine_clips_through_clip_fp32_gradients(one_rank):
     assert calls == [1], moved("engine.step calling engine.clip_fp32_gradients (stage 0, fp32)", "engine/overflow.py")
 
 
-def test_zero12_optimizer_has_check_grad_overflow(one_rank):
-    engine = build("stage1-fp32")
-    assert engine.optimizer.check_grad_overflow is False, \
-        moved("DeepSpeedZeroOptimizer.check_grad_overflow (off by default under fp32)", "engine/overflow.py")
+def test_bf16_zero12_optimizer_checks_overflow_by_default(one_rank):
+    engine = build("stage2-bf16")
+    assert engine.optimizer.check_grad_overflow is True, \
+        moved("DeepSpeedZeroOptimizer.check_grad_overflow (on by bf16's default; it alone makes a bf16 ZeRO-1/2 "
+              "step skip on a non-finite norm)", "engine/overflow.py")
 
 
-def test_zero3_optimizer_overflow_hook(one_rank):
-    engine = build("stage3-fp32")
-    optimizer = engine.optimizer
-    for method in ("_overflow_check_and_loss_scale_update", "check_overflow", "_loss_scale_update_and_overflow_cleanup"):
-        assert callable(getattr(optimizer, method, None)), moved(f"DeepSpeedZeroOptimizer_Stage3.{method}", "engine/overflow.py")
+class ScanCounter(TorchDispatchMode):
+    """Counts the whole-tensor finiteness scans (isinf/isnan/isfinite, amax/amin) an optimizer step
+    runs on more than one element: the work a skip decision costs beyond the norm."""
+
+    SCANS = {"isinf", "isnan", "isfinite", "amax", "amin"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SCANS and isinstance(args[0], torch.Tensor) and args[0].numel() > 1:
+            self.scans.append((name, args[0].numel()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["stage1-fp32", "stage3-fp32", "stage3-bf16"])
+def test_skip_decision_costs_no_scan_beyond_the_norm(one_rank, name):
+    """ZeRO-3 (every dtype) and ZeRO-1/2 in fp32 decide from the gradient norm their step computes
+    for clipping; a finiteness scan on top reads the whole gradient partition again (two bool
+    tensors of its size under ZeRO-3), an all-reduce and a host sync per step."""
+    engine = build(name)
     skip_nonfinite_steps(engine)
-    calls = []
-    patched = optimizer._overflow_check_and_loss_scale_update
-    optimizer._overflow_check_and_loss_scale_update = lambda update_scale=True: calls.append(update_scale) or patched(update_scale)
-    train_step(engine)
-    assert calls, moved("DeepSpeedZeroOptimizer_Stage3.step calling _overflow_check_and_loss_scale_update", "engine/overflow.py")
+    dtype = next(engine.module.parameters()).dtype
+    engine.backward(engine(torch.randn(MICRO, 8).to(dtype)).float().pow(2).mean())
+    with ScanCounter() as counter:
+        engine.step()
+    assert counter.scans == [], f"{type(engine.optimizer).__name__} scans the gradients beyond the norm: {counter.scans}"
+
+
+@pytest.mark.parametrize("name, offload", [("stage1-fp32", False), ("stage2-bf16", False), ("stage3-fp32", False),
+                                           ("stage3-bf16", False), ("stage2-bf16", True), ("stage3-bf16", True)])
+def test_one_infinite_gradient_element_skips_the_step(one_rank, name, offload):
+    """The norm sees a single inf as surely as a scan would, with the optimizer offloaded too (where
+    ZeRO-3 sums per-parameter norms on the host)."""
+    engine = build(name, offload=offload)
+    skip_nonfinite_steps(engine)
+    before = gathered_masters(engine)
+    dtype = next(engine.module.parameters()).dtype
+    weight = next(engine.module.parameters())
+    weight.register_hook(lambda grad: grad.index_put((torch.tensor([0]),) * grad.dim(), torch.tensor(math.inf, dtype=grad.dtype)))
+    engine.backward(engine(torch.randn(MICRO, 8).to(dtype)).float().pow(2).mean())
+    engine.step()
+    assert engine.skipped_steps == 1 and all(torch.equal(gathered_masters(engine)[n], before[n]) for n in before), \
+        moved(f"{type(engine.optimizer).__name__}.step skipping on an invalid gradient norm (is_invalid_grad_norm)",
+              "engine/overflow.py")
 
 
 @pytest.mark.parametrize("name", list(ENGINES))

@@ -2,12 +2,17 @@
 
 Skipping is DeepSpeed's own mechanism wherever it has one: its optimizer wrappers set `overflow`,
 and the engine then skips the update and the LR scheduler step and counts `engine.skipped_steps`.
-fp16 (loss scaler), BF16_Optimizer (bf16 with fp32 accumulation at stage 1) and bf16 ZeRO-1/2 check
-every step already (16-bit runs never take stage 0, `engine.stage`);
-`skip_nonfinite_steps` switches the same check on where DeepSpeed leaves it off (fp32 and ZeRO-3),
-so no precision steps a nan/inf gradient into the weights. The patches replace
-`engine.clip_fp32_gradients` (ZeRO-0, fp32) and the ZeRO-3 optimizer's
-`_overflow_check_and_loss_scale_update`; the contract test checks both still exist.
+Which check decides, per optimizer (DeepSpeed 0.19.8, `runtime/zero/stage3.py` and
+`stage_1_and_2.py` `step()`):
+- ZeRO-3, every dtype, and ZeRO-1/2 in fp32: the gradient norm the step computes anyway for
+  clipping; DeepSpeed masks a nan/inf norm to -1 and `is_invalid_grad_norm` turns that into an
+  overflow. Nothing of ours runs: a separate finiteness scan would read the whole gradient
+  partition again (ZeRO-3 under fp16 still runs DeepSpeed's own scan, which its loss scaler needs);
+- ZeRO-1/2 in bf16: `check_grad_overflow` (DeepSpeed's bf16 default, on);
+- fp16 loss scaler and BF16_Optimizer (bf16 with fp32 accumulation): their own check, every step;
+- a plain torch optimizer (stage 0, fp32; 16-bit runs never take stage 0, `engine.stage`): the one
+  guard here, which replaces `engine.clip_fp32_gradients`.
+The contract test checks that each engine skips a non-finite step and that no second scan runs.
 """
 
 from __future__ import annotations
@@ -66,28 +71,11 @@ def _guard_plain_optimizer(engine: Any) -> None:
     engine.clip_fp32_gradients = types.MethodType(clip, engine)
 
 
-def _guard_zero3(optimizer: Any) -> None:
-    """DeepSpeed's ZeRO-3 checks its (collectively reduced) overflow flag only under fp16; run the
-    same check for every dtype. Its loss scaler is static (1) outside fp16, so the scale stays."""
-
-    def overflow_check(self: Any, update_scale: bool = True) -> bool:
-        self.overflow = False
-        self.check_overflow()
-        if not update_scale:
-            return self.overflow
-        return self._loss_scale_update_and_overflow_cleanup()
-
-    optimizer._overflow_check_and_loss_scale_update = types.MethodType(overflow_check, optimizer)
-
-
 def skip_nonfinite_steps(engine: Any) -> None:
-    """Make the engine skip (not apply) optimizer steps whose gradients hold nan or inf."""
+    """Make the engine skip (not apply) optimizer steps whose gradients hold nan or inf. DeepSpeed's
+    optimizers decide that already (see the module docstring); a plain torch optimizer gets a guard."""
     optimizer = engine.optimizer
-    if hasattr(optimizer, "check_grad_overflow"):  # ZeRO-1/2: off by DeepSpeed's default under fp32
-        optimizer.check_grad_overflow = True
-    elif hasattr(optimizer, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
-        _guard_zero3(optimizer)
-    elif not hasattr(optimizer, "overflow"):  # a plain torch optimizer; the others check already
+    if not hasattr(optimizer, "overflow"):
         _guard_plain_optimizer(engine)
 
 
