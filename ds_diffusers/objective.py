@@ -31,8 +31,10 @@ def add_time_ids(batch: dict[str, torch.Tensor], target_size: tuple[int, int]) -
     """SDXL's six numbers per sample: original (height, width), crop (top, left), target (height, width).
     The first four are what the transforms recorded for that very sample."""
     original_size = batch["original_size"]
-    target = torch.tensor(target_size, dtype=original_size.dtype, device=original_size.device).expand(original_size.shape[0], 2)
-    return torch.cat([original_size, batch["crop_top_left"], target], dim=1)
+    # Filled on the batch's device: a tensor made from Python numbers would be a blocking host-to-GPU
+    # copy in every micro-step.
+    height, width = (original_size.new_full((original_size.shape[0], 1), size) for size in target_size)
+    return torch.cat([original_size, batch["crop_top_left"], height, width], dim=1)
 
 
 @torch.no_grad()

@@ -75,6 +75,29 @@ def test_conditioning_equals_the_sdxl_pipeline(sdxl_model, frozen):
     torch.testing.assert_close(encoded.added_cond_kwargs["time_ids"], want_time_ids.expand(2, 6))
 
 
+def test_time_ids_are_built_without_host_data():
+    """Every SDXL micro-step builds time ids on the batch's device; a tensor made from Python numbers
+    there (aten.lift_fresh) is a blocking host-to-GPU copy per micro-step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ds_diffusers.objective import add_time_ids
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    batch = {"original_size": torch.tensor([[200, 300], [64, 80]]), "crop_top_left": torch.tensor([[0, 16], [3, 0]])}
+    with Ops() as ops:
+        time_ids = add_time_ids(batch, (64, 48))
+    assert torch.equal(time_ids, torch.tensor([[200, 300, 0, 16, 64, 48], [64, 80, 3, 0, 64, 48]]))
+    assert "lift_fresh" not in ops.names, ops.names
+
+
 def _tokens(frozen):
     from ds_diffusers.models import tokenize
 
