@@ -4,7 +4,10 @@ to fall back to the CPU when GPUs were expected.
 Two facts shape it:
 - A node-local rank is not a device index. Sites that give each Slurm task its own GPU
   (`--gpus-per-task=1`, `--gpu-bind`, cgroup device isolation) show every task only device 0, while
-  `SLURM_LOCALID` (our LOCAL_RANK) runs 0..N-1. The device is `local_rank % visible devices`.
+  `SLURM_LOCALID` (our LOCAL_RANK) runs 0..N-1. The device is `local_rank % visible devices`,
+  which also binds `--gpu-bind=closest` (each task sees its socket's GPUs) under the default block
+  placement of tasks. Whether two ranks ended up on one GPU is checked where it can be: every rank
+  claims its GPU's UUID in the rendezvous store before NCCL starts (`refuse_shared_devices`).
 - DeepSpeed silently picks its CPU accelerator when torch sees no GPU (a CPU build of torch, a
   driver problem, a job that forgot `--gres`): a GPU job would then "train" on the CPU for days.
 """
@@ -12,6 +15,7 @@ Two facts shape it:
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Mapping
 
 import torch
@@ -46,16 +50,42 @@ def bind_device(accelerator: Any, local_rank: int, local_size: int) -> torch.dev
     if count < 1:
         raise ConfigError("LOCAL_RANK", local_rank, f"the {accelerator.device_name()} accelerator has no visible device"
                           f"{visible_devices(accelerator)}; check the job's GPU request and the driver")
-    if 1 < count < local_size:
-        # Two ranks on one GPU: NCCL would stop later with "Duplicate GPU detected".
-        raise ConfigError("LOCAL_SIZE", local_size, f"{local_size} processes on this node but {count} visible GPUs"
-                          f"{visible_devices(accelerator)}; start one process per GPU (Slurm: --ntasks-per-node "
-                          "equal to the N of --gres=gpu:N; locally: NUM_PROCS at most the GPU count)")
     index = device_index(local_rank, count)
     if index != local_rank:
         os.environ["LOCAL_RANK"] = str(index)
     accelerator.set_device(index)
     return torch.device(accelerator.device_name(index))
+
+
+def device_identity(accelerator: Any, index: int) -> str | None:
+    """What names this rank's device across the job: the GPU's UUID under CUDA (the same GPU reached
+    through different visible-device lists has one), host and visible id elsewhere; None on the CPU."""
+    name = accelerator.device_name()
+    if name == "cpu":
+        return None
+    if name == "cuda":
+        return f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+    visible = os.environ.get(accelerator.visible_devices_envs()[0], "")
+    ids = [part for part in visible.split(",") if part]
+    return f"{socket.gethostname()} {name}:{ids[index] if index < len(ids) else index}"
+
+
+def refuse_shared_devices(store: Any, rank: int, world_size: int, identity: str) -> None:
+    """All ranks, in the rendezvous store before the communication backend starts (NCCL would stop
+    with "Duplicate GPU detected", or two ranks would share a GPU's memory). Each rank counts itself
+    on its device's key; once all have, a rank whose device was claimed twice raises. O(1) store
+    operations per rank."""
+    prefix = f"dsd-device/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.add(f"{prefix}/{identity}", 1)
+    if store.add(f"{prefix}/claimed", 1) == world_size:
+        store.set(f"{prefix}/complete", "1")
+    store.wait([f"{prefix}/complete"])
+    claims = int(store.get(f"{prefix}/{identity}"))
+    if claims > 1:
+        raise ConfigError("LOCAL_RANK", os.environ.get("LOCAL_RANK", "?"), (
+            f"rank {rank} shares {identity} on {socket.gethostname()} with {claims - 1} other rank(s): start one process "
+            "per GPU (Slurm: --ntasks-per-node equal to the N of --gres=gpu:N; locally: NUM_PROCS at most the GPU "
+            "count); with --gpu-bind=closest, keep the default block placement of tasks on sockets"))
 
 
 def visible_devices(accelerator: Any) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.distributed.rendezvous import register_rendezvous_handler
 
-from ds_diffusers.devices import bind_device, check_accelerator_expected, visible_devices
+from ds_diffusers.devices import bind_device, check_accelerator_expected, device_identity, refuse_shared_devices, visible_devices
 from ds_diffusers.errors import ConfigError
 
 # Seconds a rank waits to reach rank 0's rendezvous store (and rank 0 for all ranks to arrive)
@@ -21,6 +21,8 @@ from ds_diffusers.errors import ConfigError
 RENDEZVOUS_TIMEOUT_ENV = "DSD_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300
 _RENDEZVOUS_SCHEME = "dsd-env"
+# This rank's device (`devices.device_identity`), claimed in the rendezvous store; None on the CPU.
+_device_claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ def _bounded_env_rendezvous(url: str, timeout: timedelta, **kwargs):
             f"rank {rank} of {world_size} waited {rendezvous_s:.0f} s {waited} and gave up ({reason}). Check that "
             f"every rank started, that {addr} resolves and port {port} is free on it and open between the nodes; "
             f"raise {RENDEZVOUS_TIMEOUT_ENV} when ranks start slowly")) from None
+    if _device_claim is not None:
+        refuse_shared_devices(store, rank, world_size, _device_claim)
     store.set_timeout(timeout)
     yield store, rank, world_size
 
@@ -100,6 +104,8 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     device = bind_device(accelerator, local_rank, local_size)
+    global _device_claim
+    _device_claim = device_identity(accelerator, device.index) if device.index is not None else None
     _register_rendezvous()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=timedelta(seconds=timeout_s),
                                init_method=f"{_RENDEZVOUS_SCHEME}://")

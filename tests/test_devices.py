@@ -7,12 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from ds_diffusers.devices import ALLOW_CPU_ENV, bind_device, check_accelerator_expected, device_index, gpu_request
+from ds_diffusers.devices import (ALLOW_CPU_ENV, bind_device, check_accelerator_expected, device_index, gpu_request,
+                                  refuse_shared_devices)
 from ds_diffusers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +62,46 @@ def test_bind_device(monkeypatch, local_rank, local_size, count, expected):
     assert os.environ["LOCAL_RANK"] == str(expected)
 
 
-def test_bind_device_refuses_two_ranks_per_gpu():
-    with pytest.raises(ConfigError) as caught:
-        bind_device(FakeAccelerator(count=2), 3, 4)
-    assert caught.value.field == "LOCAL_SIZE" and "2 visible GPUs" in str(caught.value)
+def test_bind_device_accepts_gpu_bind_closest(monkeypatch):
+    """--gpu-bind=closest: 8 tasks, each sees its socket's 4 GPUs; task 5 (socket 1) drives its second."""
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    accelerator = FakeAccelerator(count=4)
+    assert bind_device(accelerator, 5, 8) == torch.device("cuda:1") and accelerator.bound_to == 1
+
+
+def _claim_all(identities: list[str]) -> dict[int, str]:
+    """Every rank's `refuse_shared_devices` against one real TCPStore, each rank in its own thread
+    with its own client, as the ranks of a job are; rank -> the error it raised."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    world = len(identities)
+    server = TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    errors: dict[int, str] = {}
+
+    def rank_main(rank: int) -> None:
+        client = TCPStore("127.0.0.1", server.port, world, is_master=False, timeout=timedelta(seconds=30))
+        try:
+            refuse_shared_devices(client, rank, world, identities[rank])
+        except ConfigError as err:
+            errors[rank] = str(err)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_two_ranks_on_one_gpu_are_refused_before_the_backend_starts():
+    """A cyclic task placement under --gpu-bind=closest puts ranks 0 and 2 on one GPU: both stop
+    with a message naming the GPU; the others pass the check and end with them."""
+    errors = _claim_all(["GPU-a", "GPU-b", "GPU-a", "GPU-c"])
+    assert sorted(errors) == [0, 2]
+    assert "GPU-a" in errors[0] and "1 other rank(s)" in errors[0] and "--gpu-bind=closest" in errors[0]
+    assert _claim_all(["GPU-a", "GPU-b", "GPU-c"]) == {}
 
 
 def test_bind_device_cpu_binds_nothing(monkeypatch):
@@ -78,20 +117,25 @@ def test_init_distributed_binds_and_reports_the_device(monkeypatch, capsys):
     import deepspeed
     import deepspeed.accelerator
 
+    from ds_diffusers import distributed
     from ds_diffusers.distributed import init_distributed
 
+    monkeypatch.setattr(distributed, "_device_claim", None)
     accelerator = FakeAccelerator(count=1)
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
     seen = {}
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: seen.update(local_rank=os.environ["LOCAL_RANK"]))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 7)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(uuid=f"uuid-of-{index}"))
     for name, value in {"RANK": "7", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "LOCAL_SIZE": "4",
                         "CUDA_VISIBLE_DEVICES": "3"}.items():
         monkeypatch.setenv(name, value)
     dist = init_distributed()
     assert dist.device == torch.device("cuda:0") and dist.local_rank == 3 and accelerator.bound_to == 0
     assert seen["local_rank"] == "0"  # rewritten before DeepSpeed starts the group
+    # What the rendezvous claims for this rank, before the backend starts (refuse_shared_devices).
+    assert distributed._device_claim == "GPU-uuid-of-0"
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("ds-diffusers: rank 7/8 on "), line
     assert line.endswith(" device cuda:0 (local rank 3/4, CUDA_VISIBLE_DEVICES=3)"), line
