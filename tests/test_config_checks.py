@@ -92,6 +92,20 @@ def test_incomplete_model_folder_is_named_before_diffusers_reads_it(tmp_path, da
     assert info.value.field == "pretrained_model_name_or_path" and fragment in info.value.fix
 
 
+def test_model_folder_with_only_fp16_variant_weights_needs_the_variant(tmp_path):
+    """from_pretrained without a variant finds no plain weights in such a folder and crashes; the
+    check names the variant to set, and with it set the folder passes."""
+    plain, with_variant = environment_cfg(tmp_path / "a"), environment_cfg(tmp_path / "b", variant="fp16")
+    for root in (tmp_path / "a", tmp_path / "b"):
+        for part in ("unet", "vae", "text_encoder"):
+            weights = root / "model" / part / "model.safetensors"
+            weights.rename(weights.with_name("model.fp16.safetensors"))
+    with pytest.raises(ConfigError) as info:
+        check_environment(plain)
+    assert info.value.field == "variant" and "holds only variant weights (fp16); set variant to fp16" in info.value.fix
+    check_environment(with_variant)
+
+
 @pytest.mark.parametrize("change, field", [
     ({"seed": 2**64}, "seed"),
     ({"use_lora": {"action": True, "init": "loftq"}}, "use_lora.init"),
