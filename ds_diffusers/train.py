@@ -31,8 +31,8 @@ from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check
                                load_train_dataset, prepare_caches, resolve_columns, select_train_samples, to_device)
 from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
-from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, skip_nonfinite_steps, skip_single_rank_allreduce,
-                                 unet_weight_files)
+from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mmap_checkpoint_reads, skip_nonfinite_steps,
+                                 skip_single_rank_allreduce, unet_weight_files)
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import EMA_DIR, export_model
 from ds_diffusers.metrics import RunLogger
@@ -191,6 +191,7 @@ def build_engine(cfg: Config, dist: DistInfo, unet: torch.nn.Module, groups: lis
         starting_values.write_into(engine)
     skip_single_rank_allreduce(engine, dist.world_size, ds_config["zero_optimization"]["stage"])
     skip_nonfinite_steps(engine)
+    mmap_checkpoint_reads(engine)
     if cfg.compile:
         engine.compile()
     return engine, lr_scheduler

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.engine import (MasterWeights, full_numel, full_shape, gathered, is_zero3_param, local_partition,
-                                 optimizer_fp32_tensors, skip_nonfinite_steps, skip_single_rank_allreduce)
+                                 mmap_checkpoint_reads, optimizer_fp32_tensors, skip_nonfinite_steps, skip_single_rank_allreduce)
 from ds_diffusers.engine.checkpoint_files import BF16_OPTIMIZER_STATES, MODEL_STATES, read_fp32_state
 from ds_diffusers.engine.params import partition_numel
 
@@ -303,6 +304,43 @@ def test_nonfinite_gradients_are_skipped_and_counted(one_rank, name):
         moved(f"a skipped step leaves the masters of {type(engine.optimizer).__name__} untouched", "engine/overflow.py")
     train_step(engine)
     assert engine.skipped_steps == 1 and not all(torch.equal(gathered_masters(engine)[n], before[n]) for n in before)
+
+
+# Memory-mapped checkpoint reads (engine/checkpoint_reads.py)
+
+def _anonymous_rss_mb() -> float:
+    """This process's private (anonymous) resident memory; a memory-mapped file's pages are not in it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+def test_stage0_resume_reads_the_optimizer_state_memory_mapped(one_rank, tmp_path):
+    """Every rank reads the model-states file whole; under ZeRO-0 it holds the full optimizer state.
+    Memory-mapped, loading it adds (almost) no private memory, and the round trip is exact."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2000, 2000)  # 4 M parameters: about 48 MB of fp32 weights and AdamW state
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config(0, "fp32"))
+    mmap_checkpoint_reads(engine)
+    engine.backward(engine(torch.randn(MICRO, 2000)).pow(2).mean())
+    engine.step()
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    saved = {key: value.clone() for key, value in engine.optimizer.state[model.weight].items()}
+    reads = []
+    patched = engine.checkpoint_engine.load
+    engine.checkpoint_engine.load = lambda path, map_location=None: reads.append(Path(path).name) or patched(path, map_location)
+    before = _anonymous_rss_mb()
+    engine.load_checkpoint(str(tmp_path), tag="t")
+    grown = _anonymous_rss_mb() - before
+    assert "mp_rank_00_model_states.pt" in reads, moved("engine.load_checkpoint reading through engine.checkpoint_engine.load",
+                                                        "engine/checkpoint_reads.py")
+    restored = engine.optimizer.state[model.weight]
+    assert all(torch.equal(restored[key], value) for key, value in saved.items())
+    file_mb = (tmp_path / "t" / "mp_rank_00_model_states.pt").stat().st_size / 2**20
+    assert grown < file_mb / 4, f"loading a {file_mb:.0f} MB checkpoint added {grown:.0f} MB of private memory"
 
 
 # The single-rank all-reduce switch (engine/stage.py)

@@ -13,6 +13,7 @@ this module knows DeepSpeed 0.19.8's layout of a step folder, which depends on t
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ def checkpoint_engine_stage(step_dir: Path, configured_stage: int) -> int:
 
 
 def _load(path: Path) -> Any:
-    # DeepSpeed pickles its own classes (the fragment addresses) next to the tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # DeepSpeed pickles its own classes (the fragment addresses) next to the tensors. Memory-mapped
+    # (zip files): only the fp32 masters are read, not the Adam moments beside them.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
 
 
 def _stage0_state(step_dir: Path, optimizer_order: list[str]) -> dict[str, torch.Tensor]:
