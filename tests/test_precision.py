@@ -119,6 +119,28 @@ def test_ema_swap_in_and_out_restores_the_compute_copy(one_rank, stage):
     assert all(torch.equal(a, b) for a, b in zip(local, before))
 
 
+def test_ema_under_zero3_optimizer_offload_stays_with_the_host_masters(one_rank, monkeypatch):
+    """The shadow lives, and is updated and exported, where the offloaded masters are: the EMA never
+    copies a partition to the accelerator (a host-to-device copy of all of them every step)."""
+    from deepspeed.accelerator import get_accelerator
+
+    engine = engine_for(bf16_config(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}))
+    train(engine, 1, MICRO * ACCUMULATION)
+    flats = engine.optimizer.fp32_partitioned_groups_flat
+    assert engine.optimizer.offload_optimizer and all(flat.device.type == "cpu" for flat in flats)
+    # On this CPU the accelerator is the host too: name it "meta" and a copy to it shows (and holds no data).
+    monkeypatch.setattr(type(get_accelerator()), "current_device_name", lambda self: "meta")
+    ema = ShardedEMA(engine, decay=0.9, update_after_step=0)
+    ema.update(1)  # at step 1 the EMA copies the masters
+    storages = {flat.untyped_storage().data_ptr() for flat in flats}
+    masters = MasterWeights(engine)
+    for (master, _), shadow in zip(masters.local(), ema.shadow):
+        assert master.untyped_storage().data_ptr() in storages, "a master slice is a view of the optimizer's partition"
+        assert shadow.device == master.device == torch.device("cpu")
+    exported, expected = ema.gathered(rank=0), masters.gather_full(masters.local())
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[n], expected[n]) for n in expected)
+
+
 def test_validation_use_ema_and_nvme_offload_are_checked():
     base = {"pretrained_model_name_or_path": ".", "dataset_dir": "."}
     assert validate_dict({**base, "use_ema": True}).validates_with_ema
