@@ -141,6 +141,43 @@ def test_ema_under_zero3_optimizer_offload_stays_with_the_host_masters(one_rank,
     assert exported.keys() == expected.keys() and all(torch.equal(exported[n], expected[n]) for n in expected)
 
 
+def test_end_of_run_export_gathers_the_masters_once(one_rank, tmp_path, monkeypatch):
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from ds_diffusers import train as train_module
+    from ds_diffusers.export import EMA_DIR, UNET_DIR, UNET_WEIGHTS
+    from tests.helpers import SINGLE
+
+    class Exportable(torch.nn.Sequential):
+        def to_json_string(self) -> str:
+            return "{}"
+
+    torch.manual_seed(0)
+    model = Exportable(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=bf16_config(zero_optimization={"stage": 1}))
+    ema = ShardedEMA(engine, decay=0.9, update_after_step=0)
+    train(engine, 3, MICRO * ACCUMULATION, after_step=ema.update)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    cfg = validate_dict({"pretrained_model_name_or_path": str(base), "dataset_dir": ".", "output_dir": str(tmp_path / "out"),
+                         "use_ema": True})
+    gathers = []
+    gather_full = MasterWeights.gather_full
+    monkeypatch.setattr(MasterWeights, "gather_full", lambda self, *args, **kwargs: gathers.append(1) or gather_full(self, *args, **kwargs))
+    logger = types.SimpleNamespace(message=lambda text: None, close=lambda: None)
+    run = types.SimpleNamespace(cfg=cfg, dist=SINGLE, logger=logger, state=types.SimpleNamespace(global_step=3), engine=engine,
+                                ema=ema, dataset=types.SimpleNamespace(bad_rows=list))
+    train_module.finish(run)
+    assert len(gathers) == 2, "one gather of the masters, one of the EMA"
+    masters = MasterWeights(engine)
+    for sub, expected in ((UNET_DIR, gather_full(masters, masters.local())), (EMA_DIR, gather_full(masters, list(zip(ema.shadow, ema.starts))))):
+        written = load_file(str(tmp_path / "out" / sub / UNET_WEIGHTS))
+        assert written.keys() == expected.keys() and all(torch.equal(written[n], expected[n]) for n in expected), sub
+
+
 def test_validation_use_ema_and_nvme_offload_are_checked():
     base = {"pretrained_model_name_or_path": ".", "dataset_dir": "."}
     assert validate_dict({**base, "use_ema": True}).validates_with_ema
