@@ -62,7 +62,7 @@ def _zero3_partition(p: torch.nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_local_fp32_param
 
         return safe_get_local_fp32_param(p).view(-1)
-    return optimizer.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
+    return optimizer.fp32_partitioned_groups_flat[group].detach().narrow(0, offset, numel)  # the flat tensor requires grad
 
 
 def _world() -> tuple[int, int]:
@@ -131,8 +131,8 @@ class MasterWeights:
         for name, p in zip(self.names, self.params):
             full = full_value(name).reshape(-1)
             if is_zero3_param(p):
-                # DeepSpeed's setter, not a copy into safe_get_local_fp32_param's result: under
-                # optimizer offload that is a copy on the accelerator, not the host partition.
+                # DeepSpeed's setter, not a copy into `_zero3_partition`: it also swaps a sub-group
+                # offloaded to NVMe in and out (this runs once, at start-up, whatever the offload).
                 size = partition_numel(p)
                 start = self.rank * size
                 partition = torch.zeros(size, dtype=torch.float32)
