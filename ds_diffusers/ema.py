@@ -4,7 +4,8 @@ Averaging the 16-bit compute copy would lose every update smaller than its round
 8 bits), which at a decay of 0.9999 is nearly all of them. Each rank averages the part of the masters
 it holds (`engine.MasterWeights`): the full parameters under ZeRO-0, its fragments under ZeRO-1/2,
 its partitions under ZeRO-3, so the EMA costs no communication per step and stays sharded like the
-optimizer. Exports reassemble it; the result equals an EMA computed without ZeRO.
+optimizer, on the optimizer's device (the host under optimizer offload, where it is also updated).
+Exports reassemble it; the result equals an EMA computed without ZeRO.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ds_diffusers.engine import MasterWeights, local_partition
+from ds_diffusers.engine import MasterWeights
 
 
 def ema_decay(step: int, *, decay: float, update_after_step: int) -> float:
@@ -64,24 +65,8 @@ class ShardedEMA:
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """All ranks must enter this. Inside it the module computes with the EMA weights (cast to the
-        compute dtype); on exit the compute copy (which in fp32 at stage 0 is the master) is restored
-        bit for bit."""
-        # The compute copy this rank holds: its ZeRO-3 partition, or the full parameter.
-        targets = [local_partition(p) for p in self.masters.params]
-        saved = [t.detach().clone() for t in targets]
-        if self.masters.fragmented:
-            # ZeRO-1/2: each rank computes with full parameters but holds only fragments of the EMA.
-            full = self.masters.gather_full(list(zip(self.shadow, self.starts)), to_all=True)
-            values = [full[name] for name in self.names]
-        else:
-            # ZeRO-0 (full shadows) and ZeRO-3 (shadows shaped like the local partitions).
-            values = self.shadow
-        with torch.no_grad():
-            for target, value in zip(targets, values):
-                target.copy_(value.reshape(target.shape))
-        try:
+        compute dtype), every parameter of it; on exit the compute copy (which in fp32 at stage 0 is
+        the master) is restored bit for bit. Parameter by parameter (`MasterWeights.computing_with`):
+        no rank assembles the whole EMA, and under ZeRO-1/2 none clones its compute copy."""
+        with self.masters.computing_with(list(zip(self.shadow, self.starts))):
             yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(targets, saved)
-

@@ -34,7 +34,7 @@ from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mmap_checkpoint_reads, skip_nonfinite_steps,
                                  skip_single_rank_allreduce, unet_weight_files)
 from ds_diffusers.errors import ConfigError, TrainingError
-from ds_diffusers.export import EMA_DIR, export_model
+from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
@@ -307,11 +307,7 @@ def finish(run: Run) -> Path | None:
     check_weights_before_writing(run.engine, dist.device, "export", global_step)
     exported = export_model(run.engine, is_lora=cfg.use_lora.action, base_dir=cfg.pretrained_model_name_or_path,
                             out_dir=cfg.output_dir, rank=dist.rank, export_dtype=cfg.export_dtype, vae_dir=cfg.vae_path,
-                            variant=cfg.variant)
-    if run.ema is not None:
-        export_model(run.engine, is_lora=False, base_dir=cfg.pretrained_model_name_or_path, out_dir=cfg.output_dir,
-                     rank=dist.rank, export_dtype=cfg.export_dtype, subfolder=EMA_DIR,
-                     replacements=run.ema.gathered(dist.rank), vae_dir=cfg.vae_path, variant=cfg.variant)
+                            variant=cfg.variant, ema_weights=run.ema.gathered(dist.rank) if run.ema is not None else None)
     barrier()
     logger.message(f"export written in {time.perf_counter() - export_started:.1f} s")
     bad_rows = run.dataset.bad_rows()

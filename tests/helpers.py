@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import datasets
@@ -135,11 +136,14 @@ def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
 
 
 def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.train",
-           "--cfg", cfg, "--set", *overrides]
+    return launch_module("ds_diffusers.train", ["--cfg", cfg, "--set", *overrides], procs=procs, timeout=timeout)
+
+
+def launch_module(module: str, args: list[str], *, procs: int, timeout: int = 420) -> subprocess.CompletedProcess:
+    """`python -m module args` in `procs` processes through the deepspeed launcher, from the repository root."""
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", module, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs))}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return result
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -221,3 +225,40 @@ def in_memory_dataset(num_rows: int = 6) -> datasets.Dataset:
     images = (solid_images() * (num_rows // 6 + 1))[:num_rows]
     return datasets.Dataset.from_dict(
         {"image": images, "text": [captions_for(row) for row in range(num_rows)]}, features=features)
+
+
+# ---- memory: what a piece of code allocates, counted exactly ----
+
+class AllocationMeter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of tensor storage that the operations run inside it allocate, while alive: `live` now,
+    `peak` the most at any one time. Deterministic (storage sizes, not the allocator's figures), on any
+    device. An output whose storage one of the operation's inputs already had (a view, an in-place
+    write) allocates nothing; a storage is counted until Python frees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage(), inputs)
+        return out
+
+    def _count(self, storage, inputs: set[int]) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in inputs or key in self._counted:
+            return
+        self._counted.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, size)
+
+    def _freed(self, key: int, size: int) -> None:
+        self._counted.discard(key)
+        self.live -= size

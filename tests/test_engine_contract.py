@@ -21,7 +21,7 @@ from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.engine import (MasterWeights, full_numel, full_shape, gathered, is_zero3_param, local_partition,
                                  mmap_checkpoint_reads, optimizer_fp32_tensors, skip_nonfinite_steps, skip_single_rank_allreduce)
 from ds_diffusers.engine.checkpoint_files import BF16_OPTIMIZER_STATES, MODEL_STATES, read_fp32_state
-from ds_diffusers.engine.params import partition_numel
+from ds_diffusers.engine.params import partition_numel, regather_held
 
 MICRO = 4
 # (stage, precision, gradient accumulation): one engine of each optimizer class DeepSpeed builds on a CPU.
@@ -40,26 +40,26 @@ def moved(internal: str, user: str) -> str:
     return f"DeepSpeed internal moved: {internal} (used by {user})"
 
 
-def ds_config(stage: int, precision: str, accumulation: int = 1, clipping: float = 0.0) -> dict:
+def ds_config(stage: int, precision: str, accumulation: int = 1, clipping: float = 0.0, offload: str = "none") -> dict:
     cfg = validate_dict({"pretrained_model_name_or_path": ".", "dataset_dir": ".", "train_micro_batch_size_per_gpu": MICRO,
                          "gradient_accumulation_steps": accumulation, "gradient_clipping": clipping,
                          "scheduler": {"type": "none"}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+                         **({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload}}}
+                            if offload != "none" else {}),
                          **({"bf16": {"enabled": True}} if precision == "bf16" else {})})
     config = to_deepspeed_config(cfg, world_size=1)
     config["zero_optimization"]["stage"] = stage
     return config
 
 
-def build(name: str, clipping: float = 0.0, offload: bool = False):
+def build(name: str, clipping: float = 0.0, offload: str = "none"):
     import deepspeed
 
     stage, precision, accumulation = ENGINES[name]
-    config = ds_config(stage, precision, accumulation, clipping)
-    if offload:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=ds_config(stage, precision, accumulation, clipping, offload))
     return engine
 
 
@@ -122,19 +122,70 @@ def test_zero_init_partitions_modules_built_inside(one_rank):
 
 # Where the fp32 masters live (engine/masters.py; EMA and exports read them)
 
-@pytest.mark.parametrize("name", ["stage3-fp32", "stage3-bf16"])
-def test_zero3_local_fp32_partition(one_rank, name):
+@pytest.mark.parametrize("name, offload", [("stage3-fp32", "none"), ("stage3-bf16", "none"), ("stage3-bf16", "cpu")])
+def test_zero3_local_fp32_partition(one_rank, name, offload):
     from deepspeed.utils import safe_get_local_fp32_param
 
-    engine = build(name)
+    engine = build(name, offload=offload)
     train_step(engine)
     reference = full_fp32(engine)
-    for param_name, param in engine.module.named_parameters():
+    optimizer = engine.optimizer
+    flats = {flat.untyped_storage().data_ptr() for flat in getattr(optimizer, "fp32_partitioned_groups_flat", [])}
+    for (param_name, param), (ours, start) in zip(engine.module.named_parameters(), MasterWeights(engine).local()):
         local = safe_get_local_fp32_param(param)
         assert local is not None and local.dtype == torch.float32 and local.numel() == partition_numel(param), \
             moved("deepspeed.utils.safe_get_local_fp32_param (this rank's fp32 partition)", "engine/masters.py")
         assert torch.equal(local.view(-1)[:full_numel(param)], reference[param_name].view(-1)), \
             moved("safe_get_local_fp32_param: rank r holds [r * ds_tensor.ds_numel, ...)", "engine/masters.py")
+        # Ours is found as get_local_fp32_param finds it, without its copy to the accelerator.
+        assert param._z3_optimizer is optimizer and not optimizer._swappable_optimizer_subgroup(0), \
+            moved("param._z3_optimizer / DeepSpeedZeroOptimizer_Stage3._swappable_optimizer_subgroup", "engine/masters.py")
+        assert start == 0 and torch.equal(ours, local.view(-1)) and ours.untyped_storage().data_ptr() in flats, \
+            moved("Stage3 grad_position[get_param_id(p)] = (group, offset, numel) into fp32_partitioned_groups_flat",
+                  "engine/masters.py")
+    assert optimizer.offload_optimizer == (offload == "cpu") and all(
+        flat.device.type == "cpu" for flat in optimizer.fp32_partitioned_groups_flat)
+
+
+@pytest.mark.parametrize("name", ["stage1-fp32", "stage1-bf16-accum", "stage2-bf16"])
+def test_zero12_compute_copy_is_the_masters_cast(one_rank, tmp_path, name):
+    """What lets the EMA swap rebuild the compute copy from the masters instead of cloning it: DeepSpeed
+    copies its fp32 partitions into the 16-bit ones after each step and on load (load_from_fp32_weights)."""
+    engine = build(name)
+    for _ in range(2):
+        train_step(engine)
+
+    def check(when: str) -> None:
+        masters = gathered_masters(engine)
+        for param_name, param in engine.module.named_parameters():
+            assert param.data.untyped_storage().data_ptr() != param._hp_mapping.hp_fragment.untyped_storage().data_ptr()
+            assert torch.equal(param.data, masters[param_name].to(param.dtype)), \
+                moved(f"{type(engine.optimizer).__name__}: compute copy = fp32 masters cast ({when})", "engine/masters.py")
+
+    check("after a step")
+    engine.save_checkpoint(str(tmp_path), tag="step_2", save_latest=False)
+    saved = gathered_masters(engine)
+    train_step(engine)
+    engine.load_checkpoint(str(tmp_path), tag="step_2")
+    assert all(torch.equal(saved[n], t) for n, t in gathered_masters(engine).items())
+    check("after load_checkpoint")
+
+
+def test_zero3_persistent_parameters_stay_gathered(one_rank):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    engine = build("stage3-bf16")  # DeepSpeed's default threshold (1e5 elements) makes every parameter here persistent
+    train_step(engine)
+    params = list(engine.module.parameters())
+    assert all(p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == full_numel(p) for p in params), \
+        moved("param.ds_persist / ds_status AVAILABLE (persistent parameters gathered between steps)", "engine/params.py")
+    with torch.no_grad():
+        for p in params:
+            local_partition(p).add_(1)
+    regather_held(params)
+    assert all(p.ds_status == ZeroParamStatus.AVAILABLE and torch.equal(p.data.view(-1), local_partition(p)[:full_numel(p)])
+               for p in params), moved("param.partition(list) / param.all_gather(list) re-gathering from ds_tensor",
+                                       "engine/params.py")
 
 
 @pytest.mark.parametrize("name", ["stage1-fp32", "stage1-bf16-accum", "stage2-bf16"])
@@ -273,8 +324,8 @@ def test_skip_decision_costs_no_scan_beyond_the_norm(one_rank, name):
     assert counter.scans == [], f"{type(engine.optimizer).__name__} scans the gradients beyond the norm: {counter.scans}"
 
 
-@pytest.mark.parametrize("name, offload", [("stage1-fp32", False), ("stage2-bf16", False), ("stage3-fp32", False),
-                                           ("stage3-bf16", False), ("stage2-bf16", True), ("stage3-bf16", True)])
+@pytest.mark.parametrize("name, offload", [("stage1-fp32", "none"), ("stage2-bf16", "none"), ("stage3-fp32", "none"),
+                                           ("stage3-bf16", "none"), ("stage2-bf16", "cpu"), ("stage3-bf16", "cpu")])
 def test_one_infinite_gradient_element_skips_the_step(one_rank, name, offload):
     """The norm sees a single inf as surely as a scan would, with the optimizer offloaded too (where
     ZeRO-3 sums per-parameter norms on the host)."""

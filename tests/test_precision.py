@@ -119,6 +119,65 @@ def test_ema_swap_in_and_out_restores_the_compute_copy(one_rank, stage):
     assert all(torch.equal(a, b) for a, b in zip(local, before))
 
 
+def test_ema_under_zero3_optimizer_offload_stays_with_the_host_masters(one_rank, monkeypatch):
+    """The shadow lives, and is updated and exported, where the offloaded masters are: the EMA never
+    copies a partition to the accelerator (a host-to-device copy of all of them every step)."""
+    from deepspeed.accelerator import get_accelerator
+
+    engine = engine_for(bf16_config(zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}))
+    train(engine, 1, MICRO * ACCUMULATION)
+    flats = engine.optimizer.fp32_partitioned_groups_flat
+    assert engine.optimizer.offload_optimizer and all(flat.device.type == "cpu" for flat in flats)
+    # On this CPU the accelerator is the host too: name it "meta" and a copy to it shows (and holds no data).
+    monkeypatch.setattr(type(get_accelerator()), "current_device_name", lambda self: "meta")
+    ema = ShardedEMA(engine, decay=0.9, update_after_step=0)
+    ema.update(1)  # at step 1 the EMA copies the masters
+    storages = {flat.untyped_storage().data_ptr() for flat in flats}
+    masters = MasterWeights(engine)
+    for (master, _), shadow in zip(masters.local(), ema.shadow):
+        assert master.untyped_storage().data_ptr() in storages, "a master slice is a view of the optimizer's partition"
+        assert shadow.device == master.device == torch.device("cpu")
+    exported, expected = ema.gathered(rank=0), masters.gather_full(masters.local())
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[n], expected[n]) for n in expected)
+
+
+def test_end_of_run_export_gathers_the_masters_once(one_rank, tmp_path, monkeypatch):
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from ds_diffusers import train as train_module
+    from ds_diffusers.export import EMA_DIR, UNET_DIR, UNET_WEIGHTS
+    from tests.helpers import SINGLE
+
+    class Exportable(torch.nn.Sequential):
+        def to_json_string(self) -> str:
+            return "{}"
+
+    torch.manual_seed(0)
+    model = Exportable(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=bf16_config(zero_optimization={"stage": 1}))
+    ema = ShardedEMA(engine, decay=0.9, update_after_step=0)
+    train(engine, 3, MICRO * ACCUMULATION, after_step=ema.update)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    cfg = validate_dict({"pretrained_model_name_or_path": str(base), "dataset_dir": ".", "output_dir": str(tmp_path / "out"),
+                         "use_ema": True})
+    gathers = []
+    gather_full = MasterWeights.gather_full
+    monkeypatch.setattr(MasterWeights, "gather_full", lambda self, *args, **kwargs: gathers.append(1) or gather_full(self, *args, **kwargs))
+    logger = types.SimpleNamespace(message=lambda text: None, close=lambda: None)
+    run = types.SimpleNamespace(cfg=cfg, dist=SINGLE, logger=logger, state=types.SimpleNamespace(global_step=3), engine=engine,
+                                ema=ema, dataset=types.SimpleNamespace(bad_rows=list))
+    train_module.finish(run)
+    assert len(gathers) == 2, "one gather of the masters, one of the EMA"
+    masters = MasterWeights(engine)
+    for sub, expected in ((UNET_DIR, gather_full(masters, masters.local())), (EMA_DIR, gather_full(masters, list(zip(ema.shadow, ema.starts))))):
+        written = load_file(str(tmp_path / "out" / sub / UNET_WEIGHTS))
+        assert written.keys() == expected.keys() and all(torch.equal(written[n], expected[n]) for n in expected), sub
+
+
 def test_validation_use_ema_and_nvme_offload_are_checked():
     base = {"pretrained_model_name_or_path": ".", "dataset_dir": "."}
     assert validate_dict({**base, "use_ema": True}).validates_with_ema

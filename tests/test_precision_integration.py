@@ -1,5 +1,6 @@
 """bf16 runs through the real launcher (1 process): the end-of-run export writes the fp32 masters (or
-`export_dtype`), byte for byte what the offline export of the last checkpoint writes."""
+`export_dtype`), byte for byte what the offline export of the last checkpoint writes. And the EMA
+swapped in for validation on 2 ranks (tests/launched/ema_swap.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, assert_ok, launch, run_cfg
+from tests.helpers import REPO, assert_ok, launch, launch_module, run_cfg
 
 pytestmark = pytest.mark.multiprocess
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -43,3 +44,11 @@ def test_bf16_end_of_run_export_equals_offline_export(tiny_assets, tmp_path, acc
     if export_dtype == "fp32":
         # fp32 masters, not the bf16 compute copy widened: some weights lie between bf16 values.
         assert any((t.bfloat16().float() != t).any() for t in unet.values())
+
+
+def test_ema_swap_on_two_ranks():
+    """ZeRO-3: every parameter, the persistent ones too, computes with the EMA inside the swap and is
+    restored bit for bit; ZeRO-2: the swap allocates about one fp32 parameter, not the model."""
+    result = launch_module("tests.launched.ema_swap", [], procs=2, timeout=300)
+    assert_ok(result)
+    assert result.stdout.count("ema swap checks passed") == 2

@@ -2,8 +2,10 @@
 
 ZeRO-3 replaces each parameter's data with an empty placeholder and hangs its bookkeeping on the
 tensor itself: `ds_id` marks a partitioned parameter, `ds_numel`/`ds_shape` give the full size,
-`ds_tensor` is this rank's partition. These are DeepSpeed attributes, not API; the contract test
-(tests/test_engine_contract.py) checks them on every version bump.
+`ds_tensor` is this rank's partition. Small parameters (at most `stage3_param_persistence_threshold`
+elements: biases, norms) are "persistent": ZeRO-3 keeps them gathered between steps (`ds_status`
+AVAILABLE) and gathers them again after each optimizer step. These are DeepSpeed attributes, not API;
+the contract test (tests/test_engine_contract.py) checks them on every version bump.
 """
 
 from __future__ import annotations
@@ -53,3 +55,15 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> It
         return
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def regather_held(params: list[torch.Tensor]) -> None:
+    """All ranks. After their partitions were written, the ZeRO-3 parameters that stay gathered
+    between forward passes (persistent ones) are gathered from them again, as DeepSpeed does after an
+    optimizer step: their full `.data` was gathered before and would still hold the old values."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    held = [p for p in params if is_zero3_param(p) and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if held:
+        held[0].partition(held)  # drops the stale full values; the partitions are kept
+        held[0].all_gather(held)

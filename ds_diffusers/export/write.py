@@ -139,23 +139,26 @@ def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], 
 
 
 def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, rank: int, export_dtype: str = "fp32",
-                 subfolder: str = UNET_DIR, replacements: dict[str, torch.Tensor] | None = None,
-                 vae_dir: str | None = None, variant: str | None = None) -> Path | None:
-    """All ranks must call this (gathers masters and ZeRO-3 partitions); rank 0 writes. Returns the
+                 ema_weights: dict[str, torch.Tensor] | None = None, vae_dir: str | None = None,
+                 variant: str | None = None) -> Path | None:
+    """All ranks must call this (gathers masters and ZeRO-3 partitions, once); rank 0 writes. Returns the
     written path on rank 0.
 
-    `replacements` (rank 0) substitutes fp32 tensors by name, e.g. the EMA weights for `unet_ema/`."""
+    `ema_weights` (what `ShardedEMA.gathered` returns: full fp32 tensors on rank 0, an empty dict on
+    the others, never None on one rank only) also writes `unet_ema/`: the same state with the EMA in
+    place of the trained weights, as the offline export writes it."""
     unet = engine.module
     masters = MasterWeights(engine)
     state = gathered_state_dict(unet, rank=rank, trainable_only=is_lora, exclude=frozenset(masters.names))
     state.update(masters.gather_full(masters.local()))
     if rank != 0:
         return None
-    state = cast_for_export({**state, **(replacements or {})}, export_dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_lora:
-        return write_lora(unet, state, out)
-    path = write_unet(unet.to_json_string(), state, out, subfolder=subfolder)
+        return write_lora(unet, cast_for_export(state, export_dtype), out)
+    path = write_unet(unet.to_json_string(), cast_for_export(state, export_dtype), out)
+    if ema_weights is not None:
+        write_unet(unet.to_json_string(), cast_for_export({**state, **ema_weights}, export_dtype), out, subfolder=EMA_DIR)
     copy_frozen_components(Path(base_dir), out, Path(vae_dir) if vae_dir else None, variant)
     return path

@@ -1,0 +1,1 @@
+"""Programs the tests start through the `deepspeed` launcher (`tests.helpers.launch_module`)."""
