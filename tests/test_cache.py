@@ -5,16 +5,22 @@ exactly like an uncached one."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from ds_diffusers.data import CaptionedImageDataset, load_train_dataset
+from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
+from ds_diffusers.data.cache import latent_key
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import load_frozen_components
-from tests.helpers import assert_ok, launch, losses, run_cfg
+from tests.helpers import SINGLE, assert_ok, in_memory_dataset, launch, losses, run_cfg
 from tests.helpers import cache_cfg as make_cfg
 from tests.helpers import prepare_caches_in_process as prepare
 
@@ -102,6 +108,98 @@ def rewrite_one_caption(dataset_dir: Path) -> None:
     texts[0] = ["a corrected caption"]
     table = table.set_column(table.schema.get_field_index("text"), "text", [texts])
     pq.write_table(table, path)
+
+
+class LiveTensorMeter(TorchDispatchMode):
+    """The peak of the bytes held by live CPU tensors that torch ops made while it was on: each
+    storage is counted once, until the last tensor seen on it is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, list[int]] = {}  # data pointer -> [bytes, tensors seen on it]
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr():
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        entry = self.storages.setdefault(storage.data_ptr(), [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        weakref.finalize(tensor, self._release, storage.data_ptr())
+
+    def _release(self, pointer: int) -> None:
+        entry = self.storages[pointer]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.storages[pointer]
+
+
+def test_latent_cache_build_memory_does_not_grow_with_the_dataset(tiny_assets, tmp_path):
+    """A stand-in VAE whose posterior is large (48 KiB per image) and cheap: the build's peak of live
+    tensors for 64 images stays within one batch of the peak for 16 (it held every posterior of the
+    rank's share, then a concatenated copy, so 48 more images cost about 9 MiB more)."""
+    def encode(pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(parameters=pixels.repeat(1, 4, 1, 1)))
+
+    frozen = SimpleNamespace(family="sd", vae=SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, encode=encode))
+    cfg = make_cfg(tiny_assets.model_dir, tmp_path, tmp_path / "cache", "cache_text_embeddings=false", "random_flip=true")
+    peaks = {}
+    for rows in (16, 64):
+        hf_dataset = in_memory_dataset(rows)
+        with LiveTensorMeter() as meter:
+            latent_cache, _ = prepare_caches(cfg, hf_dataset, "image", "text", frozen, SINGLE, log=lambda _: None)
+        peaks[rows] = meter.peak
+        assert latent_cache.parameters(rows - 1, flipped=True).shape == (12, 32, 32)
+    image_bytes = 2 * 12 * 32 * 32 * 4  # posterior and mirrored posterior of one image
+    batch_bytes = cfg.train_micro_batch_size_per_gpu * image_bytes
+    assert peaks[64] - peaks[16] < batch_bytes, f"peak live tensors {peaks}: grows with the dataset"
+
+
+def test_cache_key_reads_each_encoder_file_once_per_version(tiny_assets, tmp_path):
+    """The second key reads no encoder file again (it read a 32 MiB weight file on every start); a
+    change of content with the size and mtime kept, or of size, changes the key; a touch re-reads the
+    file and keeps the key (it hashes contents)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_assets.model_dir, model_dir)
+    weights = model_dir / "vae" / "extra-weights.bin"
+    weights.write_bytes(os.urandom(32 << 20))
+    cfg = make_cfg(model_dir, tiny_assets.dataset_dir, tmp_path / "cache", "cache_text_embeddings=false")
+    hf_dataset = in_memory_dataset(6)
+
+    def key_and_bytes_read() -> tuple[str, int]:
+        def read_bytes() -> int:
+            return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+        before = read_bytes()
+        digest = latent_key(cfg, hf_dataset, "image").digest
+        return digest, read_bytes() - before
+
+    first, read_first = key_and_bytes_read()
+    again, read_again = key_and_bytes_read()
+    assert read_first > 32 << 20 and read_again < 1 << 20, (read_first, read_again)
+    assert again == first
+    stat = weights.stat()
+    with open(weights, "r+b") as handle:  # same size, and the mtime put back: only the ctime tells
+        handle.seek(20 << 20)
+        handle.write(b"changed")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed, read_changed = key_and_bytes_read()
+    assert changed != first and read_changed > 32 << 20
+    with open(weights, "ab") as handle:
+        handle.write(b"more")
+    grown, _ = key_and_bytes_read()
+    assert grown not in (first, changed)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched, read_touched = key_and_bytes_read()
+    assert touched == grown and read_touched > 32 << 20
 
 
 def test_cache_latents_with_random_crop_is_refused(tiny_assets, tmp_path):
