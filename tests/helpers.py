@@ -134,12 +134,20 @@ def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
     ]
 
 
-def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.train",
-           "--cfg", cfg, "--set", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs))}
+def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json",
+           env: dict[str, str] | None = None, rank_logs: Path | None = None) -> subprocess.CompletedProcess:
+    """`rank_logs`: a folder where the launcher writes each rank's output to its own file (rank_output)."""
+    each_rank = ["--enable_each_rank_log", str(rank_logs)] if rank_logs is not None else []
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), *each_rank, "--module",
+           "ds_diffusers.train", "--cfg", cfg, "--set", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs)), **(env or {})}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return result
+
+
+def rank_output(rank_logs: Path, rank: int) -> str:
+    """What rank `rank` printed in a `launch(..., rank_logs=...)` run."""
+    return next(rank_logs.glob(f"*_rank{rank}.log")).read_text()
 
 
 def losses(output_dir: Path) -> list[float]:

@@ -20,7 +20,7 @@ from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare
 from ds_diffusers.data.cache import latent_key
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import load_frozen_components
-from tests.helpers import SINGLE, assert_ok, in_memory_dataset, launch, losses, run_cfg
+from tests.helpers import SINGLE, assert_ok, in_memory_dataset, launch, losses, rank_output, run_cfg
 from tests.helpers import cache_cfg as make_cfg
 from tests.helpers import prepare_caches_in_process as prepare
 
@@ -208,19 +208,60 @@ def test_cache_latents_with_random_crop_is_refused(tiny_assets, tmp_path):
     assert error.value.field == "cache_latents" and "center_crop: true" in str(error.value)
 
 
+# Put on PYTHONPATH, it records every datasets.load_dataset call of a run's ranks.
+LOAD_SPY = """import json, os, time
+from pathlib import Path
+
+if os.environ.get("DSD_LOAD_SPY"):
+    import datasets
+
+    load = datasets.load_dataset
+
+    def spied(*args, **kwargs):
+        import torch.distributed
+
+        record = {"rank": int(os.environ.get("RANK", "-1")), "group": torch.distributed.is_initialized(),
+                  "arrow_files_before": len(list(Path(os.environ["HF_DATASETS_CACHE"]).rglob("*.arrow"))),
+                  "start": time.time()}
+        try:
+            return load(*args, **kwargs)
+        finally:
+            record["end"] = time.time()
+            with open(os.environ["DSD_LOAD_SPY"], "a") as out:
+                out.write(json.dumps(record) + "\\n")
+
+    datasets.load_dataset = spied
+"""
+
+
 @pytest.mark.multiprocess
 def test_cached_and_uncached_two_process_runs_have_the_same_losses(tiny_assets, tmp_path):
+    """Also: with an empty datasets cache, rank 0 alone loads (building the Arrow cache) and checks the
+    dataset once the process group exists, and rank 1 loads it after, from that cache (every rank
+    used to load and check before the group existed, racing to build the cache)."""
     steps = 6
     common = [*run_cfg(tiny_assets, tmp_path), f"max_train_steps={steps}", "random_flip=true"]
     assert_ok(launch([*common, f"output_dir={tmp_path / 'plain'}"], procs=2))
+    (tmp_path / "spy").mkdir()
+    (tmp_path / "spy" / "sitecustomize.py").write_text(LOAD_SPY)
+    spy_env = {"DSD_LOAD_SPY": str(tmp_path / "loads.jsonl"), "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "spy"), os.environ.get("PYTHONPATH")]))}
     cached = launch([*common, f"output_dir={tmp_path / 'cached'}", f"checkpoint_dir={tmp_path / 'cached_ckpt'}",
-                     "cache_latents=true", "cache_text_embeddings=true", f"cache_dir={tmp_path / 'cache'}"], procs=2)
+                     "cache_latents=true", "cache_text_embeddings=true", f"cache_dir={tmp_path / 'cache'}"], procs=2,
+                    env=spy_env, rank_logs=tmp_path / "ranks")
     assert_ok(cached)
     meta = json.loads(next((tmp_path / "cache").glob("latents-*/meta.json")).read_text())
     assert meta["num_shards"] == 2, "each of the two ranks encodes its share"
     plain_losses, cached_losses = losses(tmp_path / "plain"), losses(tmp_path / "cached")
     assert len(cached_losses) == steps
     assert cached_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5)
+
+    loads = sorted((json.loads(line) for line in (tmp_path / "loads.jsonl").read_text().splitlines()), key=lambda r: r["rank"])
+    assert [load["rank"] for load in loads] == [0, 1] and all(load["group"] for load in loads), loads
+    assert loads[0]["arrow_files_before"] == 0 and loads[1]["arrow_files_before"] > 0, "rank 1 reuses rank 0's Arrow cache"
+    assert loads[1]["start"] >= loads[0]["end"], loads
+    assert "loaded and checked on rank 0" in rank_output(tmp_path / "ranks", 0)
+    assert "loaded and checked" not in rank_output(tmp_path / "ranks", 1)
 
 
 def test_channels_last_latents_get_the_same_noise_as_contiguous_ones():

@@ -17,7 +17,7 @@ from ds_diffusers.data import (build_train_dataloader, check_image_files, load_t
                                select_train_samples)
 from ds_diffusers.data.dataset import CaptionedImageDataset
 from ds_diffusers.errors import ConfigError
-from tests.helpers import COLOURS
+from tests.helpers import COLOURS, launch, rank_output, run_cfg
 
 
 def imagefolder(tmp_path, truncate_row=None, missing_row=None, rows=6):
@@ -82,6 +82,22 @@ def test_file_check_reads_paths_not_the_embedded_image_bytes(tmp_path):
     if len(expected) > 1:
         assert f"({len(expected)} rows in all)" in info.value.fix
     assert meter.max_memory() < image_bytes, f"{meter.max_memory()} bytes allocated for {rows * image_bytes} bytes of images"
+
+
+@pytest.mark.multiprocess
+def test_missing_file_stops_both_ranks_with_one_message_and_creates_nothing(tmp_path, tiny_assets):
+    """Rank 0 checks the files (the other rank waits); its refusal reaches rank 1, so both print the
+    same line and the job exits 2, with no folder created and no rank left waiting."""
+    folder, _ = imagefolder(tmp_path, missing_row=3)
+    result = launch([*run_cfg(tiny_assets, tmp_path / "run"), f"dataset_dir={folder}", "imagefolder=true", "max_train_steps=1",
+                     "train_micro_batch_size_per_gpu=2"],
+                    procs=2, timeout=300, rank_logs=tmp_path / "ranks")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    expected = f"ds-diffusers: config error: image[row 3]='{folder / '3.png'}': no such file"
+    for rank in (0, 1):
+        lines = [line for line in rank_output(tmp_path / "ranks", rank).splitlines() if line.startswith("ds-diffusers: config")]
+        assert len(lines) == 1 and lines[0].startswith(expected), (rank, lines)
+    assert not (tmp_path / "run").exists()
 
 
 def test_truncated_png_names_row_and_file_in_the_main_process_and_from_workers(tmp_path, tokenizer):
