@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 def resume_or_fresh_start(cfg: Config) -> Path | None:
     """The step folder to resume from, or None for a fresh start that overwrites nothing it must not.
-    Reads files only: call it before any process group exists, so a refusal costs no start-up."""
+    Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created."""
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         check_fresh_start(cfg)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.distributed.rendezvous import register_rendezvous_handler
@@ -23,6 +25,11 @@ DEFAULT_RENDEZVOUS_TIMEOUT_S = 300
 _RENDEZVOUS_SCHEME = "dsd-env"
 # This rank's device (`devices.device_identity`), claimed in the rendezvous store; None on the CPU.
 _device_claim: str | None = None
+# How long ranks wait for others that prepare something first (`in_turn`): loading a large dataset the
+# first time converts it to Arrow, which can take hours, far past the collectives' timeout.
+TURN_TIMEOUT = timedelta(hours=6)
+_turn_group = None  # a gloo group with TURN_TIMEOUT, made on first use
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -163,10 +170,51 @@ def broadcast_from_main(value: object) -> object:
     return holder[0]
 
 
+class StoppedOnEveryRank(ConfigError):
+    """A ConfigError that every rank raised at the same point (`raise_on_every_rank`): the ranks
+    leave together, so the entrypoint may tear the process group down."""
+
+
+def _waiting_group():
+    """A gloo group whose collectives wait TURN_TIMEOUT (CPU-side, whatever the device backend)."""
+    global _turn_group
+    if _turn_group is None:
+        _turn_group = torch.distributed.new_group(backend="gloo", timeout=TURN_TIMEOUT)
+    return _turn_group
+
+
+def raise_on_every_rank(error: ConfigError | None) -> None:
+    """All ranks must call this. When any rank holds a ConfigError, every rank raises the lowest
+    rank's (as StoppedOnEveryRank): bad input found by one rank stops the job with one message and
+    exit code on every rank, and no rank waits in a collective for a peer that already stopped."""
+    errors = [error]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error, group=_waiting_group())
+    first = next((found for found in errors if found is not None), None)
+    if first is not None:
+        raise StoppedOnEveryRank(first.field, first.value, first.fix)
+
+
+def in_turn(work: Callable[[], T], mine: bool) -> T | None:
+    """All ranks must call this. The ranks for which `mine` holds run `work` (None elsewhere) while the
+    others wait, up to TURN_TIMEOUT; a ConfigError it raises on any rank is raised on every rank."""
+    result, error = None, None
+    if mine:
+        try:
+            result = work()
+        except ConfigError as err:
+            error = err
+    raise_on_every_rank(error)
+    return result
+
+
 def shutdown_distributed() -> None:
     """All ranks must call this, last. Tearing the process group down explicitly, after every rank
     is done, rather than in the interpreter's exit: there, the store and gloo threads of a rank
     whose peer already exited can abort it ("terminate called without an active exception")."""
+    global _turn_group
     if torch.distributed.is_initialized():
         barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()  # every group, the waiting group too
+    _turn_group = None

@@ -27,9 +27,9 @@ from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.config.show import add_print_options, print_deepspeed_config
-from ds_diffusers.data import (build_train_dataloader, check_dataset_size, check_image_files, default_num_workers,
-                               load_train_dataset, prepare_caches, resolve_columns, select_train_samples, to_device)
-from ds_diffusers.distributed import DistInfo, barrier, broadcast_from_main, init_distributed, shutdown_distributed
+from ds_diffusers.data import build_train_dataloader, default_num_workers, prepare_caches, prepare_train_data, to_device
+from ds_diffusers.distributed import (DistInfo, StoppedOnEveryRank, barrier, broadcast_from_main, in_turn, init_distributed,
+                                      raise_on_every_rank, shutdown_distributed)
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mmap_checkpoint_reads, skip_nonfinite_steps,
                                  skip_single_rank_allreduce, unet_weight_files)
@@ -96,22 +96,18 @@ class Run:
 
 
 def set_up(cfg: Config) -> Run:
-    """All ranks: every check of the input, then the process group, models, data, engine, resume
-    (or a fresh start's per-rank seeds) and the logger."""
-    # Data problems (missing columns, too few rows) surface before any process group exists.
-    hf_dataset = select_train_samples(load_train_dataset(cfg.dataset_dir, cfg.imagefolder), cfg.max_train_samples, cfg.seed)
-    image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
-    missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
-
-    lock.check_not_locked(cfg)
-    resume_from = resume_or_fresh_start(cfg)
-
+    """All ranks: the process group, every check of the input (on rank 0; a refusal stops every rank),
+    then models, data, engine, resume (or a fresh start's per-rank seeds) and the logger."""
+    lock.check_not_locked(cfg)  # two stats; before the group, so a busy folder costs no start-up
     dist = init_distributed()
-    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, dist.world_size)
+    # Rank 0 loads and checks the data (the others load it after: data/prepare.py), then the
+    # checkpoint to resume from (each of its files is opened); nothing is written until both pass.
+    train_data = prepare_train_data(cfg, dist)
+    hf_dataset, checks = train_data.dataset, train_data.checks
+    image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
+    resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg), dist.is_main))
     # The folders are created here, with their locks, once every check of the input has passed.
-    refusal = broadcast_from_main(lock.lock_run_folders(cfg) if dist.is_main else None)
-    if refusal is not None:
-        raise refusal
+    raise_on_every_rank(lock.lock_run_folders(cfg) if dist.is_main else None)
     if resume_from is None and dist.is_main:
         clear_previous_run(cfg)
     barrier()
@@ -339,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as err:
         print(f"ds-diffusers: config error: {err}", file=sys.stderr)
+        together = isinstance(err, StoppedOnEveryRank)
         return 2
     except TrainingError as err:
         print(f"ds-diffusers: training stopped: {err}", file=sys.stderr)

@@ -135,15 +135,26 @@ def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
     ]
 
 
-def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
-    return launch_module("ds_diffusers.train", ["--cfg", cfg, "--set", *overrides], procs=procs, timeout=timeout)
+def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json",
+           env: dict[str, str] | None = None, rank_logs: Path | None = None) -> subprocess.CompletedProcess:
+    """A training run through the deepspeed launcher. `rank_logs`: a folder where the launcher writes
+    each rank's output to its own file (rank_output)."""
+    return launch_module("ds_diffusers.train", ["--cfg", cfg, "--set", *overrides], procs=procs, timeout=timeout,
+                         env=env, rank_logs=rank_logs)
 
 
-def launch_module(module: str, args: list[str], *, procs: int, timeout: int = 420) -> subprocess.CompletedProcess:
+def launch_module(module: str, args: list[str], *, procs: int, timeout: int = 420, env: dict[str, str] | None = None,
+                  rank_logs: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m module args` in `procs` processes through the deepspeed launcher, from the repository root."""
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", module, *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs))}
+    each_rank = ["--enable_each_rank_log", str(rank_logs)] if rank_logs is not None else []
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), *each_rank, "--module", module, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs)), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def rank_output(rank_logs: Path, rank: int) -> str:
+    """What rank `rank` printed in a `launch(..., rank_logs=...)` run."""
+    return next(rank_logs.glob(f"*_rank{rank}.log")).read_text()
 
 
 def losses(output_dir: Path) -> list[float]:

@@ -5,16 +5,22 @@ exactly like an uncached one."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from ds_diffusers.data import CaptionedImageDataset, load_train_dataset
+from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
+from ds_diffusers.data.cache import latent_key
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import load_frozen_components
-from tests.helpers import assert_ok, launch, losses, run_cfg
+from tests.helpers import SINGLE, assert_ok, in_memory_dataset, launch, losses, rank_output, run_cfg
 from tests.helpers import cache_cfg as make_cfg
 from tests.helpers import prepare_caches_in_process as prepare
 
@@ -104,25 +110,158 @@ def rewrite_one_caption(dataset_dir: Path) -> None:
     pq.write_table(table, path)
 
 
+class LiveTensorMeter(TorchDispatchMode):
+    """The peak of the bytes held by live CPU tensors that torch ops made while it was on: each
+    storage is counted once, until the last tensor seen on it is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, list[int]] = {}  # data pointer -> [bytes, tensors seen on it]
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr():
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        entry = self.storages.setdefault(storage.data_ptr(), [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        weakref.finalize(tensor, self._release, storage.data_ptr())
+
+    def _release(self, pointer: int) -> None:
+        entry = self.storages[pointer]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.storages[pointer]
+
+
+def test_latent_cache_build_memory_does_not_grow_with_the_dataset(tiny_assets, tmp_path):
+    """A stand-in VAE whose posterior is large (48 KiB per image) and cheap: the build's peak of live
+    tensors for 64 images stays within one batch of the peak for 16 (it held every posterior of the
+    rank's share, then a concatenated copy, so 48 more images cost about 9 MiB more)."""
+    def encode(pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(parameters=pixels.repeat(1, 4, 1, 1)))
+
+    frozen = SimpleNamespace(family="sd", vae=SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, encode=encode))
+    cfg = make_cfg(tiny_assets.model_dir, tmp_path, tmp_path / "cache", "cache_text_embeddings=false", "random_flip=true")
+    peaks = {}
+    for rows in (16, 64):
+        hf_dataset = in_memory_dataset(rows)
+        with LiveTensorMeter() as meter:
+            latent_cache, _ = prepare_caches(cfg, hf_dataset, "image", "text", frozen, SINGLE, log=lambda _: None)
+        peaks[rows] = meter.peak
+        assert latent_cache.parameters(rows - 1, flipped=True).shape == (12, 32, 32)
+    image_bytes = 2 * 12 * 32 * 32 * 4  # posterior and mirrored posterior of one image
+    batch_bytes = cfg.train_micro_batch_size_per_gpu * image_bytes
+    assert peaks[64] - peaks[16] < batch_bytes, f"peak live tensors {peaks}: grows with the dataset"
+
+
+def test_cache_key_reads_each_encoder_file_once_per_version(tiny_assets, tmp_path):
+    """The second key reads no encoder file again (it read a 32 MiB weight file on every start); a
+    change of content with the size and mtime kept, or of size, changes the key; a touch re-reads the
+    file and keeps the key (it hashes contents)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_assets.model_dir, model_dir)
+    weights = model_dir / "vae" / "extra-weights.bin"
+    weights.write_bytes(os.urandom(32 << 20))
+    cfg = make_cfg(model_dir, tiny_assets.dataset_dir, tmp_path / "cache", "cache_text_embeddings=false")
+    hf_dataset = in_memory_dataset(6)
+
+    def key_and_bytes_read() -> tuple[str, int]:
+        def read_bytes() -> int:
+            return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+        before = read_bytes()
+        digest = latent_key(cfg, hf_dataset, "image").digest
+        return digest, read_bytes() - before
+
+    first, read_first = key_and_bytes_read()
+    again, read_again = key_and_bytes_read()
+    assert read_first > 32 << 20 and read_again < 1 << 20, (read_first, read_again)
+    assert again == first
+    stat = weights.stat()
+    with open(weights, "r+b") as handle:  # same size, and the mtime put back: only the ctime tells
+        handle.seek(20 << 20)
+        handle.write(b"changed")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed, read_changed = key_and_bytes_read()
+    assert changed != first and read_changed > 32 << 20
+    with open(weights, "ab") as handle:
+        handle.write(b"more")
+    grown, _ = key_and_bytes_read()
+    assert grown not in (first, changed)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched, read_touched = key_and_bytes_read()
+    assert touched == grown and read_touched > 32 << 20
+
+
 def test_cache_latents_with_random_crop_is_refused(tiny_assets, tmp_path):
     with pytest.raises(ConfigError) as error:
         make_cfg(tiny_assets.model_dir, tiny_assets.dataset_dir, tmp_path, "center_crop=false")
     assert error.value.field == "cache_latents" and "center_crop: true" in str(error.value)
 
 
+# Put on PYTHONPATH, it records every datasets.load_dataset call of a run's ranks.
+LOAD_SPY = """import json, os, time
+from pathlib import Path
+
+if os.environ.get("DSD_LOAD_SPY"):
+    import datasets
+
+    load = datasets.load_dataset
+
+    def spied(*args, **kwargs):
+        import torch.distributed
+
+        record = {"rank": int(os.environ.get("RANK", "-1")), "group": torch.distributed.is_initialized(),
+                  "arrow_files_before": len(list(Path(os.environ["HF_DATASETS_CACHE"]).rglob("*.arrow"))),
+                  "start": time.time()}
+        try:
+            return load(*args, **kwargs)
+        finally:
+            record["end"] = time.time()
+            with open(os.environ["DSD_LOAD_SPY"], "a") as out:
+                out.write(json.dumps(record) + "\\n")
+
+    datasets.load_dataset = spied
+"""
+
+
 @pytest.mark.multiprocess
 def test_cached_and_uncached_two_process_runs_have_the_same_losses(tiny_assets, tmp_path):
+    """Also: with an empty datasets cache, rank 0 alone loads (building the Arrow cache) and checks the
+    dataset once the process group exists, and rank 1 loads it after, from that cache (every rank
+    used to load and check before the group existed, racing to build the cache)."""
     steps = 6
     common = [*run_cfg(tiny_assets, tmp_path), f"max_train_steps={steps}", "random_flip=true"]
     assert_ok(launch([*common, f"output_dir={tmp_path / 'plain'}"], procs=2))
+    (tmp_path / "spy").mkdir()
+    (tmp_path / "spy" / "sitecustomize.py").write_text(LOAD_SPY)
+    spy_env = {"DSD_LOAD_SPY": str(tmp_path / "loads.jsonl"), "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "spy"), os.environ.get("PYTHONPATH")]))}
     cached = launch([*common, f"output_dir={tmp_path / 'cached'}", f"checkpoint_dir={tmp_path / 'cached_ckpt'}",
-                     "cache_latents=true", "cache_text_embeddings=true", f"cache_dir={tmp_path / 'cache'}"], procs=2)
+                     "cache_latents=true", "cache_text_embeddings=true", f"cache_dir={tmp_path / 'cache'}"], procs=2,
+                    env=spy_env, rank_logs=tmp_path / "ranks")
     assert_ok(cached)
     meta = json.loads(next((tmp_path / "cache").glob("latents-*/meta.json")).read_text())
     assert meta["num_shards"] == 2, "each of the two ranks encodes its share"
     plain_losses, cached_losses = losses(tmp_path / "plain"), losses(tmp_path / "cached")
     assert len(cached_losses) == steps
     assert cached_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5)
+
+    loads = sorted((json.loads(line) for line in (tmp_path / "loads.jsonl").read_text().splitlines()), key=lambda r: r["rank"])
+    assert [load["rank"] for load in loads] == [0, 1] and all(load["group"] for load in loads), loads
+    assert loads[0]["arrow_files_before"] == 0 and loads[1]["arrow_files_before"] > 0, "rank 1 reuses rank 0's Arrow cache"
+    assert loads[1]["start"] >= loads[0]["end"], loads
+    assert "loaded and checked on rank 0" in rank_output(tmp_path / "ranks", 0)
+    assert "loaded and checked" not in rank_output(tmp_path / "ranks", 1)
 
 
 def test_channels_last_latents_get_the_same_noise_as_contiguous_ones():

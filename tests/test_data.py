@@ -116,6 +116,24 @@ def test_unusable_dataset_dir_is_config_error(tmp_path, case):
     assert caught.value.field == "dataset_dir" and caught.value.value == str(folder)
 
 
+def test_prepare_train_data_checks_once_and_a_refusal_stops_every_rank(tmp_path):
+    """One process (no group): the checks' findings come back with the rows; a refusal is the
+    every-rank kind, which lets the entrypoint tear the process group down after it."""
+    from ds_diffusers.config import validate_dict
+    from ds_diffusers.data import prepare_train_data
+    from ds_diffusers.distributed import StoppedOnEveryRank
+    from tests.helpers import SINGLE, with_changes
+
+    in_memory_dataset(6).save_to_disk(str(tmp_path / "saved"))
+    raw = with_changes(dataset_dir=str(tmp_path / "saved"), train_micro_batch_size_per_gpu=2)
+    prepared = prepare_train_data(validate_dict(raw), SINGLE)
+    assert len(prepared.dataset) == 6 and prepared.checks.image_column == "image" and prepared.checks.caption_column == "text"
+    assert prepared.checks.missing_images == []
+    with pytest.raises(StoppedOnEveryRank) as caught:
+        prepare_train_data(validate_dict({**raw, "caption_column": "nope"}), SINGLE)
+    assert caught.value.field == "caption_column" and caught.value.value == "nope"
+
+
 # ---- columns ----
 
 def test_resolve_columns_auto_detects_image_feature_and_caption_name():

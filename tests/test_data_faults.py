@@ -4,16 +4,20 @@ skip_bad_images, 16-bit PNGs scaled rather than clipped, JPEGs decoded at reduce
 from __future__ import annotations
 
 import json
+import os
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
 
-from ds_diffusers.data import build_train_dataloader, check_image_files, load_train_dataset, open_image, preprocess_image
+from ds_diffusers.data import (build_train_dataloader, check_image_files, load_train_dataset, open_image, preprocess_image,
+                               select_train_samples)
 from ds_diffusers.data.dataset import CaptionedImageDataset
 from ds_diffusers.errors import ConfigError
-from tests.helpers import COLOURS
+from tests.helpers import COLOURS, launch, rank_output, run_cfg
 
 
 def imagefolder(tmp_path, truncate_row=None, missing_row=None, rows=6):
@@ -43,6 +47,57 @@ def test_missing_file_is_found_up_front_naming_row_and_file(tmp_path):
     assert info.value.field == "image[row 3]" and info.value.value == str(folder / "3.png")
     assert "no such file" in info.value.fix and "skip_bad_images" in info.value.fix and "\n" not in str(info.value)
     assert check_image_files(hf_dataset, "image", skip_bad_images=True) == [3]
+
+
+def test_file_check_reads_paths_not_the_embedded_image_bytes(tmp_path):
+    """A save_to_disk dataset of embedded images (memory-mapped, four Arrow files) plus two rows naming
+    missing files, shuffled and subsampled as max_train_samples does: the check finds those rows by
+    their new numbers while Arrow allocates a small fraction of the bytes column (it used to copy all
+    of it, on every rank)."""
+    image_bytes, rows = 256 * 1024, 64
+    blob = os.urandom(image_bytes)
+    records = [{"bytes": None, "path": str(tmp_path / f"gone-{row}.png")} if row in (5, 40) else
+               {"bytes": blob, "path": f"{row}.png"} for row in range(rows)]
+    # Saved as plain records and typed after loading: save_to_disk stats every image path it sizes.
+    record = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"image": record, "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": records, "text": ["a"] * rows}, features=features).save_to_disk(
+        str(tmp_path / "saved"), num_shards=4)
+    loaded = load_train_dataset(str(tmp_path / "saved"), imagefolder=False).cast_column("image", datasets.Image())
+    hf_dataset = select_train_samples(loaded, 48, seed=3)
+    expected = [row for row, path in enumerate(hf_dataset.data.column("image").take(hf_dataset._indices.column(0))
+                                                .combine_chunks().field("path").to_pylist()) if "gone" in path]
+    assert expected, "the subsample must keep at least one missing row for this test to mean anything"
+    meter = pa.proxy_memory_pool(pa.default_memory_pool())
+    default = pa.default_memory_pool()
+    pa.set_memory_pool(meter)
+    try:
+        found = check_image_files(hf_dataset, "image", skip_bad_images=True)
+        with pytest.raises(ConfigError) as info:
+            check_image_files(hf_dataset, "image", skip_bad_images=False)
+    finally:
+        pa.set_memory_pool(default)
+    assert found == expected
+    assert info.value.field == f"image[row {expected[0]}]" and info.value.value.endswith(".png") and "gone" in info.value.value
+    if len(expected) > 1:
+        assert f"({len(expected)} rows in all)" in info.value.fix
+    assert meter.max_memory() < image_bytes, f"{meter.max_memory()} bytes allocated for {rows * image_bytes} bytes of images"
+
+
+@pytest.mark.multiprocess
+def test_missing_file_stops_both_ranks_with_one_message_and_creates_nothing(tmp_path, tiny_assets):
+    """Rank 0 checks the files (the other rank waits); its refusal reaches rank 1, so both print the
+    same line and the job exits 2, with no folder created and no rank left waiting."""
+    folder, _ = imagefolder(tmp_path, missing_row=3)
+    result = launch([*run_cfg(tiny_assets, tmp_path / "run"), f"dataset_dir={folder}", "imagefolder=true", "max_train_steps=1",
+                     "train_micro_batch_size_per_gpu=2"],
+                    procs=2, timeout=300, rank_logs=tmp_path / "ranks")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    expected = f"ds-diffusers: config error: image[row 3]='{folder / '3.png'}': no such file"
+    for rank in (0, 1):
+        lines = [line for line in rank_output(tmp_path / "ranks", rank).splitlines() if line.startswith("ds-diffusers: config")]
+        assert len(lines) == 1 and lines[0].startswith(expected), (rank, lines)
+    assert not (tmp_path / "run").exists()
 
 
 def test_truncated_png_names_row_and_file_in_the_main_process_and_from_workers(tmp_path, tokenizer):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ds_diffusers.config import load_config
 from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
+from ds_diffusers.data.file_digests import DIGESTS_FILE
 from ds_diffusers.data.transforms import preprocess_image_with_crop
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError
@@ -135,7 +136,8 @@ def test_caches_hold_both_encoders_and_the_crops(sdxl_model, tiny_assets, tmp_pa
             want_parameters = frozen.vae.encode(want["pixel_values"][None]).latent_dist.parameters[0]
         torch.testing.assert_close(got["latent_parameters"], want_parameters, atol=1e-5, rtol=1e-5)
         assert torch.equal(got["original_size"], want["original_size"]) and torch.equal(got["crop_top_left"], want["crop_top_left"])
-    assert {p.name.split("-")[0] for p in tmp_path.iterdir()} == {"latents", "text"}
+    assert {p.name.split("-")[0] for p in tmp_path.iterdir() if p.name != DIGESTS_FILE} == {"latents", "text"}
+    assert (tmp_path / DIGESTS_FILE).is_file()  # the encoder files' digests, for the next start's key
     sd_key = json.loads(next(tmp_path.glob("text-*/meta.json")).read_text())["key"]
     assert "text_encoder_2" in sd_key and "tokenizer_2" in sd_key
 

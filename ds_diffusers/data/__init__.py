@@ -12,6 +12,7 @@ from ds_diffusers.data.dataset import (
 )
 from ds_diffusers.data.decode import check_image_files, open_image
 from ds_diffusers.data.loading import CAPTION_COLUMN_CANDIDATES, load_train_dataset, resolve_columns, select_train_samples
+from ds_diffusers.data.prepare import TrainData, prepare_train_data
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.data.transforms import choose_caption, preprocess_image, resize_shorter_side
@@ -21,6 +22,7 @@ __all__ = [
     "CaptionedImageDataset",
     "LatentCache",
     "TextCache",
+    "TrainData",
     "ShardedEpochSampler",
     "build_train_dataloader",
     "check_dataset_size",
@@ -32,6 +34,7 @@ __all__ = [
     "num_batches_per_epoch",
     "open_image",
     "prepare_caches",
+    "prepare_train_data",
     "preprocess_image",
     "resize_shorter_side",
     "resolve_columns",

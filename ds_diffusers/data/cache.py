@@ -2,9 +2,10 @@
 
 The VAE and the text encoder never learn, so encoding every image and caption every epoch repeats
 work. `prepare_caches` (all ranks) computes each output once, rank r taking items r, r+W, r+2W, ...
-and writing one safetensors shard, and later runs reuse the folder. The folder is named by a hash of
-everything the stored values depend on (encoder files, dtype, resolution, crop/flip policy, dataset
-fingerprint, column), so any change is a new folder: nothing is recomputed in place or overwritten.
+and writing one safetensors shard batch by batch (shard_file.py: memory does not grow with the
+dataset), and later runs reuse the folder. The folder is named by a hash of everything the stored
+values depend on (encoder file contents, dtype, resolution, crop/flip policy, dataset fingerprint,
+column), so any change is a new folder: nothing is recomputed in place or overwritten.
 
 Latents: the VAE posterior's parameters (mean and log-variance), not a sample, so every step still
 draws a fresh latent and the RNG stream is the one an uncached run uses. With random_flip the
@@ -20,6 +21,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,11 +29,12 @@ from typing import Any, Callable
 import datasets
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ds_diffusers.config.schema import Config
 from ds_diffusers.data.decode import open_image, undecoded
+from ds_diffusers.data.file_digests import FileDigests, hash_folder
+from ds_diffusers.data.shard_file import ShardWriter
 from ds_diffusers.data.transforms import EMPTY_PROMPT, CropRecord, preprocess_image_with_crop
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
 from ds_diffusers.errors import ConfigError
@@ -41,17 +44,6 @@ from ds_diffusers.models import FrozenComponents, tokenize, vae_folder
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CAPTIONS_FILE = "captions.json"
-
-
-def hash_folder(folder: Path) -> str:
-    """Content hash of every file under `folder` (names included), e.g. the VAE's config and weights."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,25 +63,29 @@ class CacheKey:
 
 
 def latent_key(cfg: Config, hf_dataset: datasets.Dataset, image_column: str) -> CacheKey:
+    digests = FileDigests(Path(cfg.cache_dir))
     parts = {
-        "vae": hash_folder(vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path)),
+        "vae": hash_folder(vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path), digests),
         "dtype": cfg.weight_dtype_name, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
         "random_flip": cfg.random_flip, "dataset": hf_dataset._fingerprint, "image_column": image_column,
     }
     if model_family(cfg.pretrained_model_name_or_path) == "sdxl":
         parts["crop_records"] = True  # SDXL caches also hold each row's original size and crop
+    digests.save()
     return CacheKey("latents", parts)
 
 
 def text_key(cfg: Config, hf_dataset: datasets.Dataset, caption_column: str) -> CacheKey:
     model_dir = Path(cfg.pretrained_model_name_or_path)
+    digests = FileDigests(Path(cfg.cache_dir))
     parts = {
-        "text_encoder": hash_folder(model_dir / "text_encoder"), "tokenizer": hash_folder(model_dir / "tokenizer"),
+        "text_encoder": hash_folder(model_dir / "text_encoder", digests), "tokenizer": hash_folder(model_dir / "tokenizer", digests),
         "dtype": cfg.weight_dtype_name, "dataset": hf_dataset._fingerprint, "caption_column": caption_column,
         "with_empty_prompt": True,
     }
     if model_family(model_dir) == "sdxl":
-        parts.update({part: hash_folder(model_dir / part) for part in SDXL_PARTS})
+        parts.update({part: hash_folder(model_dir / part, digests) for part in SDXL_PARTS})
+    digests.save()
     return CacheKey("text", parts)
 
 
@@ -160,15 +156,11 @@ def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list
 
 @torch.no_grad()
 def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Dataset, image_column: str,
-                             rows: list[int], cfg: Config, progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host;
-    for SDXL also each row's crop record."""
+                             rows: list[int], cfg: Config) -> Iterator[dict[str, torch.Tensor]]:
+    """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host,
+    one micro-batch at a time; for SDXL also each row's crop record."""
     images = undecoded(hf_dataset.select_columns([image_column]), image_column)
     vae = frozen.vae
-    names = ["parameters", *(["flipped"] if cfg.random_flip else [])]
-    if frozen.family == "sdxl":
-        names += ["original_size_resized_width", "crop_top_left"]
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(rows), cfg.train_micro_batch_size_per_gpu):
         chunk = rows[start:start + cfg.train_micro_batch_size_per_gpu]
         # A centre crop without flip draws nothing from the generator; the flip is applied below.
@@ -176,26 +168,21 @@ def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Data
                                                                 resolution=cfg.resolution), cfg.resolution, True, False, torch.Generator())
                      for row in chunk]
         pixels = torch.stack([tensor for tensor, _ in processed]).to(vae.device, vae.dtype)
-        if frozen.family == "sdxl":
-            outputs["original_size_resized_width"].append(torch.tensor([[*c.original_size, c.resized_width] for _, c in processed]))
-            outputs["crop_top_left"].append(torch.tensor([c.crop_top_left for _, c in processed]))
-        outputs["parameters"].append(vae.encode(pixels).latent_dist.parameters.cpu())
+        batch = {"parameters": vae.encode(pixels).latent_dist.parameters.cpu()}
         if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image
-            outputs["flipped"].append(vae.encode(torch.flip(pixels, dims=[-1])).latent_dist.parameters.cpu())
-        progress(len(chunk))
-    return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in outputs.items()}
+            batch["flipped"] = vae.encode(torch.flip(pixels, dims=[-1])).latent_dist.parameters.cpu()
+        if frozen.family == "sdxl":
+            batch["original_size_resized_width"] = torch.tensor([[*c.original_size, c.resized_width] for _, c in processed])
+            batch["crop_top_left"] = torch.tensor([c.crop_top_left for _, c in processed])
+        yield batch
 
 
 @torch.no_grad()
-def encode_captions(frozen: FrozenComponents, captions: list[str], batch_size: int,
-                    progress: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    outputs: dict[str, list[torch.Tensor]] = {}
+def encode_captions(frozen: FrozenComponents, captions: list[str], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The text encoders' outputs for `captions`, on the host, one batch at a time."""
     for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
-        for name, tensor in frozen.encode_text(tokenize(frozen.tokenizers, chunk)).items():
-            outputs.setdefault(name, []).append(tensor.cpu())
-        progress(len(chunk))
-    return {name: torch.cat(parts) for name, parts in outputs.items()} or {"encoder_hidden_states": torch.empty(0)}
+        yield {name: tensor.cpu() for name, tensor in
+               frozen.encode_text(tokenize(frozen.tokenizers, captions[start:start + batch_size])).items()}
 
 
 def _load_meta(folder: Path) -> dict[str, Any] | None:
@@ -207,11 +194,12 @@ def _load_meta(folder: Path) -> dict[str, Any] | None:
 
 
 def build_or_reuse(make_key: Callable[[], CacheKey], cfg: Config, dist: DistInfo, num_items: int,
-                   encode: Callable[[list[int], Callable[[int], None]], dict[str, torch.Tensor]],
+                   encode: Callable[[list[int]], Iterator[dict[str, torch.Tensor]]],
                    extra_files: dict[str, str] | None = None, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """All ranks must call this. Returns the complete cache folder for the key and its metadata.
 
-    Only rank 0 runs `make_key`, which reads every encoder file to hash it; the others receive the key.
+    Only rank 0 runs `make_key`, which hashes the encoder files it has not hashed before (file_digests.py);
+    the others receive the key.
 
     On a miss the ranks write into a private partial folder that rank 0 renames into place once every
     shard is there; `meta.json` is written last, so an interrupted build is never mistaken for a cache.
@@ -229,14 +217,14 @@ def build_or_reuse(make_key: Callable[[], CacheKey], cfg: Config, dist: DistInfo
             partial.mkdir(parents=True)
         barrier()
         items = list(range(dist.rank, num_items, dist.world_size))
-        with tqdm(total=num_items, desc=f"caching {key.kind}", disable=not dist.is_main, mininterval=5.0) as bar:
-            # Rank 0's bar stands for all ranks: each encodes about the same share.
-            tensors = encode(items, lambda n: bar.update(n * dist.world_size))
         shard = partial / shard_name(dist.rank, dist.world_size)
-        # safetensors refuses strided tensors, and a VAE with mid-block attention returns the posterior
-        # of a batch >= 2 channels-last (torch.cat keeps the stride).
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(shard))
-        os.chmod(shard, 0o644)  # safetensors writes 0600; a shared cache must be readable by the team's other jobs
+        # Rank 0's bar stands for all ranks: each encodes about the same share.
+        with (tqdm(total=num_items, desc=f"caching {key.kind}", disable=not dist.is_main, mininterval=5.0) as bar,
+              ShardWriter(shard, len(items)) as writer):
+            for batch in encode(items):
+                writer.write(batch)
+                bar.update(next(iter(batch.values())).shape[0] * dist.world_size)
+        os.chmod(shard, 0o644)  # a shared cache must be readable by the team's other jobs, whatever the umask
         barrier()
         if dist.is_main:
             _publish(partial, folder, key, num_items, dist.world_size, extra_files or {})
@@ -277,13 +265,13 @@ def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str,
     if cfg.cache_latents:
         folder, meta = build_or_reuse(
             lambda: latent_key(cfg, hf_dataset, image_column), cfg, dist, len(hf_dataset),
-            lambda rows, progress: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg, progress), log=log)
+            lambda rows: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg), log=log)
         latent_cache = LatentCache(ShardedStore(folder, meta["num_shards"]), cfg.resolution)
     if cfg.cache_text_embeddings:
         captions = distinct_captions(hf_dataset, caption_column)
         folder, meta = build_or_reuse(
             lambda: text_key(cfg, hf_dataset, caption_column), cfg, dist, len(captions),
-            lambda items, progress: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu, progress),
+            lambda items: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu),
             extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
         names = ("encoder_hidden_states", "text_embeds") if frozen.family == "sdxl" else ("encoder_hidden_states",)
         text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()), names)

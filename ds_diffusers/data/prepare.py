@@ -1,0 +1,69 @@
+"""The training split, prepared once per job rather than once per rank, after the process group exists.
+
+Rank 0 loads the dataset first, which builds `datasets`' Arrow cache of a hub-layout or imagefolder
+dataset the first time, and checks it (columns, captions, image files, size for the world), while
+the others wait. Then the first rank of every other node loads it: its cache is rank 0's when the
+`datasets` cache (HF_DATASETS_CACHE) is on a shared filesystem, or that node's own build when it is
+node-local; both happen, so the order works for either. Then all remaining ranks load it from their
+node's cache. No two ranks build one cache at the same time, and a check that fails on rank 0
+stops every rank with its message (exit 2), before any folder is created.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import datasets
+
+from ds_diffusers.config.schema import Config
+from ds_diffusers.data.dataset import check_dataset_size
+from ds_diffusers.data.decode import check_image_files
+from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples
+from ds_diffusers.distributed import DistInfo, broadcast_from_main, in_turn
+
+
+@dataclass(frozen=True)
+class DataChecks:
+    """What rank 0 found in the dataset, sent to the other ranks."""
+
+    image_column: str
+    caption_column: str
+    missing_images: list[int]  # rows whose image file is missing (skip_bad_images)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    dataset: datasets.Dataset
+    checks: DataChecks
+
+
+def load_selected(cfg: Config) -> datasets.Dataset:
+    """The rows this run trains on (`max_train_samples` of them when set)."""
+    return select_train_samples(load_train_dataset(cfg.dataset_dir, cfg.imagefolder), cfg.max_train_samples, cfg.seed)
+
+
+def load_and_check(cfg: Config, world_size: int) -> TrainData:
+    """The dataset and every check of it; ConfigError naming the field, value and fix on bad data."""
+    hf_dataset = load_selected(cfg)
+    image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
+    missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
+    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
+    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images))
+
+
+def prepare_train_data(cfg: Config, dist: DistInfo) -> TrainData:
+    """All ranks must call this: the dataset on every rank, loaded and checked in the order the module
+    docstring gives; a ConfigError on any rank is raised on every rank."""
+    started = time.perf_counter()
+    checked = in_turn(lambda: load_and_check(cfg, dist.world_size), dist.is_main)
+    if dist.is_main:
+        # One line, from the rank that did it: how long the other ranks waited, and that only one checked.
+        print(f"ds-diffusers: dataset {cfg.dataset_dir}: {len(checked.dataset)} rows loaded and checked on rank 0 "
+              f"in {time.perf_counter() - started:.1f} s", flush=True)
+    checks = broadcast_from_main(checked.checks if dist.is_main else None)
+    node_first = in_turn(lambda: load_selected(cfg), not dist.is_main and dist.local_rank == 0)
+    rest = in_turn(lambda: load_selected(cfg), dist.local_rank != 0)
+    if dist.is_main:
+        return checked
+    return TrainData(node_first if node_first is not None else rest, checks)
