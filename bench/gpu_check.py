@@ -15,8 +15,12 @@ the real architectures (built offline once in --work-dir):
 
 MFU counts 2.41 TFLOP per 512 px SD 1.5 training sample (forward and backward of the UNet) against
 the GPU's dense bf16 peak (--peak-tflops, or the table below by device name). Results go to
-docs/bench/gpu_check-<gpu>-<date>.json. The HF example (`../shared/peer`) is compared by
-bench/train_throughput.py --peer, not here.
+docs/bench/gpu_check-<gpu>-<date>.json.
+
+The peer, HF diffusers' text-to-image example (`../shared/peer`, through `accelerate launch`, its
+`--mixed_precision bf16`), runs the SD 1.5 full fine-tune at 512 px, micro-batch 8, on the same
+model and data; ours runs the same settings without the latent cache (the peer has none), and the
+report gives the ratio of the two throughputs measured in this one run.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Check:
     steps: int
     samples_per_step: int
     mfu: bool = False
+    peer: bool = False  # the HF example at this check's settings, not ds-diffusers
     result: dict = field(default_factory=dict)
 
 
@@ -59,6 +64,12 @@ def plan(steps: int) -> list[Check]:
                                 ["use_fp16.enabled=false", "bf16.enabled=true", "zero_optimization.stage=2",
                                  "zero_optimization.offload_optimizer.device=none", "resolution=512",
                                  f"train_micro_batch_size_per_gpu={micro}", *cached], steps, micro, mfu=True))
+    # Ours and the HF example at the same settings, both encoding every step (the peer has no cache).
+    same = ["use_fp16.enabled=false", "bf16.enabled=true", "zero_optimization.stage=2",
+            "zero_optimization.offload_optimizer.device=none", "resolution=512", "train_micro_batch_size_per_gpu=8"]
+    checks.append(Check("sd15-full-bf16-zero2-512px-mb8-uncached", "sd15", "cfg/sd15_full.json", same, steps, 8, mfu=True))
+    checks.append(Check("peer-hf-example-sd15-full-bf16-512px-mb8", "sd15", "cfg/sd15_full.json", same, steps, 8,
+                        mfu=True, peer=True))
     for precision in ("fp16", "bf16"):
         flags = ["use_fp16.enabled=true", "bf16.enabled=false"] if precision == "fp16" else ["use_fp16.enabled=false", "bf16.enabled=true"]
         checks.append(Check(f"tiny-lora-{precision}-learning", "tiny", "cfg/sd15_lora.json",
@@ -113,7 +124,8 @@ def check_plan(checks: list[Check], paths: dict[str, Path] | None, work: Path) -
         stage = ds_config["zero_optimization"]["stage"]
         if cfg.weight_dtype_name != "float32" and stage == 0:
             raise SystemExit(f"{check.name}: a 16-bit run would take ZeRO stage 0")
-        print(f"  {check.name}: {check.steps} steps, {cfg.weight_dtype_name}, engine ZeRO-{stage}, "
+        who = "HF example (accelerate, mixed_precision bf16)" if check.peer else f"{cfg.weight_dtype_name}, engine ZeRO-{stage}"
+        print(f"  {check.name}: {check.steps} steps, {who}, "
               f"micro-batch {cfg.train_micro_batch_size_per_gpu}, {cfg.resolution} px")
 
 
@@ -131,6 +143,38 @@ def run(check: Check, paths: dict[str, Path], work: Path, timeout: float) -> Non
     samples_per_s = sum(r["samples_per_s"] for r in steady) / len(steady)
     check.result.update(images_per_s=round(samples_per_s, 2), final_loss=records[-1]["loss"],
                         peak_gpu_gib=round(max(r.get("peak_accelerator_mb", 0) for r in records) / 1024, 2))
+
+
+def run_peer(check: Check, paths: dict[str, Path], work: Path, timeout: float) -> None:
+    """The HF example at the check's settings; images/s from its progress bar's step times, the first
+    fifth of the steps left out (start-up), as ours leaves out its first window."""
+    import throughput_peer as peer
+    from train_throughput import read_lines
+
+    from ds_diffusers.config import load_config
+
+    peer_dir = REPO.parent / "shared" / "peer"
+    if not (peer_dir / "train_text_to_image.py").is_file():
+        check.result = {"returncode": None, "error": f"no peer at {peer_dir} (see its README.md)"}
+        return
+    cfg = load_config(REPO / check.cfg, overrides_for(check, paths, work))
+    imagefolder = peer.write_imagefolder(cfg, work / "peer-imagefolder")
+    peer.warm_peer_dataset_cache(imagefolder)
+    run_dir = work / "runs" / check.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = peer.peer_command(cfg, check.steps, 4, peer_dir, imagefolder, run_dir, on_cpu=False, mixed_precision="bf16")
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    with (run_dir / "output.log").open("wb") as log:
+        lines = read_lines(proc.stdout.fileno(), log, time.monotonic() + timeout)
+    check.result = {"returncode": proc.wait(), "wall_s": round(time.perf_counter() - started, 1)}
+    times = peer.step_times(lines, check.steps)
+    first = max(1, check.steps // 5)
+    if check.result["returncode"] != 0 or first not in times or check.steps not in times:
+        check.result["error"] = "\n".join(text for _, text in lines[-30:])[-2000:]
+        return
+    check.result["images_per_s"] = round((check.steps - first) * check.samples_per_step / (times[check.steps] - times[first]), 2)
 
 
 def lora_movement(work: Path, name: str) -> float:
@@ -164,7 +208,7 @@ def main() -> int:
     paths = build_inputs(args.work_dir)
     check_plan(checks, paths, args.work_dir)
     for check in checks:
-        run(check, paths, args.work_dir, args.timeout)
+        (run_peer if check.peer else run)(check, paths, args.work_dir, args.timeout)
         if check.mfu and peak and "images_per_s" in check.result:
             check.result["mfu"] = round(check.result["images_per_s"] * SD15_TFLOP_PER_SAMPLE / peak, 3)
         print(f"  {check.name}: {check.result}")
@@ -175,12 +219,16 @@ def main() -> int:
                     "passed": 0.5 <= fp16 / bf16 <= 2.0}
         print(f"  fp16 LoRA learning check: adapters moved {fp16:.4g} (fp16) vs {bf16:.4g} (bf16): "
               f"{'passed' if learning['passed'] else 'FAILED'}")
+    ours, theirs = (next(c for c in checks if c.name == name).result.get("images_per_s") for name in
+                    ("sd15-full-bf16-zero2-512px-mb8-uncached", "peer-hf-example-sd15-full-bf16-512px-mb8"))
+    vs_peer = {"ours_images_per_s": ours, "peer_images_per_s": theirs, "ratio": round(ours / theirs, 3) if ours and theirs else None}
+    print(f"  vs HF example (SD 1.5 full, bf16, 512 px, micro-batch 8, uncached): {vs_peer}")
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": gpu, "peak_bf16_tflops": peak,
-              "torch": torch.__version__, "checks": [asdict(c) for c in checks], "fp16_learning": learning}
+              "torch": torch.__version__, "checks": [asdict(c) for c in checks], "fp16_learning": learning, "vs_peer": vs_peer}
     out = REPO / "docs" / "bench" / f"gpu_check-{gpu.replace(' ', '_')}-{datetime.now(UTC).date()}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"gpu_check: wrote {out}")
-    failed = [c.name for c in checks if c.result.get("returncode") != 0] + (["fp16 learning"] if learning and not learning["passed"] else [])
+    failed = [c.name for c in checks if c.result.get("returncode") != 0 and not c.peer] + (["fp16 learning"] if learning and not learning["passed"] else [])
     return 1 if failed or not learning else 0
 
 

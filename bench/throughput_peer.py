@@ -59,8 +59,9 @@ def warm_peer_dataset_cache(imagefolder: Path) -> None:
 
 
 def peer_command(cfg: Config, steps: int, threads: int, peer_dir: Path, imagefolder: Path, run_dir: Path,
-                 on_cpu: bool) -> list[str]:
-    """`accelerate launch` of the peer script with the cfg's settings mapped onto its flags."""
+                 on_cpu: bool, mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch` of the peer script with the cfg's settings mapped onto its flags;
+    `mixed_precision` is the peer's own (no, fp16, bf16: fp32 weights under autocast)."""
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         raise FileNotFoundError("the `accelerate` launcher is not on PATH; install accelerate")
@@ -73,7 +74,7 @@ def peer_command(cfg: Config, steps: int, threads: int, peer_dir: Path, imagefol
         "--learning_rate": params["lr"], "--lr_scheduler": PEER_SCHEDULER[cfg.scheduler.type],
         "--lr_warmup_steps": cfg.lr_warmup_steps, "--adam_beta1": betas[0], "--adam_beta2": betas[1],
         "--adam_weight_decay": params.get("weight_decay", 0.01), "--adam_epsilon": params.get("eps", 1e-8),
-        "--max_grad_norm": cfg.gradient_clipping, "--mixed_precision": "no",
+        "--max_grad_norm": cfg.gradient_clipping, "--mixed_precision": mixed_precision,
         "--image_interpolation_mode": "bilinear",  # ours resizes bilinearly; the peer's default is lanczos
         "--dataloader_num_workers": (cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None
                                      else default_num_workers()), "--seed": cfg.seed,
@@ -82,6 +83,6 @@ def peer_command(cfg: Config, steps: int, threads: int, peer_dir: Path, imagefol
     }
     switches = [flag for flag, on in (("--center_crop", cfg.center_crop), ("--random_flip", cfg.random_flip)) if on]
     launcher = [accelerate, "launch", *(["--cpu"] if on_cpu else []), "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(threads)]
+                "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(threads)]
     return [*launcher, str(peer_dir / "run_peer.py"), str(peer_dir / "train_text_to_image.py"),
             *[str(part) for flag, value in flags.items() for part in (flag, value)], *switches]
