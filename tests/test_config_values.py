@@ -58,6 +58,7 @@ def test_non_finite_overrides_are_refused(override, field):
     (adamw(weight_decay="0.01"), "optimizer.params.weight_decay", 'without quotes: "weight_decay": 0.01'),
     ({"noise_offset": "0.1"}, "noise_offset", 'without quotes: "noise_offset": 0.1'),
     ({"use_lora": {"action": "true"}}, "use_lora.action", 'without quotes: "action": true'),
+    ({"resolution": "big"}, "resolution", "it is a string; write a number or true/false, without quotes"),
 ])
 def test_numbers_in_quotes_say_they_are_strings(change, field, fragment):
     err = error_of(with_changes(**change))

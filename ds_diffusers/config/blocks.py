@@ -5,6 +5,7 @@ in `schema.py`.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -18,6 +19,12 @@ NOT_FINITE = "not a finite number (NaN and ±Infinity are refused); write a fini
 
 def unquoted(key: str, text: str) -> str:
     """The fix of a number or bool written as a JSON string: the same text without its quotes."""
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        value = None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):  # bools are ints
+        return "it is a string; write a number or true/false, without quotes"
     return f'it is a string; write it without quotes: "{key}": {text.strip()}'
 
 
