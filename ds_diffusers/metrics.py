@@ -116,14 +116,14 @@ class RunLogger:
         self.metrics_file.flush()
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s")}, refresh=False)
+            # advance() counts the steps; here the bar only shows the numbers (counting here too made
+            # a 3-step run end at 4it).
             if step >= self.bar.total:
                 # Closed at the last step, the final bar is printed once: an open bar is printed again
                 # with every later message (validation, checkpoint, done), and close() prints it too.
                 self.bar.n = step
                 self.bar.close()
                 self.bar = None
-            else:
-                self.bar.update(1)
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time")}, step=step)
         if self.monitor is not None:

@@ -5,17 +5,51 @@ in `schema.py`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import json
+import math
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 OffloadDevice = Literal["none", "cpu", "nvme", "auto"]
 
+# The fix of a NaN or infinite value, wherever it is.
+NOT_FINITE = "not a finite number (NaN and ±Infinity are refused); write a finite number, e.g. the default (docs/config.md)"
+
+
+def unquoted(key: str, text: str) -> str:
+    """The fix of a number or bool written as a JSON string: the same text without its quotes."""
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        value = None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):  # bools are ints
+        return "it is a string; write a number or true/false, without quotes"
+    return f'it is a string; write it without quotes: "{key}": {text.strip()}'
+
+
+def _finite(value: Any) -> Any:
+    """A free-form value (a number, or a list or dict of them) with no NaN or infinity inside."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(NOT_FINITE)
+        if isinstance(item, (list, dict)):
+            _finite(item)
+    return value
+
+
+# The free-form `params` dicts: any JSON value, but the numbers finite, as in every typed field.
+FreeFormParams = dict[str, Annotated[Any, AfterValidator(_finite)]]
+
 
 class Block(BaseModel):
-    """Strict: a JSON string is never silently read as a number or a bool."""
+    """Strict: a JSON string is never silently read as a number or a bool; no number is NaN or infinite."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Python's json reads NaN, Infinity and -Infinity, in a cfg file and in `--set`; no key means any of
+    # them (`lr <= 0` is False for NaN, so range checks alone let NaN through to a traceback after
+    # output_dir exists).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class LoraCfg(Block):
@@ -64,7 +98,7 @@ class OptimizerCfg(Block):
                       "`Adagrad`, `Lamb`, `Lion`, `MuAdam`, `MuAdamW`, `MuSGD`, `Muon` (any case, as DeepSpeed) or a "
                       "`torch.optim` class by its exact name (`SGD`, `RMSprop`, ...; not `LBFGS`/`SparseAdam`); checked "
                       "before any work, with the closest name suggested.")
-    params: dict[str, Any] = Field(
+    params: FreeFormParams = Field(
         {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
         description="Passed to the optimizer; every name must be a parameter of the class this run builds (torch's, "
         "DeepSpeed's CPU kernel with optimizer offload, or DeepSpeed's fused kernel), checked up front with the closest "
@@ -83,7 +117,7 @@ class SchedulerCfg(Block):
         "WarmupLR", description="DeepSpeed's names: `WarmupLR` (warm up, then constant), `WarmupDecayLR` (linear decay to "
         "0), `WarmupCosineLR` (cosine); diffusers' `--lr_scheduler` names: `constant`, `constant_with_warmup`, `linear`, "
         "`cosine`, `cosine_with_restarts`, `polynomial`; or `none` (the optimizer's lr throughout).")
-    params: dict[str, Any] = Field(
+    params: FreeFormParams = Field(
         {}, description="Per type: `warmup_num_steps` (all but `constant`/`none`; default `lr_warmup_steps`), "
         "`total_num_steps` (decaying types; default the run length); WarmupLR/WarmupDecayLR `warmup_min_lr` (0), "
         "`warmup_max_lr` (`optimizer.params.lr`), `warmup_type` (`linear` default, or `log`); WarmupCosineLR "

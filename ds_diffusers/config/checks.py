@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ds_diffusers.config.blocks import unquoted
 from ds_diffusers.config.hub import weight_variants
 from ds_diffusers.config.optimizers import check_optimizer_backend, check_optimizer_block
 from ds_diffusers.config.schedules import check_scheduler
@@ -85,6 +86,8 @@ def _check_optimizer(cfg: Config) -> None:
     params = cfg.optimizer.params
     check_optimizer_block(cfg.optimizer.type, params)
     lr = params.get("lr")
+    if isinstance(lr, str):
+        raise ConfigError("optimizer.params.lr", lr, unquoted("lr", lr))
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
         raise ConfigError("optimizer.params.lr", lr, "set a positive learning rate, e.g. 1e-4")
     betas = params.get("betas", [0.9, 0.999])

@@ -32,8 +32,11 @@ Every key of the seed project's `cfg/default.json` (deepspeed-diffusers) is acce
 meaning, so such a file trains unchanged once its paths point at local folders (on a CPU, set
 `use_fp16.enabled` to false: the CPU has no fp16 training). Unknown keys, wrong types and
 out-of-range values stop the run before any work with one line naming the field, the value and the
-fix (exit code 2); a string is never read as a number or a bool. Any key can be set on the command
-line with `--set key.sub=value` (the value is read as JSON, anything else as a string).
+fix (exit code 2); a string is never read as a number or a bool, and no number may be `NaN`,
+`Infinity` or `-Infinity` (Python's json reads them), in the free-form `params` blocks too. An
+unknown key gets the nearest valid one suggested (also for keys of a nested block written at the top
+level, and diffusers' flag names). Any key can be set on the command line with `--set key.sub=value`
+(the value is read as JSON, anything else as a string).
 
 The config is flat, as the seed's: the sections below are for reading only. Keys of a nested block
 are written with dots (`zero_optimization.stage`), and `[]` stands for each entry of a list
@@ -121,8 +124,6 @@ def _alternatives(annotation: Any, metadata: Sequence[Any]) -> list[str]:
     name = _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
     if any(isinstance(m, annotated_types.MinLen) and m.min_length > 0 for m in metadata):
         name = f"non-empty {name}"
-    if any(getattr(m, "allow_inf_nan", None) is False for m in metadata):
-        name = f"finite {name}"
     return [name + _range(metadata)]
 
 

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
+from ds_diffusers.config.blocks import NOT_FINITE, unquoted
+from ds_diffusers.config.nearest import unknown_key_hint
 from ds_diffusers.config.schema import Config
 from ds_diffusers.errors import ConfigError
 
 
 def read_cfg_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.json"))
+        example = found[0] if found else path / "default.json"
+        raise ConfigError("--cfg", str(path), f"is a folder; pass the path of a JSON config file, e.g. {example}")
     if not path.is_file():
         raise ConfigError("--cfg", str(path), "no such file; pass the path of a JSON config, e.g. cfg/default.json")
     try:
@@ -65,21 +71,30 @@ def _check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(fields))}"
-            raise ConfigError(dotted, value, f"unknown key; {hint}")
+            raise ConfigError(dotted, value, f"unknown key; {unknown_key_hint(key, model, prefix)}")
         annotation = fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
             _check_unknown_keys(value, annotation, prefix=f"{dotted}.")
+
+
+# pydantic's error types for a number or a bool given as a JSON string ("1e-4", "true").
+_QUOTED_TYPES = ("int_type", "float_type", "bool_type")
 
 
 def _first_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
     loc = [str(part) for part in first["loc"] if not isinstance(part, str) or not part.startswith("function-")]
     field = ".".join(loc) or "config"
+    value = first.get("input")
     if first["type"] == "missing":
         return ConfigError(field, None, "required key is missing; add it to the cfg file or pass --set " f"{field}=...")
-    return ConfigError(field, first.get("input"), f"{first['msg']}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return ConfigError(field, value, NOT_FINITE)  # whatever the field's type: an int field says "valid integer"
+    if first["type"] == "value_error":  # our own validators' ValueError: its text is the fix
+        return ConfigError(field, value, first["msg"].removeprefix("Value error, "))
+    if isinstance(value, str) and first["type"] in _QUOTED_TYPES:
+        return ConfigError(field, value, f"{first['msg']} ({unquoted(loc[-1], value)})")
+    return ConfigError(field, value, f"{first['msg']}")
 
 
 def validate_dict(raw: dict[str, Any]) -> Config:

@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 from typing import Any
 
+from ds_diffusers.config.blocks import unquoted
 from ds_diffusers.errors import ConfigError
 
 _TORCH_ADAMW = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"}
@@ -102,6 +103,8 @@ def check_optimizer_block(optimizer_type: str, params: dict[str, Any]) -> None:
     _check_param_names(optimizer_type, params, set().union(*backends.values()), optimizer_type)
     for key in _NON_NEGATIVE:
         value = params.get(key, 0)
+        if isinstance(value, str):
+            raise ConfigError(f"optimizer.params.{key}", value, unquoted(key, value))
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"optimizer.params.{key}", value, "must be a non-negative number")
 

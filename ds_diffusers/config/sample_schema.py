@@ -12,33 +12,28 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ds_diffusers.config.blocks import Block
 
 # Names of the samplers; `ds_diffusers.sampling.schedulers` maps each to a diffusers scheduler.
 SchedulerName = Literal["dpmsolver++", "euler", "euler_ancestral", "ddim", "pndm", "unipc"]
 WeightName = Literal["baseline", "tuned", "ema", "lora"]
 
 
-class _Block(BaseModel):
-    """As `schema.Block` (strict, no unknown keys); not imported from there because `schema.Config`
-    imports this module."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class LoraFileCfg(_Block):
+class LoraFileCfg(Block):
     path: str = Field(min_length=1, description="A .safetensors file, or a folder holding "
                       "`pytorch_lora_weights.safetensors`.")
-    weight: float = Field(1.0, allow_inf_nan=False, description="This adapter's weight in the combination.")
+    weight: float = Field(1.0, description="This adapter's weight in the combination.")
 
 
-class SampleCfg(_Block):
+class SampleCfg(Block):
     prompts: Optional[list[str]] = Field(None, description="Prompts to draw; null = `validation_prompts`.")
     negative_prompt: str = Field("", description="Negative prompt for every image; \"\" = none (unconditional).")
     num_images_per_prompt: Optional[int] = Field(None, ge=1, description="Images per prompt and weight; null = "
                                                  "`num_validation_images`.")
     num_inference_steps: Optional[int] = Field(None, ge=1, description="Sampler steps; null = `validation_inference_steps`.")
-    guidance_scale: Optional[float] = Field(None, ge=0.0, allow_inf_nan=False, description="Classifier-free guidance "
+    guidance_scale: Optional[float] = Field(None, ge=0.0, description="Classifier-free guidance "
                                             "scale; null = `validation_guidance_scale`.")
     scheduler: SchedulerName = Field("dpmsolver++", description="`dpmsolver++` (DPM-Solver++ multistep), `euler`, "
                                      "`euler_ancestral`, `ddim`, `pndm` or `unipc`, built from the model's scheduler config "
@@ -49,7 +44,7 @@ class SampleCfg(_Block):
     resolution: Optional[int] = Field(None, ge=8, description="Image size in pixels (a multiple of 8); null = `resolution`.")
     weights: list[WeightName] = Field(["baseline", "tuned"], description="Columns of the comparison, any of `baseline`, "
                                       "`tuned`, `ema`, `lora`, each once.")
-    lora_scale: float = Field(1.0, allow_inf_nan=False, description="Multiplies every adapter weight of the `lora` column "
+    lora_scale: float = Field(1.0, description="Multiplies every adapter weight of the `lora` column "
                               "(0 = the baseline).")
     loras: list[LoraFileCfg] = Field([], description="LoRA files of the `lora` column, combined as peft adapters, e.g. "
                                      "`[{\"path\": \"a.safetensors\", \"weight\": 0.7}, {\"path\": \"outputs/other/model\", "
