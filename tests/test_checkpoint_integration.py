@@ -49,6 +49,11 @@ def test_zero3_export_and_ema_equal_zero0(tiny_assets, tmp_path):
         assert_ok(launch(run_cfg(tiny_assets, out, *COMMON, f"zero_optimization.stage={stage}", "max_train_steps=6",
                                  "use_ema=true", "ema_decay=0.9"), procs=2))
         runs[stage] = out / "model"
+        # each rank hashed the files it wrote and rank 0 recorded them all
+        step_dir = next((out / "checkpoints").glob("step_*"))
+        recorded = json.loads((step_dir / "ds_diffusers.json").read_text())["file_digests"]
+        assert sorted(recorded) == sorted(f.name for f in step_dir.iterdir() if f.name != "ds_diffusers.json")
+        assert "rank_1.pt" in recorded
     for sub in ("unet", "unet_ema"):
         zero3 = tensors(runs[3] / sub / "diffusion_pytorch_model.safetensors")
         zero0 = tensors(runs[0] / sub / "diffusion_pytorch_model.safetensors")
