@@ -39,6 +39,7 @@ from ds_diffusers.family import FAMILY_NAMES, model_family
 from ds_diffusers.train_state import RNG_KEY, TrainState
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_DAMAGED = "is damaged (truncated, unreadable or changed since it was saved)"
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
 _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
                  "validation_prompts", "validation_use_ema", "validation_inference_steps", "validation_guidance_scale", "save_interval",
@@ -146,12 +147,12 @@ def resume_target(cfg: Config) -> Path | None:
     previous = intact_before(str(step_dir.parent), int(match.group(1))) if match else None
     if previous is not None and value in (True, "latest"):
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ds-diffusers: warning: {damaged} is damaged (truncated, unreadable or changed since it was saved); resuming from the previous "
+            print(f"ds-diffusers: warning: {damaged} {_DAMAGED}; resuming from the previous "
                   f"complete checkpoint {previous} instead of {step_dir}", file=sys.stderr, flush=True)
         return _accepted(cfg, previous)
     fix = (f"resume from the previous complete step with resume_from_checkpoint={previous}" if previous is not None else
            "no earlier complete step is left; set resume_from_checkpoint=false (and overwrite_output_dir=true) to start again")
-    raise ConfigError("resume_from_checkpoint", str(value), f"{damaged} is damaged (truncated, unreadable or changed since it was saved); {fix}")
+    raise ConfigError("resume_from_checkpoint", str(value), f"{damaged} {_DAMAGED}; {fix}")
 
 
 def _accepted(cfg: Config, step_dir: Path) -> Path:
