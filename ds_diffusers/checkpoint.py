@@ -5,7 +5,7 @@ can only be resumed with.
 Layout of `checkpoint_dir`:
     step_<N>/            engine.save_checkpoint files (every rank writes its ZeRO shard)
     step_<N>/rank_<R>.pt RNG state (and EMA shard) of rank R
-    step_<N>/ds_diffusers.json   position, settings; written last, marks the folder complete
+    step_<N>/ds_diffusers.json   position, settings, every file's digest; written last, marks the folder complete
     latest               the tag of the newest complete checkpoint, replaced atomically
 
 `save` and `load` are collective: call them on all ranks. Both read back through
@@ -29,15 +29,17 @@ from typing import Any
 
 import torch
 
+from ds_diffusers.checkpoint_digests import DIGESTS_KEY, changed_file, own_file_digests, unrecorded_note
 from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_meta, read_rank_state
 from ds_diffusers.config.schema import Config
-from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
+from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.family import FAMILY_NAMES, model_family
 from ds_diffusers.train_state import RNG_KEY, TrainState
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_DAMAGED = "is damaged (truncated, unreadable or changed since it was saved)"
 # Config keys that do not change what is trained (paths, logging, cadence); the rest are hashed.
 _NOT_TRAINING = {"num_epochs", "max_train_steps", "validation_epochs", "validation_steps", "num_validation_images",
                  "validation_prompts", "validation_use_ema", "validation_inference_steps", "validation_guidance_scale", "save_interval",
@@ -93,7 +95,8 @@ def damaged_file(step_dir: Path) -> Path | None:
 
     Cheap enough for start-up (no tensor is read): the metadata must parse, each rank's RNG file
     must exist, and every torch file must end in a zip central directory, which a file truncated
-    by a crash, a full disk or a partial copy lacks."""
+    by a crash, a full disk or a partial copy lacks. Then every file whose digest was recorded at
+    save time is read and hashed: bytes changed in place keep the size and the zip directory."""
     meta_file = step_dir / META_FILE
     try:
         meta = json.loads(meta_file.read_text())
@@ -106,10 +109,10 @@ def damaged_file(step_dir: Path) -> Path | None:
                 pass
         except (OSError, zipfile.BadZipFile):
             return path
-    return None
+    return changed_file(step_dir, meta[DIGESTS_KEY]) if meta.get(DIGESTS_KEY) else None
 
 
-def _intact_before(checkpoint_dir: str, step: int) -> Path | None:
+def intact_before(checkpoint_dir: str, step: int) -> Path | None:
     """The newest complete, undamaged checkpoint older than `step`."""
     for older in reversed([s for s in complete_steps(checkpoint_dir) if s < step]):
         if damaged_file(Path(checkpoint_dir) / step_tag(older)) is None:
@@ -139,19 +142,25 @@ def resume_target(cfg: Config) -> Path | None:
                               f"{META_FILE}); use true/\"latest\", false, or a folder such as {cfg.checkpoint_dir}/step_100")
     damaged = damaged_file(step_dir)
     if damaged is None:
-        check_family(cfg, step_dir)
-        return step_dir
+        return _accepted(cfg, step_dir)
     match = _STEP_DIR.match(step_dir.name)
-    previous = _intact_before(str(step_dir.parent), int(match.group(1))) if match else None
+    previous = intact_before(str(step_dir.parent), int(match.group(1))) if match else None
     if previous is not None and value in (True, "latest"):
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ds-diffusers: warning: {damaged} is damaged (truncated or unreadable); resuming from the previous "
+            print(f"ds-diffusers: warning: {damaged} {_DAMAGED}; resuming from the previous "
                   f"complete checkpoint {previous} instead of {step_dir}", file=sys.stderr, flush=True)
-        check_family(cfg, previous)
-        return previous
+        return _accepted(cfg, previous)
     fix = (f"resume from the previous complete step with resume_from_checkpoint={previous}" if previous is not None else
            "no earlier complete step is left; set resume_from_checkpoint=false (and overwrite_output_dir=true) to start again")
-    raise ConfigError("resume_from_checkpoint", str(value), f"{damaged} is damaged (truncated or unreadable); {fix}")
+    raise ConfigError("resume_from_checkpoint", str(value), f"{damaged} {_DAMAGED}; {fix}")
+
+
+def _accepted(cfg: Config, step_dir: Path) -> Path:
+    note = unrecorded_note(step_dir, read_meta(step_dir))
+    if note is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr, flush=True)
+    check_family(cfg, step_dir)
+    return step_dir
 
 
 def check_family(cfg: Config, step_dir: Path) -> None:
@@ -195,12 +204,12 @@ def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainStat
     return position
 
 
-def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any]) -> None:
+def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digests: dict[str, str]) -> None:
     global_step = position["global_step"]
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     meta = {**position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
             "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
-            "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve())}
+            "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve()), DIGESTS_KEY: digests}
     _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     _write_atomically(Path(cfg.checkpoint_dir) / LATEST, step_tag(global_step))
 
@@ -212,16 +221,22 @@ def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any =
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     latest = Path(cfg.checkpoint_dir) / LATEST
     previous = latest.read_text().strip() if latest.is_file() else None
-    error, position = "", {}
+    error, position, digests = "", {}, None
     try:
         position = _write_rank_files(engine, cfg, dist, state, ema)
     except (OSError, RuntimeError) as err:
         error = _write_error(err, step_dir)
-    if all_ranks_ok(not error, dist.device) and dist.is_main:
-        try:
-            _mark_complete(cfg, dist, position)
+    if all_ranks_ok(not error, dist.device):
+        try:  # every rank's files are out: each hashes its own, rank 0 records them all
+            digests = own_file_digests(step_dir, dist.rank)
         except OSError as err:
             error = _write_error(err, step_dir)
+        shares = all_gather(digests)
+        if dist.is_main and None not in shares:
+            try:
+                _mark_complete(cfg, dist, position, {name: digest for share in shares for name, digest in share.items()})
+            except OSError as err:
+                error = _write_error(err, step_dir)
     if not all_ranks_ok(not error, dist.device):
         if dist.is_main and previous != step_dir.name:
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -264,7 +279,7 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     else:
         reason = ""
     if path is None:
-        previous = _intact_before(str(step_dir.parent), int(meta["global_step"]))
+        previous = intact_before(str(step_dir.parent), int(meta["global_step"]))
         fix = f"resume_from_checkpoint={previous}" if previous else "resume_from_checkpoint=false"
         raise ConfigError("resume_from_checkpoint", str(step_dir), f"DeepSpeed could not read this checkpoint{reason}; "
                           f"resume from the previous complete step with {fix}")

@@ -170,6 +170,17 @@ def broadcast_from_main(value: object) -> object:
     return holder[0]
 
 
+def all_gather(value: object) -> list[object]:
+    """All ranks must call this: every rank's `value` (any picklable object) in rank order, on every
+    rank. Through the gloo group that waits TURN_TIMEOUT: ranks may reach it minutes apart (hashing
+    their checkpoint files)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [value]
+    values: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value, group=_waiting_group())
+    return values
+
+
 class StoppedOnEveryRank(ConfigError):
     """A ConfigError that every rank raised at the same point (`raise_on_every_rank`): the ranks
     leave together, so the entrypoint may tear the process group down."""
@@ -187,10 +198,7 @@ def raise_on_every_rank(error: ConfigError | None) -> None:
     """All ranks must call this. When any rank holds a ConfigError, every rank raises the lowest
     rank's (as StoppedOnEveryRank): bad input found by one rank stops the job with one message and
     exit code on every rank, and no rank waits in a collective for a peer that already stopped."""
-    errors = [error]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        errors = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(errors, error, group=_waiting_group())
+    errors = all_gather(error)
     first = next((found for found in errors if found is not None), None)
     if first is not None:
         raise StoppedOnEveryRank(first.field, first.value, first.fix)

@@ -104,6 +104,17 @@ class FakeEngine:
             raise self.fail
 
 
+def overwrite_in_place(path: Path, offset: int, size: int) -> None:
+    """`size` random bytes written over the file from `offset`, as a bad disk or copy leaves it: same
+    size, a torch file's zip directory intact."""
+    length = path.stat().st_size
+    random_bytes = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(random_bytes.numpy().tobytes())
+    assert path.stat().st_size == length
+
+
 def cache_cfg(model_dir: Path, dataset_dir: Path, cache_dir: Path, *overrides: str):
     """cfg/default.json on the given model and data with both encoder caches on, at 32 px."""
     return load_config(REPO / "cfg/default.json", [

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.train_state import TrainState
 from tests.fault_injection.dsd_faults import PATCHES, fail_engine_save
 from tests.helpers import SINGLE as DIST
-from tests.helpers import FakeEngine, checkpoint_model_cfg as make_cfg
+from tests.helpers import FakeEngine, overwrite_in_place
+from tests.helpers import checkpoint_model_cfg as make_cfg
 
 def save(cfg, step, engine=None):
     return checkpoint.save(engine or FakeEngine(), cfg, DIST, TrainState(global_step=step, epoch=0, samples_in_epoch=step))
@@ -87,3 +90,65 @@ def test_damaged_only_checkpoint_says_to_start_again(tmp_path):
         checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest"))
     assert "rank_0.pt is damaged" in info.value.fix and "no earlier complete step" in info.value.fix
     assert json.loads((tmp_path / "ckpt" / "step_3" / checkpoint.META_FILE).read_text())["global_step"] == 3
+
+
+def tensor_data_offset(path: Path) -> tuple[int, int]:
+    """Where the largest stored tensor's bytes lie in a torch zip file: (offset, length)."""
+    with zipfile.ZipFile(path) as archive:
+        member = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
+    with open(path, "rb") as handle:
+        handle.seek(member.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+    return member.header_offset + 30 + name_length + extra_length, member.file_size
+
+
+def test_bytes_changed_in_place_are_found_by_their_digest(tmp_path, capsys):
+    """A same-size overwrite keeps the zip directory, so only the digest recorded at save time finds it;
+    resume falls back from latest, refuses the step by name, and the offline export refuses it."""
+    from ds_diffusers.export.offline import export_checkpoint
+
+    cfg = make_cfg(tmp_path)
+    for step in (3, 6):
+        save(cfg, step)
+    step_6 = tmp_path / "ckpt" / "step_6"
+    assert sorted(json.loads((step_6 / checkpoint.META_FILE).read_text())["file_digests"]) == [MODEL_STATES, "rank_0.pt"]
+    damaged = step_6 / MODEL_STATES
+    overwrite_in_place(damaged, *tensor_data_offset(damaged))
+    # still a readable torch file (the old check passed it), with changed values
+    assert not torch.equal(torch.load(damaged, weights_only=False)["w"], torch.ones(4))
+    assert checkpoint.damaged_file(step_6) == damaged
+
+    assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
+    warning = capsys.readouterr().err
+    assert f"{damaged} is damaged" in warning and "changed since it was saved" in warning and warning.count("\n") == 1
+    with pytest.raises(ConfigError) as info:
+        checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint=str(step_6)))
+    assert str(damaged) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "export"))
+    assert str(damaged) in str(info.value) and f"--checkpoint {tmp_path / 'ckpt' / 'step_3'}" in str(info.value)
+    assert not (tmp_path / "export").exists()
+
+
+def test_step_saved_without_digests_is_accepted_with_a_note(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    save(cfg, 3)
+    meta_file = tmp_path / "ckpt" / "step_3" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    del meta["file_digests"]
+    meta_file.write_text(json.dumps(meta))
+    assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
+    assert "has no file digests" in capsys.readouterr().err
+
+
+def test_each_rank_hashes_the_files_it_wrote(tmp_path):
+    from ds_diffusers.checkpoint_digests import own_file_digests
+
+    names = [MODEL_STATES, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_model_states.pt", "rank_0.pt", "rank_1.pt", checkpoint.META_FILE]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    mine = [sorted(own_file_digests(tmp_path, rank)) for rank in (0, 1)]
+    assert mine == [sorted([MODEL_STATES, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank_0.pt"]),
+                    sorted(["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                            "rank_1.pt"])]

@@ -12,8 +12,11 @@ import sys
 
 import pytest
 
+from ds_diffusers.checkpoint import damaged_file, resume_target
+from ds_diffusers.config import load_config
+from ds_diffusers.errors import ConfigError
 from tests.fault_injection import injected
-from tests.helpers import REPO, assert_ok, launch, losses, max_diff, run_cfg, tensors, three_runs
+from tests.helpers import REPO, assert_ok, launch, losses, max_diff, overwrite_in_place, run_cfg, tensors, three_runs
 from tests.helpers import RESUME_COMMON as COMMON
 from tests.helpers import RESUME_STEPS as STEPS
 
@@ -46,6 +49,11 @@ def test_zero3_export_and_ema_equal_zero0(tiny_assets, tmp_path):
         assert_ok(launch(run_cfg(tiny_assets, out, *COMMON, f"zero_optimization.stage={stage}", "max_train_steps=6",
                                  "use_ema=true", "ema_decay=0.9"), procs=2))
         runs[stage] = out / "model"
+        # each rank hashed the files it wrote and rank 0 recorded them all
+        step_dir = next((out / "checkpoints").glob("step_*"))
+        recorded = json.loads((step_dir / "ds_diffusers.json").read_text())["file_digests"]
+        assert sorted(recorded) == sorted(f.name for f in step_dir.iterdir() if f.name != "ds_diffusers.json")
+        assert "rank_1.pt" in recorded
     for sub in ("unet", "unet_ema"):
         zero3 = tensors(runs[3] / sub / "diffusion_pytorch_model.safetensors")
         zero0 = tensors(runs[0] / sub / "diffusion_pytorch_model.safetensors")
@@ -99,6 +107,38 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_assets, tmp_path):
     # steps 4-6 are repeated (the ones since the last complete checkpoint), nothing else
     logged = [json.loads(line)["step"] for line in (tmp_path / "model" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9]
+
+
+def test_changed_bytes_in_the_newest_checkpoint_are_found(tiny_assets, tmp_path):
+    """4 KiB of random bytes over the middle of the newest step's model-states file (same size; torch
+    still loads it, with changed optimizer state): the export and that step by path are refused in one
+    line naming the file, and latest resumes from the step before with a one-line warning."""
+    overrides = [o for o in run_cfg(tiny_assets, tmp_path, *COMMON, "max_train_steps=6", "save_interval=3")
+                 if o != "save_interval=0"]
+    assert_ok(launch(overrides))
+    checkpoints = tmp_path / "checkpoints"
+    damaged = checkpoints / "step_6" / "mp_rank_00_model_states.pt"
+    size = damaged.stat().st_size
+    assert size > 64 * 4096
+    overwrite_in_place(damaged, size // 2 - 2048, 4096)
+
+    export = subprocess.run([sys.executable, "-m", "ds_diffusers.export", "--checkpoint", str(checkpoints),
+                             "--out", str(tmp_path / "offline")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 2 and export.stderr.count("\n") == 1, export.stderr[-2000:]
+    assert f"{damaged} is damaged" in export.stderr and f"--checkpoint {checkpoints / 'step_3'}" in export.stderr
+    assert not (tmp_path / "offline").exists()
+    with pytest.raises(ConfigError) as info:
+        resume_target(load_config(REPO / "cfg/default.json", overrides + [f"resume_from_checkpoint={checkpoints / 'step_6'}"]))
+    assert str(damaged) in str(info.value) and "\n" not in str(info.value)
+
+    resumed = launch(overrides + ["resume_from_checkpoint=latest"])
+    assert_ok(resumed)
+    output = resumed.stdout + resumed.stderr
+    warnings = [line for line in output.splitlines() if f"{damaged} is damaged" in line]
+    assert len(warnings) == 1 and f"resuming from the previous complete checkpoint {checkpoints / 'step_3'}" in warnings[0]
+    assert f"resumed from {checkpoints / 'step_3'} at step 3" in output
+    # the step saved again from the intact state replaces the damaged one
+    assert (checkpoints / "latest").read_text() == "step_6" and damaged_file(checkpoints / "step_6") is None
 
 
 def test_fresh_run_refuses_to_overwrite_and_changed_rank_is_refused(tiny_assets, tmp_path):

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.engine import (MasterWeights, full_numel, full_shape, gathered, is_zero3_param, local_partition,
                                  mmap_checkpoint_reads, optimizer_fp32_tensors, skip_nonfinite_steps, skip_single_rank_allreduce)
-from ds_diffusers.engine.checkpoint_files import BF16_OPTIMIZER_STATES, MODEL_STATES, read_fp32_state
+from ds_diffusers.engine.checkpoint_files import BF16_OPTIMIZER_STATES, MODEL_STATES, deepspeed_writer_rank, read_fp32_state
 from ds_diffusers.engine.params import partition_numel, regather_held
 
 MICRO = 4
@@ -433,6 +433,11 @@ def test_checkpoint_files_hold_the_fp32_masters(one_rank, tmp_path, name):
         address = next(iter(state["param_slice_mappings"][0].values()))
         assert state["single_partition_of_fp32_groups"] and hasattr(address, "start") and hasattr(address, "numel"), \
             moved("BF16_Optimizer single_partition_of_fp32_groups / param_slice_mappings", "engine/checkpoint_files.py")
+    # checkpoint_digests: each rank hashes the files DeepSpeed names with its rank, rank 0 the unranked ones
+    assert all(deepspeed_writer_rank(f.name) == 0 and (f.name == MODEL_STATES or "zero_pp_rank_0_" in f.name)
+               for f in step_dir.iterdir()), \
+        moved(f"step-folder file names ({MODEL_STATES}, *zero_pp_rank_<R>_*: {sorted(f.name for f in step_dir.iterdir())})",
+              "engine/checkpoint_files.py deepspeed_writer_rank")
     names = [n for n, _ in engine.module.named_parameters()]
     shapes = {n: full_shape(p) for n, p in engine.module.named_parameters()}
     state = read_fp32_state(step_dir, stage, trainable_only=False, optimizer_order=names, shapes=shapes)

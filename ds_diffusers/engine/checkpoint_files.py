@@ -13,6 +13,7 @@ this module knows DeepSpeed 0.19.8's layout of a step folder, which depends on t
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ import torch
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 BF16_OPTIMIZER_STATES = "bf16_zero_pp_rank_*_optim_states.pt"
+# A file one data-parallel rank writes alone carries its rank (`_get_zero_ckpt_prefix` for the optimizer
+# states, `_get_ckpt_name` for ZeRO-3's model states); the rest (MODEL_STATES below ZeRO-3) are rank 0's.
+_RANK_IN_NAME = re.compile(r"(?:^|_)pp_rank_(\d+)_")
+
+
+def deepspeed_writer_rank(name: str) -> int:
+    """The rank that wrote the DeepSpeed file `name` of a step folder (no model or pipeline parallelism:
+    the data-parallel rank is the global rank)."""
+    match = _RANK_IN_NAME.search(name)
+    return int(match.group(1)) if match else 0
 
 
 def written_at_stage_0(step_dir: Path) -> bool:

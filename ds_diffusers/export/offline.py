@@ -8,8 +8,11 @@ in the same layout (`unet/`, `unet_ema/` with EMA, or `pytorch_lora_weights.safe
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from ds_diffusers.checkpoint import damaged_file, intact_before
+from ds_diffusers.checkpoint_digests import unrecorded_note
 from ds_diffusers.checkpoint_reader import read_ema, read_meta, resolve_step_dir
 from ds_diffusers.config import validate_dict
 from ds_diffusers.engine.checkpoint_files import checkpoint_engine_stage, read_fp32_state
@@ -18,9 +21,23 @@ from ds_diffusers.export.write import EMA_DIR, UNET_DIR, cast_for_export, copy_f
 from ds_diffusers.models import build_unet, param_groups
 
 
+def check_intact(step_dir: Path, meta: dict) -> None:
+    """Refuse a step whose files are truncated or changed since the save, before any is read."""
+    damaged = damaged_file(step_dir)
+    if damaged is not None:
+        previous = intact_before(str(step_dir.parent), int(meta.get("global_step", 0)))
+        fix = f"export the previous intact step with --checkpoint {previous}" if previous else "no earlier intact step is left"
+        raise ConfigError("--checkpoint", str(step_dir), f"{damaged} is damaged (truncated, unreadable or changed since "
+                          f"it was saved); {fix}")
+    note = unrecorded_note(step_dir, meta)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+
+
 def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None) -> Path:
     step_dir = resolve_step_dir(Path(checkpoint))
     meta = read_meta(step_dir)
+    check_intact(step_dir, meta)
     train_cfg = meta["training_config"]
     cfg = validate_dict({**train_cfg, "pretrained_model_name_or_path": meta["pretrained_model_name_or_path"], "dataset_dir": "."})
     base_dir = Path(cfg.pretrained_model_name_or_path)
