@@ -42,16 +42,14 @@ def resume_or_fresh_start(cfg: Config) -> Path | None:
 def check_fresh_start(cfg: Config) -> None:
     """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`.
 
-    With resume requested but no checkpoint yet, leftover logs are this run's own earlier attempt (a
-    requeued job that died before its first save): they do not block the restart."""
+    A run's results are its checkpoints and its export. Logs and ds_config.json alone are an attempt
+    that failed before its first save (a bad image, a non-finite stop, Ctrl-C during that save): the
+    same command must start again once the cause is fixed, and `clear_previous_run` removes them."""
     leftovers = []
     if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
         leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
-    results = list(EXPORT_RESULTS)
-    if cfg.resume_from_checkpoint is False:
-        results.append("logs")
     out = Path(cfg.output_dir)
-    if any((out / name).exists() for name in results):
+    if any((out / name).exists() for name in EXPORT_RESULTS):
         leftovers.append(f"output_dir {cfg.output_dir} holds a previous run's results")
     if leftovers and not cfg.overwrite_output_dir:
         raise ConfigError("overwrite_output_dir", False, f"{'; '.join(leftovers)}. Resume it with "
