@@ -216,7 +216,18 @@ def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digest
 
 def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None) -> Path:
     """All ranks must call this. `latest` moves only after every rank has written everything; a
-    failed save removes its partial step folder and stops every rank with one message."""
+    failed save removes its partial step folder and stops every rank with one message, and a save cut
+    short by a second Ctrl-C (see `preemption`) removes it before the KeyboardInterrupt goes on."""
+    step_dir = Path(cfg.checkpoint_dir) / step_tag(state.global_step)
+    try:
+        return _save(engine, cfg, dist, state, ema)
+    except KeyboardInterrupt:
+        if dist.is_main and not (step_dir / META_FILE).is_file():  # complete once its metadata is out
+            shutil.rmtree(step_dir, ignore_errors=True)
+        raise
+
+
+def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> Path:
     global_step = state.global_step
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     latest = Path(cfg.checkpoint_dir) / LATEST

@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except Preempted:
         together = True
-        return preemption.EXIT_PREEMPTED
+        return preemption.exit_code()
+    except KeyboardInterrupt:  # a second Ctrl-C; a save it cut short removed its partial folder
+        print("ds-diffusers: interrupted by a second Ctrl-C; no checkpoint was saved now (an unfinished one was removed); "
+              "start again with resume_from_checkpoint=latest to continue from the last complete one", file=sys.stderr)
+        return preemption.EXIT_INTERRUPTED
     finally:
         lock.release_all()
         # Not after other errors: one rank may have failed alone, and its peers, waiting in a

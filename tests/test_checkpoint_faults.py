@@ -1,11 +1,13 @@
 """Checkpoint faults without processes: a full disk during a save, truncated files in the newest
-checkpoint (named, with the previous complete step to resume from)."""
+checkpoint (named, with the previous complete step to resume from), Ctrl-C during a save."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import json
+import os
+import signal
 import struct
 import zipfile
 from pathlib import Path
@@ -152,3 +154,33 @@ def test_each_rank_hashes_the_files_it_wrote(tmp_path):
     assert mine == [sorted([MODEL_STATES, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank_0.pt"]),
                     sorted(["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
                             "rank_1.pt"])]
+
+
+def test_second_ctrl_c_during_a_save_removes_the_partial_folder(tmp_path):
+    cfg = make_cfg(tmp_path)
+    save(cfg, 3)
+    with pytest.raises(KeyboardInterrupt):
+        save(cfg, 6, FakeEngine(KeyboardInterrupt()))  # raised after the first file is written
+    assert not (tmp_path / "ckpt" / "step_6").exists()
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_3"
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_abandons(monkeypatch):
+    """The first SIGINT is a stop request like SIGTERM (a save, then exit 130, not a traceback in the
+    middle of the save); the second raises KeyboardInterrupt, which `checkpoint.save` cleans up after."""
+    from ds_diffusers import preemption
+
+    monkeypatch.setattr(preemption, "_received", [])
+    saved = {signum: signal.getsignal(signum) for signum in preemption.STOP_SIGNALS}
+    try:
+        preemption.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.signalled(1, 0) and preemption.signal_names() == "SIGINT"
+        assert preemption.exit_code() == preemption.EXIT_INTERRUPTED != preemption.EXIT_PREEMPTED
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    monkeypatch.setattr(preemption, "_received", [signal.SIGTERM])
+    assert preemption.exit_code() == preemption.EXIT_PREEMPTED
