@@ -260,13 +260,19 @@ def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any)
     return step_dir
 
 
-def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
-    """Raise on settings the checkpoint cannot be loaded with; return the other changed training keys."""
+def check_settings(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> None:
+    """Raise on settings the checkpoint cannot be loaded with. Reads the metadata only: the resume
+    check calls it before any model is loaded, so a refusal costs seconds, not a model load."""
     current = resume_settings(cfg, world_size)
-    for key, saved in meta["settings"].items():
+    for key, saved in meta.get("settings", {}).items():
         if current.get(key) != saved:
             raise ConfigError("resume_from_checkpoint", str(step_dir), f"the checkpoint was saved with {key} = {saved}, "
                               f"this run has {current.get(key)}; restore that setting, or start a new run in another checkpoint_dir")
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
+    """Raise on settings the checkpoint cannot be loaded with; return the other changed training keys."""
+    check_settings(meta, cfg, world_size, step_dir)
     old, new = meta["training_config"], training_config(cfg)
     return sorted(key for key in new if json.dumps(new[key], default=str) != json.dumps(old.get(key), default=str))
 

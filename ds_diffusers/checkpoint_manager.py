@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ds_diffusers import checkpoint, preemption
 from ds_diffusers.checkpoint import LATEST, complete_steps, step_tag
+from ds_diffusers.checkpoint_reader import read_meta
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError
@@ -30,12 +31,16 @@ if TYPE_CHECKING:
     from ds_diffusers.metrics import RunLogger
 
 
-def resume_or_fresh_start(cfg: Config) -> Path | None:
+def resume_or_fresh_start(cfg: Config, world_size: int) -> Path | None:
     """The step folder to resume from, or None for a fresh start that overwrites nothing it must not.
-    Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created."""
+    Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created
+    and before any model is loaded, so settings the checkpoint cannot be resumed with (ZeRO stage,
+    LoRA, process count, ...) are refused at once."""
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         check_fresh_start(cfg)
+    else:
+        checkpoint.check_settings(read_meta(resume_from), cfg, world_size, resume_from)
     return resume_from
 
 

@@ -184,3 +184,20 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_abandons(monkeypatch):
             signal.signal(signum, handler)
     monkeypatch.setattr(preemption, "_received", [signal.SIGTERM])
     assert preemption.exit_code() == preemption.EXIT_PREEMPTED
+
+
+def test_changed_settings_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """`resume_or_fresh_start` is what `train.set_up` runs before it loads the models: a ZeRO 0 -> 3
+    resume must stop there, from the metadata alone, not after a 75 s model load."""
+    from ds_diffusers import checkpoint_manager
+
+    save(make_cfg(tmp_path, zero_optimization={"stage": 0}), 4)
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the refusal came at load time"))
+    changed = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 3})
+    with pytest.raises(ConfigError) as info:
+        checkpoint_manager.resume_or_fresh_start(changed, 1)
+    assert "zero_optimization.stage = 0" in info.value.fix and "this run has 3" in info.value.fix
+    same = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 0})
+    with pytest.raises(ConfigError, match="number of processes = 1"):
+        checkpoint_manager.resume_or_fresh_start(same, 2)
+    assert checkpoint_manager.resume_or_fresh_start(same, 1) == tmp_path / "ckpt" / "step_4"
