@@ -193,6 +193,22 @@ def _write_error(err: Exception, step_dir: Path) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({step_dir})"
 
 
+def _save_fix(cfg: Config, error: str, previous: str | None) -> str:
+    """What helps after a failed save. A new step is written before the oldest is pruned (so a failed
+    save never costs the last good one): a full disk needs room for one more step, whatever
+    checkpoints_total_limit is."""
+    if not error.startswith("no space left"):
+        return "Fix the cause above (permissions, the folder)"
+    previous_dir = Path(cfg.checkpoint_dir) / (previous or "")
+    size = sum(f.stat().st_size for f in previous_dir.rglob("*") if f.is_file()) if previous else 0
+    room = f"about {max(size / 1e9, 0.1):.1f} GB (the size of {previous})" if size else "the size of one checkpoint"
+    fix = (f"A save needs room for one more step before the oldest is pruned: free {room} on that disk, or move "
+           "checkpoint_dir to a disk with more room")
+    if cfg.checkpoints_total_limit > 1:
+        fix += f" (or lower checkpoints_total_limit, now {cfg.checkpoints_total_limit}, to keep fewer old steps)"
+    return fix
+
+
 def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> dict[str, Any]:
     """This rank's files; returns the train state's position, the same on every rank, for the metadata."""
     tag = step_tag(state.global_step)
@@ -254,8 +270,8 @@ def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any)
         barrier()
         kept = f"'{LATEST}' still names {previous}" if previous else f"no complete checkpoint is in {cfg.checkpoint_dir} yet"
         raise TrainingError(f"saving checkpoint {step_dir} failed: {error or 'on another rank, see its message'}; the partial "
-                            f"folder was removed and {kept}. Free space or fix permissions (or lower checkpoints_total_limit), "
-                            "then resume with resume_from_checkpoint=latest.")
+                            f"folder was removed and {kept}. {_save_fix(cfg, error, previous)}, then resume with "
+                            "resume_from_checkpoint=latest.")
     barrier()
     return step_dir
 

@@ -47,6 +47,20 @@ def test_full_disk_during_save_names_the_disk_and_removes_the_partial_folder(tmp
     assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
 
 
+def test_full_disk_with_one_checkpoint_kept_says_what_helps(tmp_path):
+    """With checkpoints_total_limit 1 a lower limit cannot help: the new step is written before the old
+    one is pruned. The message says how much room one more step needs, or to move checkpoint_dir."""
+    cfg = make_cfg(tmp_path, checkpoints_total_limit=1)
+    save(cfg, 3)
+    with pytest.raises(TrainingError) as info:
+        save(cfg, 6, FakeEngine(OSError(28, "No space left on device")))
+    message = str(info.value)
+    assert "checkpoints_total_limit" not in message
+    assert "free about 0.1 GB (the size of step_3)" in message and "move checkpoint_dir" in message
+    with pytest.raises(TrainingError, match="lower checkpoints_total_limit, now 3"):
+        save(make_cfg(tmp_path, checkpoints_total_limit=3), 6, FakeEngine(OSError(28, "No space left on device")))
+
+
 @pytest.mark.parametrize("fault", sorted(PATCHES))
 def test_fault_injection_still_finds_the_function_it_patches(fault):
     """The launcher and Slurm tests inject faults by patching these names from outside; a rename
