@@ -34,6 +34,7 @@ from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_me
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
+from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.family import FAMILY_NAMES, model_family
 from ds_diffusers.train_state import RNG_KEY, TrainState
@@ -306,6 +307,8 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     try:
         path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)
+        if path is not None:
+            release_checkpoint_files(engine)  # else the step stays in use: its pruning frees nothing
         rank_state = read_rank_state(step_dir, dist.rank) if path is not None else None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         path, reason = None, f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"

@@ -344,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         together = True
         return preemption.exit_code()
     except KeyboardInterrupt:  # a second Ctrl-C; a save it cut short removed its partial folder
-        print("ds-diffusers: interrupted by a second Ctrl-C; no checkpoint was saved now (an unfinished one was removed); "
-              "start again with resume_from_checkpoint=latest to continue from the last complete one", file=sys.stderr)
+        print("ds-diffusers: interrupted by a second Ctrl-C before the stop's checkpoint (a save in progress was abandoned and "
+              "its folder removed); start again with resume_from_checkpoint=latest to continue from the last complete one",
+              file=sys.stderr)
         return preemption.EXIT_INTERRUPTED
     finally:
         lock.release_all()
