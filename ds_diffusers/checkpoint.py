@@ -34,6 +34,7 @@ from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_me
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
+from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.family import FAMILY_NAMES, model_family
 from ds_diffusers.train_state import RNG_KEY, TrainState
@@ -193,6 +194,22 @@ def _write_error(err: Exception, step_dir: Path) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({step_dir})"
 
 
+def _save_fix(cfg: Config, error: str, previous: str | None) -> str:
+    """What helps after a failed save. A new step is written before the oldest is pruned (so a failed
+    save never costs the last good one): a full disk needs room for one more step, whatever
+    checkpoints_total_limit is."""
+    if not error.startswith("no space left"):
+        return "Fix the cause above (permissions, the folder)"
+    previous_dir = Path(cfg.checkpoint_dir) / (previous or "")
+    size = sum(f.stat().st_size for f in previous_dir.rglob("*") if f.is_file()) if previous else 0
+    room = f"about {max(size / 1e9, 0.1):.1f} GB (the size of {previous})" if size else "the size of one checkpoint"
+    fix = (f"A save needs room for one more step before the oldest is pruned: free {room} on that disk, or move "
+           "checkpoint_dir to a disk with more room")
+    if cfg.checkpoints_total_limit > 1:
+        fix += f" (or lower checkpoints_total_limit, now {cfg.checkpoints_total_limit}, to keep fewer old steps)"
+    return fix
+
+
 def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> dict[str, Any]:
     """This rank's files; returns the train state's position, the same on every rank, for the metadata."""
     tag = step_tag(state.global_step)
@@ -216,7 +233,18 @@ def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digest
 
 def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None) -> Path:
     """All ranks must call this. `latest` moves only after every rank has written everything; a
-    failed save removes its partial step folder and stops every rank with one message."""
+    failed save removes its partial step folder and stops every rank with one message, and a save cut
+    short by a second Ctrl-C (see `preemption`) removes it before the KeyboardInterrupt goes on."""
+    step_dir = Path(cfg.checkpoint_dir) / step_tag(state.global_step)
+    try:
+        return _save(engine, cfg, dist, state, ema)
+    except KeyboardInterrupt:
+        if dist.is_main and not (step_dir / META_FILE).is_file():  # complete once its metadata is out
+            shutil.rmtree(step_dir, ignore_errors=True)
+        raise
+
+
+def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> Path:
     global_step = state.global_step
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     latest = Path(cfg.checkpoint_dir) / LATEST
@@ -243,19 +271,25 @@ def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any =
         barrier()
         kept = f"'{LATEST}' still names {previous}" if previous else f"no complete checkpoint is in {cfg.checkpoint_dir} yet"
         raise TrainingError(f"saving checkpoint {step_dir} failed: {error or 'on another rank, see its message'}; the partial "
-                            f"folder was removed and {kept}. Free space or fix permissions (or lower checkpoints_total_limit), "
-                            "then resume with resume_from_checkpoint=latest.")
+                            f"folder was removed and {kept}. {_save_fix(cfg, error, previous)}, then resume with "
+                            "resume_from_checkpoint=latest.")
     barrier()
     return step_dir
 
 
-def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
-    """Raise on settings the checkpoint cannot be loaded with; return the other changed training keys."""
+def check_settings(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> None:
+    """Raise on settings the checkpoint cannot be loaded with. Reads the metadata only: the resume
+    check calls it before any model is loaded, so a refusal costs seconds, not a model load."""
     current = resume_settings(cfg, world_size)
-    for key, saved in meta["settings"].items():
+    for key, saved in meta.get("settings", {}).items():
         if current.get(key) != saved:
             raise ConfigError("resume_from_checkpoint", str(step_dir), f"the checkpoint was saved with {key} = {saved}, "
                               f"this run has {current.get(key)}; restore that setting, or start a new run in another checkpoint_dir")
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
+    """Raise on settings the checkpoint cannot be loaded with; return the other changed training keys."""
+    check_settings(meta, cfg, world_size, step_dir)
     old, new = meta["training_config"], training_config(cfg)
     return sorted(key for key in new if json.dumps(new[key], default=str) != json.dumps(old.get(key), default=str))
 
@@ -273,6 +307,8 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     try:
         path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True, load_module_strict=not cfg.use_lora.action)
+        if path is not None:
+            release_checkpoint_files(engine)  # else the step stays in use: its pruning frees nothing
         rank_state = read_rank_state(step_dir, dist.rank) if path is not None else None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         path, reason = None, f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ds_diffusers import checkpoint, preemption
 from ds_diffusers.checkpoint import LATEST, complete_steps, step_tag
+from ds_diffusers.checkpoint_reader import read_meta
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError
@@ -30,28 +31,30 @@ if TYPE_CHECKING:
     from ds_diffusers.metrics import RunLogger
 
 
-def resume_or_fresh_start(cfg: Config) -> Path | None:
+def resume_or_fresh_start(cfg: Config, world_size: int) -> Path | None:
     """The step folder to resume from, or None for a fresh start that overwrites nothing it must not.
-    Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created."""
+    Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created
+    and before any model is loaded, so settings the checkpoint cannot be resumed with (ZeRO stage,
+    LoRA, process count, ...) are refused at once."""
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         check_fresh_start(cfg)
+    else:
+        checkpoint.check_settings(read_meta(resume_from), cfg, world_size, resume_from)
     return resume_from
 
 
 def check_fresh_start(cfg: Config) -> None:
     """Refuse to start a new run on top of another run's results unless `overwrite_output_dir`.
 
-    With resume requested but no checkpoint yet, leftover logs are this run's own earlier attempt (a
-    requeued job that died before its first save): they do not block the restart."""
+    A run's results are its checkpoints and its export. Logs and ds_config.json alone are an attempt
+    that failed before its first save (a bad image, a non-finite stop, Ctrl-C during that save): the
+    same command must start again once the cause is fixed, and `clear_previous_run` removes them."""
     leftovers = []
     if complete_steps(cfg.checkpoint_dir) or (Path(cfg.checkpoint_dir) / LATEST).exists():
         leftovers.append(f"checkpoint_dir {cfg.checkpoint_dir} holds checkpoints")
-    results = list(EXPORT_RESULTS)
-    if cfg.resume_from_checkpoint is False:
-        results.append("logs")
     out = Path(cfg.output_dir)
-    if any((out / name).exists() for name in results):
+    if any((out / name).exists() for name in EXPORT_RESULTS):
         leftovers.append(f"output_dir {cfg.output_dir} holds a previous run's results")
     if leftovers and not cfg.overwrite_output_dir:
         raise ConfigError("overwrite_output_dir", False, f"{'; '.join(leftovers)}. Resume it with "

@@ -79,6 +79,26 @@ def start_wandb(cfg: Config) -> Any:
                           "or set WANDB_API_KEY, or log offline with offline: true (or WANDB_MODE=offline)") from None
 
 
+def keep_history_until(metrics_path: Path, step: int) -> None:
+    """Rank 0, before a (resumed) run appends: drop the records after `step`, the step it resumes from.
+    They were logged by an attempt whose later checkpoints were lost or skipped (a crash after the log
+    point, a damaged step the resume fell back from); kept, the same steps would appear twice and a
+    plot of the file would zigzag. A line cut short by a crash is dropped too."""
+    if not metrics_path.is_file():
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, metrics_path)
+
+
 class RunLogger:
     def __init__(self, cfg: Config, *, is_main: bool, total_steps: int, initial_step: int, monitor: Any = None) -> None:
         self.is_main = is_main
@@ -94,6 +114,7 @@ class RunLogger:
         # One JSON line per optimizer step: the run's history, readable without any logging service.
         metrics_path = Path(cfg.output_dir) / "logs" / "metrics.jsonl"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        keep_history_until(metrics_path, initial_step)
         self.metrics_file = metrics_path.open("a")
         # Always shown: the launch scripts pipe output through `tee`, which tqdm's auto-detection
         # would take for a non-terminal and silence. Through a pipe, refresh less often.

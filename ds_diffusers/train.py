@@ -105,7 +105,7 @@ def set_up(cfg: Config) -> Run:
     train_data = prepare_train_data(cfg, dist)
     hf_dataset, checks = train_data.dataset, train_data.checks
     image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
-    resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg), dist.is_main))
+    resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg, dist.world_size), dist.is_main))
     # The folders are created here, with their locks, once every check of the input has passed.
     raise_on_every_rank(lock.lock_run_folders(cfg) if dist.is_main else None)
     if resume_from is None and dist.is_main:
@@ -342,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except Preempted:
         together = True
-        return preemption.EXIT_PREEMPTED
+        return preemption.exit_code()
+    except KeyboardInterrupt:  # a second Ctrl-C; a save it cut short removed its partial folder
+        print("ds-diffusers: interrupted by a second Ctrl-C before the stop's checkpoint (a save in progress was abandoned and "
+              "its folder removed); start again with resume_from_checkpoint=latest to continue from the last complete one",
+              file=sys.stderr)
+        return preemption.EXIT_INTERRUPTED
     finally:
         lock.release_all()
         # Not after other errors: one rank may have failed alone, and its peers, waiting in a

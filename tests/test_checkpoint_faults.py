@@ -1,11 +1,13 @@
 """Checkpoint faults without processes: a full disk during a save, truncated files in the newest
-checkpoint (named, with the previous complete step to resume from)."""
+checkpoint (named, with the previous complete step to resume from), Ctrl-C during a save."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import json
+import os
+import signal
 import struct
 import zipfile
 from pathlib import Path
@@ -43,6 +45,20 @@ def test_full_disk_during_save_names_the_disk_and_removes_the_partial_folder(tmp
     assert not (tmp_path / "ckpt" / "step_6").exists()
     assert (tmp_path / "ckpt" / "latest").read_text() == "step_3"
     assert checkpoint.resume_target(make_cfg(tmp_path, resume_from_checkpoint="latest")) == tmp_path / "ckpt" / "step_3"
+
+
+def test_full_disk_with_one_checkpoint_kept_says_what_helps(tmp_path):
+    """With checkpoints_total_limit 1 a lower limit cannot help: the new step is written before the old
+    one is pruned. The message says how much room one more step needs, or to move checkpoint_dir."""
+    cfg = make_cfg(tmp_path, checkpoints_total_limit=1)
+    save(cfg, 3)
+    with pytest.raises(TrainingError) as info:
+        save(cfg, 6, FakeEngine(OSError(28, "No space left on device")))
+    message = str(info.value)
+    assert "checkpoints_total_limit" not in message
+    assert "free about 0.1 GB (the size of step_3)" in message and "move checkpoint_dir" in message
+    with pytest.raises(TrainingError, match="lower checkpoints_total_limit, now 3"):
+        save(make_cfg(tmp_path, checkpoints_total_limit=3), 6, FakeEngine(OSError(28, "No space left on device")))
 
 
 @pytest.mark.parametrize("fault", sorted(PATCHES))
@@ -152,3 +168,50 @@ def test_each_rank_hashes_the_files_it_wrote(tmp_path):
     assert mine == [sorted([MODEL_STATES, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank_0.pt"]),
                     sorted(["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
                             "rank_1.pt"])]
+
+
+def test_second_ctrl_c_during_a_save_removes_the_partial_folder(tmp_path):
+    cfg = make_cfg(tmp_path)
+    save(cfg, 3)
+    with pytest.raises(KeyboardInterrupt):
+        save(cfg, 6, FakeEngine(KeyboardInterrupt()))  # raised after the first file is written
+    assert not (tmp_path / "ckpt" / "step_6").exists()
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_3"
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_abandons(monkeypatch):
+    """The first SIGINT is a stop request like SIGTERM (a save, then exit 130, not a traceback in the
+    middle of the save); the second raises KeyboardInterrupt, which `checkpoint.save` cleans up after."""
+    from ds_diffusers import preemption
+
+    monkeypatch.setattr(preemption, "_received", [])
+    saved = {signum: signal.getsignal(signum) for signum in preemption.STOP_SIGNALS}
+    try:
+        preemption.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.signalled(1, 0) and preemption.signal_names() == "SIGINT"
+        assert preemption.exit_code() == preemption.EXIT_INTERRUPTED != preemption.EXIT_PREEMPTED
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    monkeypatch.setattr(preemption, "_received", [signal.SIGTERM])
+    assert preemption.exit_code() == preemption.EXIT_PREEMPTED
+
+
+def test_changed_settings_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """`resume_or_fresh_start` is what `train.set_up` runs before it loads the models: a ZeRO 0 -> 3
+    resume must stop there, from the metadata alone, not after a 75 s model load."""
+    from ds_diffusers import checkpoint_manager
+
+    save(make_cfg(tmp_path, zero_optimization={"stage": 0}), 4)
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the refusal came at load time"))
+    changed = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 3})
+    with pytest.raises(ConfigError) as info:
+        checkpoint_manager.resume_or_fresh_start(changed, 1)
+    assert "zero_optimization.stage = 0" in info.value.fix and "this run has 3" in info.value.fix
+    same = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 0})
+    with pytest.raises(ConfigError, match="number of processes = 1"):
+        checkpoint_manager.resume_or_fresh_start(same, 2)
+    assert checkpoint_manager.resume_or_fresh_start(same, 1) == tmp_path / "ckpt" / "step_4"

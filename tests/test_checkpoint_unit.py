@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from ds_diffusers import checkpoint, checkpoint_manager
@@ -42,12 +44,18 @@ def test_resume_target(tmp_path):
 
 def test_fresh_start_refusals(tmp_path):
     checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))  # empty folders: fine
+    # a run that failed before its first save (or a requeued job that died then) starts again
     (tmp_path / "out" / "logs").mkdir(parents=True)
+    (tmp_path / "out" / "logs" / "metrics.jsonl").write_text("")
+    (tmp_path / "out" / "ds_config.json").write_text("{}")
+    (tmp_path / "ckpt" / "step_2").mkdir(parents=True)  # the partial folder of an interrupted first save
+    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))
+    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    make_step(tmp_path / "ckpt", 4)  # a checkpoint is a previous run's result
     with pytest.raises(ConfigError) as info:
         checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint=False))
-    assert info.value.field == "overwrite_output_dir"
-    # a requeued job that died before its first checkpoint restarts instead of failing
-    checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))
+    assert info.value.field == "overwrite_output_dir" and "holds checkpoints" in info.value.fix
+    shutil.rmtree(tmp_path / "ckpt" / "step_4")
     (tmp_path / "out" / "unet").mkdir()
     with pytest.raises(ConfigError):
         checkpoint_manager.check_fresh_start(make_cfg(tmp_path, resume_from_checkpoint="latest"))

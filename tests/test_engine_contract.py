@@ -9,6 +9,7 @@ holds, whatever stage the policy picks.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 from pathlib import Path
@@ -19,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
 from ds_diffusers.engine import (MasterWeights, full_numel, full_shape, gathered, is_zero3_param, local_partition,
-                                 mmap_checkpoint_reads, optimizer_fp32_tensors, skip_nonfinite_steps, skip_single_rank_allreduce)
+                                 mmap_checkpoint_reads, optimizer_fp32_tensors, release_checkpoint_files, skip_nonfinite_steps,
+                                 skip_single_rank_allreduce)
 from ds_diffusers.engine.checkpoint_files import BF16_OPTIMIZER_STATES, MODEL_STATES, deepspeed_writer_rank, read_fp32_state
 from ds_diffusers.engine.params import partition_numel, regather_held
 
@@ -367,19 +369,25 @@ def _anonymous_rss_mb() -> float:
     pytest.skip("no RssAnon in /proc/self/status")
 
 
-def test_stage0_resume_reads_the_optimizer_state_memory_mapped(one_rank, tmp_path):
-    """Every rank reads the model-states file whole; under ZeRO-0 it holds the full optimizer state.
-    Memory-mapped, loading it adds (almost) no private memory, and the round trip is exact."""
+def _saved_stage0_engine(width: int, tmp_path: Path):
+    """A ZeRO-0 fp32 engine of one Linear(width, width) with mapped checkpoint reads, one step taken and
+    saved as tmp_path/t; with the weight's AdamW state as saved."""
     import deepspeed
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(2000, 2000)  # 4 M parameters: about 48 MB of fp32 weights and AdamW state
+    model = torch.nn.Linear(width, width)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config(0, "fp32"))
     mmap_checkpoint_reads(engine)
-    engine.backward(engine(torch.randn(MICRO, 2000)).pow(2).mean())
+    engine.backward(engine(torch.randn(MICRO, width)).pow(2).mean())
     engine.step()
     engine.save_checkpoint(str(tmp_path), tag="t")
-    saved = {key: value.clone() for key, value in engine.optimizer.state[model.weight].items()}
+    return engine, model, {key: value.clone() for key, value in engine.optimizer.state[model.weight].items()}
+
+
+def test_stage0_resume_reads_the_optimizer_state_memory_mapped(one_rank, tmp_path):
+    """Every rank reads the model-states file whole; under ZeRO-0 it holds the full optimizer state.
+    Memory-mapped, loading it adds (almost) no private memory, and the round trip is exact."""
+    engine, model, saved = _saved_stage0_engine(2000, tmp_path)  # about 48 MB of fp32 weights and AdamW state
     reads = []
     patched = engine.checkpoint_engine.load
     engine.checkpoint_engine.load = lambda path, map_location=None: reads.append(Path(path).name) or patched(path, map_location)
@@ -392,6 +400,26 @@ def test_stage0_resume_reads_the_optimizer_state_memory_mapped(one_rank, tmp_pat
     assert all(torch.equal(restored[key], value) for key, value in saved.items())
     file_mb = (tmp_path / "t" / "mp_rank_00_model_states.pt").stat().st_size / 2**20
     assert grown < file_mb / 4, f"loading a {file_mb:.0f} MB checkpoint added {grown:.0f} MB of private memory"
+
+
+def _mapped_files(folder: Path) -> set[str]:
+    return {line.split(maxsplit=5)[-1].strip() for line in Path("/proc/self/maps").read_text().splitlines()
+            if str(folder) in line}
+
+
+def test_a_resumed_step_is_not_held_mapped(one_rank, tmp_path):
+    """torch's Optimizer.load_state_dict keeps a host tensor as it is, so the mapped state stayed backed
+    by the step's file for the whole run (pruning it freed no space; on NFS it left the folder behind).
+    After `release_checkpoint_files` nothing of the step folder is mapped and the state is unchanged."""
+    engine, model, saved = _saved_stage0_engine(200, tmp_path)
+    engine.load_checkpoint(str(tmp_path), tag="t")
+    gc.collect()
+    assert _mapped_files(tmp_path / "t"), "the loaded optimizer state no longer aliases the mapped file: release is moot"
+    release_checkpoint_files(engine)
+    gc.collect()
+    assert not _mapped_files(tmp_path / "t")
+    restored = engine.optimizer.state[model.weight]
+    assert all(torch.equal(restored[key], value) for key, value in saved.items())
 
 
 # The single-rank all-reduce switch (engine/stage.py)

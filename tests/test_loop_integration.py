@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_diffusers.preemption import EXIT_PREEMPTED
+from ds_diffusers.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from tests.fault_injection import injected
 from tests.helpers import assert_ok, launch, losses, run_cfg
 
@@ -45,6 +45,28 @@ def test_stop_signal_on_a_save_step_saves_once_and_exits_75(tiny_assets, tmp_pat
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_2"]
     assert not (tmp_path / "model" / "unet").exists()
     assert "terminate called" not in output  # the process group was torn down before exit
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_save_stops_cleanly_with_exit_130(tiny_assets, tmp_path, presses):
+    """One Ctrl-C during the step-2 save: the save finishes, the run stops at the next step with its
+    save. Two: the save is abandoned and its folder removed. One line either way, no traceback, and the
+    same command with resume continues."""
+    overrides = run_cfg(tiny_assets, tmp_path, "max_train_steps=6", "save_interval=2")
+    fault = "sigint_during_save:2" if presses == 1 else "sigint_twice_during_save:2"
+    with injected(fault):
+        result = launch(overrides)
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_INTERRUPTED, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    checkpoints = tmp_path / "checkpoints"
+    steps = sorted(p.name for p in checkpoints.glob("step_*"))
+    if presses == 1:
+        assert "stopped by SIGINT at step 3" in output and steps == ["step_2", "step_3"]
+    else:
+        assert output.count("interrupted by a second Ctrl-C") == 1 and steps == []
+        assert not (checkpoints / "latest").exists()
+    assert_ok(launch([*overrides, "resume_from_checkpoint=latest"]))
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The training progress bar: one count per optimizer step, whatever the log cadence, and a run
-stopped early does not show 100%."""
+stopped early does not show 100%; metrics.jsonl after a resume from an older step."""
 
 from __future__ import annotations
 
@@ -38,3 +38,21 @@ def test_a_resumed_run_counts_from_its_step(tmp_path):
     logger = RunLogger(make_cfg(tmp_path), is_main=True, total_steps=6, initial_step=3)
     assert _run(logger, 2, first=4) == [4, 5]
     logger.close()
+
+
+def test_a_resume_from_an_older_step_drops_the_records_after_it(tmp_path):
+    """After a resume from step 3 (say the step-5 checkpoint was damaged), steps 4 and 5 are logged
+    again: the earlier attempt's records of them (and a line cut short by its crash) are dropped, so
+    each step appears once, in order."""
+    import json
+
+    cfg = make_cfg(tmp_path)
+    metrics = tmp_path / "out" / "logs" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)) + '{"step": 6, "lo')
+    logger = RunLogger(cfg, is_main=True, total_steps=6, initial_step=3)
+    _run(logger, 3, first=4)
+    logger.close()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    assert [record["loss"] for record in records] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]

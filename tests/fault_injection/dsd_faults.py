@@ -4,6 +4,9 @@
                                step_<step> are written, before the rest of that checkpoint (a lost rank)
     enospc_during_save:<step>  DeepSpeedEngine.save_checkpoint: every rank raises what torch's zip
                                writer raises on a full disk, after step_<step>'s engine files
+    sigint_during_save:<step>  DeepSpeedEngine.save_checkpoint: rank 0 sends itself SIGINT once the engine
+                               files of step_<step> are written (Ctrl-C during a save)
+    sigint_twice_during_save:<step>  the same, twice (a user who will not wait for the save)
     kill_after_save:<step>     ds_diffusers.checkpoint.save: SIGKILL rank 0 once the checkpoint of
                                step <step> is complete (a crash resumable from it)
     usr1_at_step:<step>        ds_diffusers.preemption.signalled: rank 0 sends itself SIGUSR1 at that
@@ -60,6 +63,9 @@ def fail_engine_save(save_checkpoint: Callable[..., Any], fault: str, step: int)
         if tag == f"step_{step}":
             if fault == "kill_during_save" and _rank() == 0:
                 _kill_self()
+            if fault in ("sigint_during_save", "sigint_twice_during_save") and _rank() == 0:
+                for _ in range(2 if fault == "sigint_twice_during_save" else 1):
+                    os.kill(os.getpid(), signal.SIGINT)  # through the real handler, as a terminal's Ctrl-C
             if fault == "enospc_during_save":
                 raise RuntimeError(FULL_DISK_ERROR)
         return result
@@ -102,6 +108,8 @@ def _patch_signalled(module: ModuleType, fault: str, step: int) -> None:
 PATCHES: dict[str, tuple[str, str, Callable[[ModuleType, str, int], None]]] = {
     "kill_during_save": ("deepspeed.runtime.engine", "DeepSpeedEngine.save_checkpoint", _patch_engine),
     "enospc_during_save": ("deepspeed.runtime.engine", "DeepSpeedEngine.save_checkpoint", _patch_engine),
+    "sigint_during_save": ("deepspeed.runtime.engine", "DeepSpeedEngine.save_checkpoint", _patch_engine),
+    "sigint_twice_during_save": ("deepspeed.runtime.engine", "DeepSpeedEngine.save_checkpoint", _patch_engine),
     "kill_after_save": ("ds_diffusers.checkpoint", "save", _patch_checkpoint_save),
     "usr1_at_step": ("ds_diffusers.preemption", "signalled", _patch_signalled),
 }
