@@ -104,6 +104,38 @@ def test_imagefolder_without_metadata_is_config_error(tmp_path):
     assert caught.value.field == "dataset_dir" and "metadata.jsonl" in caught.value.fix
 
 
+@pytest.mark.parametrize("content, line, words", [
+    (b"", 1, "no rows"),  # datasets: IndexError traceback
+    (b"\n  \n", 1, "no rows"),
+    ('{"file_name": "0.png", "text": "red"}\n{"file_name": "1.png", "text": "caf\u00e9"}\n'.encode("latin1"), 2,
+     "not UTF-8"),  # datasets: DatasetGenerationError naming no file or line
+    (b'{"file_name": "0.png", "text": "red"}\n{"file_name": "1.png", "text": "green"\n', 2, "not JSON"),
+])
+def test_bad_metadata_jsonl_is_one_line_naming_file_line_and_fix(tmp_path, content, line, words):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row, image in enumerate(solid_images()[:2]):
+        image.save(folder / f"{row}.png")
+    (folder / "metadata.jsonl").write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_train_dataset(str(folder), imagefolder=True, cache_dir=str(tmp_path / "cache"))
+    message = str(caught.value)
+    assert caught.value.field == "dataset_dir" and "\n" not in message
+    assert f"{folder / 'metadata.jsonl'} line {line}:" in message and words in message
+    assert "UTF-8" in message if words == "not UTF-8" else "one JSON object per line" in message
+
+
+def test_metadata_jsonl_with_a_bom_and_blank_lines_still_loads(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row, image in enumerate(solid_images()[:2]):
+        image.save(folder / f"{row}.png")
+    lines = [json.dumps({"file_name": f"{row}.png", "text": captions_for(row)}) for row in range(2)]
+    (folder / "metadata.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n\n", encoding="utf-8")
+    loaded = load_train_dataset(str(folder), imagefolder=True, cache_dir=str(tmp_path / "cache"))
+    assert len(loaded) == 2
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt"])
 def test_unusable_dataset_dir_is_config_error(tmp_path, case):
     folder = tmp_path / "data"
