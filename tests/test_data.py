@@ -166,6 +166,40 @@ def test_prepare_train_data_checks_once_and_a_refusal_stops_every_rank(tmp_path)
     assert caught.value.field == "caption_column" and caught.value.value == "nope"
 
 
+def test_arrow_cache_is_under_cache_dir_and_a_refused_run_leaves_no_cache_anywhere(tmp_path, monkeypatch, capsys):
+    """Issue 21: every run reaching the dataset wrote into ~/.cache/huggingface/datasets, refused or not."""
+    from ds_diffusers.config import validate_dict
+    from ds_diffusers.data import prepare_train_data
+    from ds_diffusers.distributed import StoppedOnEveryRank
+    from tests.helpers import SINGLE, with_changes
+
+    hf_home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(hf_home / "datasets"))  # read at import
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row, image in enumerate(solid_images()):
+        image.save(folder / f"{row}.png")
+    lines = [json.dumps({"file_name": f"{row}.png", "text": captions_for(row)}) for row in range(6)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    raw = with_changes(dataset_dir=str(folder), imagefolder=True, train_micro_batch_size_per_gpu=2,
+                       cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(StoppedOnEveryRank):
+        prepare_train_data(validate_dict({**raw, "caption_column": "nope"}), SINGLE)
+    assert not hf_home.exists() and not (tmp_path / "cache").exists()
+
+    prepared = prepare_train_data(validate_dict(raw), SINGLE)
+    assert len(prepared.dataset) == 6 and not hf_home.exists()
+    arrow_files = list((tmp_path / "cache" / "datasets").rglob("*.arrow"))
+    assert arrow_files and all(path.stat().st_size for path in arrow_files)
+    assert f"its Arrow cache {tmp_path / 'cache' / 'datasets'} holds " in capsys.readouterr().out
+
+    with pytest.raises(StoppedOnEveryRank):  # a refusal after a good run keeps that run's cache
+        prepare_train_data(validate_dict({**raw, "caption_column": "nope"}), SINGLE)
+    assert sorted((tmp_path / "cache" / "datasets").rglob("*.arrow")) == sorted(arrow_files)
+
+
 # ---- columns ----
 
 def test_resolve_columns_auto_detects_image_feature_and_caption_name():
