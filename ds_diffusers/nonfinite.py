@@ -5,11 +5,12 @@ themselves are skipped by `engine.overflow`.)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from ds_diffusers.distributed import all_ranks_ok
+from ds_diffusers.distributed import all_gather, all_ranks_ok
 from ds_diffusers.engine import optimizer_fp32_tensors
 from ds_diffusers.errors import TrainingError
 
@@ -32,17 +33,43 @@ def check_weights_before_writing(engine: Any, device: torch.device, what: str, g
                             "(lr_warmup_steps) or gradient_clipping (e.g. 1.0).")
 
 
-def nonfinite_stop_message(run: int, global_step: int, epoch: int, fp16: bool) -> str:
-    """Why training stops after `max_nonfinite_steps` non-finite losses in a row, and what to change."""
-    if fp16:
+# Above this, fp32 masters of a diffusion UNet (|w| well under 100 at any healthy point) have diverged.
+_DIVERGED_WEIGHT = 1e4
+_STEP_KEYS = "optimizer.params.lr, lr_warmup_steps, gradient_clipping (e.g. 1.0)"
+
+
+def master_weights_largest(engine: Any, device: torch.device) -> float:
+    """All ranks must call this. The largest |weight| among every rank's fp32 masters; inf when one
+    of them is nan or inf."""
+    tensors = optimizer_fp32_tensors(engine)
+    largest = 0.0
+    if tensors:
+        norms = torch.stack([norm.to(device) for norm in torch._foreach_norm(tensors, float("inf"))])
+        largest = float(norms.max()) if bool(norms.isfinite().all()) else math.inf
+    return max(all_gather(largest))
+
+
+def nonfinite_stop_message(run: int, global_step: int, epoch: int, fp16: bool, largest_weight: float) -> str:
+    """Why training stops after `max_nonfinite_steps` non-finite losses in a row, and what to change:
+    which of the weights or the loss went non-finite (the gradients of those steps follow from the
+    loss and were skipped), judged from `largest_weight` (`master_weights_largest`)."""
+    if not math.isfinite(largest_weight):
+        what = "the weights hold nan/inf"
+        causes = (f"an optimizer step wrote nan/inf into the weights: check optimizer.params (weight_decay, eps, "
+                  f"betas) for extreme values, then {_STEP_KEYS}; resume from the last checkpoint")
+    elif largest_weight > _DIVERGED_WEIGHT:
+        what = f"the weights are finite but have diverged (largest |weight| {largest_weight:.3g})"
+        causes = f"steps too large: lower {_STEP_KEYS}; resume from the last checkpoint"
+    elif fp16:
         # The loss scale multiplies the gradients, not the forward pass: lowering it cannot help a
         # forward that overflows fp16's range (65504).
+        what = f"the weights are finite (largest |weight| {largest_weight:.3g}), so the forward pass gives nan/inf"
         causes = ("the forward pass overflows fp16 (the loss scale only affects gradients, so changing "
-                  "use_fp16.initial_scale_power does not help): use bf16.enabled (fp32's range) or fp32, or lower "
-                  "optimizer.params.lr / add lr_warmup_steps / set gradient_clipping (e.g. 1.0) if the weights diverged")
+                  "use_fp16.initial_scale_power does not help): use bf16.enabled (fp32's range) or fp32")
     else:
-        causes = ("learning rate too high (lower optimizer.params.lr, add lr_warmup_steps or set gradient_clipping, "
-                  "e.g. 1.0), or corrupt input images")
+        what = f"the weights are finite (largest |weight| {largest_weight:.3g}), so the forward pass gives nan/inf"
+        causes = ("input images with nan/inf pixels or extreme values (check the dataset), or the loss settings "
+                  "(snr_gamma, noise_offset, input_perturbation)")
     return (f"loss is nan/inf at {run} optimizer steps in a row (up to step {global_step}, epoch {epoch}); those "
-            f"steps were skipped and no weights were written from them. Likely causes: {causes}. "
-            "max_nonfinite_steps sets how many in a row are tolerated.")
+            f"steps were skipped and no weights were written from them. Non-finite: {what}. Likely causes: "
+            f"{causes}. max_nonfinite_steps sets how many in a row are tolerated.")

@@ -38,7 +38,7 @@ from ds_diffusers.export import export_model
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
-from ds_diffusers.nonfinite import check_weights_before_writing, nonfinite_stop_message
+from ds_diffusers.nonfinite import check_weights_before_writing, master_weights_largest, nonfinite_stop_message
 from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.run_plan import RunPlan, epoch_batches
@@ -286,8 +286,9 @@ def log_point(run: Run, stats: WindowStats, window_started: float) -> float:
                                             "epoch": state.epoch, "skipped_steps": float(engine.skipped_steps),
                                             "nonfinite_losses": float(stats.nonfinite_losses)})
     if stats.longest_nonfinite_run >= cfg.max_nonfinite_steps:
+        largest_weight = master_weights_largest(engine, run.dist.device)  # all ranks: they agreed on stats
         raise TrainingError(nonfinite_stop_message(stats.longest_nonfinite_run, state.global_step, state.epoch,
-                                                   cfg.use_fp16.enabled))
+                                                   cfg.use_fp16.enabled, largest_weight))
     return now
 
 

@@ -221,7 +221,7 @@ if os.environ.get("DSD_LOAD_SPY"):
         import torch.distributed
 
         record = {"rank": int(os.environ.get("RANK", "-1")), "group": torch.distributed.is_initialized(),
-                  "arrow_files_before": len(list(Path(os.environ["HF_DATASETS_CACHE"]).rglob("*.arrow"))),
+                  "arrow_files_before": len(list(Path(kwargs.get("cache_dir") or os.environ["HF_DATASETS_CACHE"]).rglob("*.arrow"))),
                   "start": time.time()}
         try:
             return load(*args, **kwargs)

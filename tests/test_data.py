@@ -104,6 +104,38 @@ def test_imagefolder_without_metadata_is_config_error(tmp_path):
     assert caught.value.field == "dataset_dir" and "metadata.jsonl" in caught.value.fix
 
 
+@pytest.mark.parametrize("content, line, words", [
+    (b"", 1, "no rows"),  # datasets: IndexError traceback
+    (b"\n  \n", 1, "no rows"),
+    ('{"file_name": "0.png", "text": "red"}\n{"file_name": "1.png", "text": "caf\u00e9"}\n'.encode("latin1"), 2,
+     "not UTF-8"),  # datasets: DatasetGenerationError naming no file or line
+    (b'{"file_name": "0.png", "text": "red"}\n{"file_name": "1.png", "text": "green"\n', 2, "not JSON"),
+])
+def test_bad_metadata_jsonl_is_one_line_naming_file_line_and_fix(tmp_path, content, line, words):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row, image in enumerate(solid_images()[:2]):
+        image.save(folder / f"{row}.png")
+    (folder / "metadata.jsonl").write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_train_dataset(str(folder), imagefolder=True, cache_dir=str(tmp_path / "cache"))
+    message = str(caught.value)
+    assert caught.value.field == "dataset_dir" and "\n" not in message
+    assert f"{folder / 'metadata.jsonl'} line {line}:" in message and words in message
+    assert "UTF-8" in message if words == "not UTF-8" else "one JSON object per line" in message
+
+
+def test_metadata_jsonl_with_a_bom_and_blank_lines_still_loads(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row, image in enumerate(solid_images()[:2]):
+        image.save(folder / f"{row}.png")
+    lines = [json.dumps({"file_name": f"{row}.png", "text": captions_for(row)}) for row in range(2)]
+    (folder / "metadata.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n\n", encoding="utf-8")
+    loaded = load_train_dataset(str(folder), imagefolder=True, cache_dir=str(tmp_path / "cache"))
+    assert len(loaded) == 2
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt"])
 def test_unusable_dataset_dir_is_config_error(tmp_path, case):
     folder = tmp_path / "data"
@@ -132,6 +164,40 @@ def test_prepare_train_data_checks_once_and_a_refusal_stops_every_rank(tmp_path)
     with pytest.raises(StoppedOnEveryRank) as caught:
         prepare_train_data(validate_dict({**raw, "caption_column": "nope"}), SINGLE)
     assert caught.value.field == "caption_column" and caught.value.value == "nope"
+
+
+def test_arrow_cache_is_under_cache_dir_and_a_refused_run_leaves_no_cache_anywhere(tmp_path, monkeypatch, capsys):
+    """Issue 21: every run reaching the dataset wrote into ~/.cache/huggingface/datasets, refused or not."""
+    from ds_diffusers.config import validate_dict
+    from ds_diffusers.data import prepare_train_data
+    from ds_diffusers.distributed import StoppedOnEveryRank
+    from tests.helpers import SINGLE, with_changes
+
+    hf_home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(hf_home / "datasets"))  # read at import
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row, image in enumerate(solid_images()):
+        image.save(folder / f"{row}.png")
+    lines = [json.dumps({"file_name": f"{row}.png", "text": captions_for(row)}) for row in range(6)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    raw = with_changes(dataset_dir=str(folder), imagefolder=True, train_micro_batch_size_per_gpu=2,
+                       cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(StoppedOnEveryRank):
+        prepare_train_data(validate_dict({**raw, "caption_column": "nope"}), SINGLE)
+    assert not hf_home.exists() and not (tmp_path / "cache").exists()
+
+    prepared = prepare_train_data(validate_dict(raw), SINGLE)
+    assert len(prepared.dataset) == 6 and not hf_home.exists()
+    arrow_files = list((tmp_path / "cache" / "datasets").rglob("*.arrow"))
+    assert arrow_files and all(path.stat().st_size for path in arrow_files)
+    assert f"its Arrow cache {tmp_path / 'cache' / 'datasets'} holds " in capsys.readouterr().out
+
+    with pytest.raises(StoppedOnEveryRank):  # a refusal after a good run keeps that run's cache
+        prepare_train_data(validate_dict({**raw, "caption_column": "nope"}), SINGLE)
+    assert sorted((tmp_path / "cache" / "datasets").rglob("*.arrow")) == sorted(arrow_files)
 
 
 # ---- columns ----

@@ -91,10 +91,38 @@ def test_weight_check_reads_the_fp32_masters_inside_a_deepspeed_wrapper():
 
 
 def test_fp16_stop_message_does_not_blame_the_loss_scale():
-    text = nonfinite.nonfinite_stop_message(10, 42, 1, fp16=True)
+    text = nonfinite.nonfinite_stop_message(10, 42, 1, fp16=True, largest_weight=0.5)
     assert "loss is nan/inf at 10 optimizer steps in a row" in text and "bf16.enabled" in text
     assert "does not help" in text and "lower use_fp16.initial_scale_power" not in text
-    assert "max_nonfinite_steps" in nonfinite.nonfinite_stop_message(10, 42, 1, fp16=False)
+    assert "max_nonfinite_steps" in nonfinite.nonfinite_stop_message(10, 42, 1, fp16=False, largest_weight=0.5)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_stop_message_names_what_is_non_finite_and_the_keys_for_that_case(fp16):
+    """Issue 21: the message blamed the learning rate whatever had gone non-finite."""
+    def message(largest_weight):
+        return nonfinite.nonfinite_stop_message(10, 42, 1, fp16=fp16, largest_weight=largest_weight)
+
+    weights_bad = message(math.inf)  # e.g. weight_decay=Infinity: one step writes inf into the weights
+    assert "Non-finite: the weights hold nan/inf" in weights_bad and "weight_decay" in weights_bad
+    assert "resume from the last checkpoint" in weights_bad and "bf16" not in weights_bad
+    diverged = message(3e12)  # e.g. lr=1e12: finite weights far too large for a finite forward pass
+    assert "weights are finite but have diverged (largest |weight| 3e+12)" in diverged
+    assert "lower optimizer.params.lr" in diverged
+    forward = message(0.8)  # healthy weights: the learning rate is not the likely cause
+    assert "the weights are finite (largest |weight| 0.8), so the forward pass gives nan/inf" in forward
+    assert "optimizer.params.lr" not in forward
+    assert ("bf16.enabled" in forward) if fp16 else ("input images" in forward and "snr_gamma" in forward)
+    for text in (weights_bad, diverged, forward):
+        assert "\n" not in text and text.startswith("loss is nan/inf at 10 optimizer steps in a row")
+
+
+def test_largest_master_weight_is_inf_when_one_is_nan():
+    master = torch.nn.Parameter(torch.tensor([0.5, -2.0, 1.0]))
+    engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=torch.optim.SGD([master], lr=1.0)))
+    assert nonfinite.master_weights_largest(engine, torch.device("cpu")) == 2.0
+    master.data[0] = math.nan
+    assert nonfinite.master_weights_largest(engine, torch.device("cpu")) == math.inf
 
 
 def translate(accelerator: str, fused_adam_ok: bool, **changes) -> dict:

@@ -136,8 +136,9 @@ class Config(Block):
                                         "the frozen text encoder once and reuse the stored outputs.")
     cache_dir: str = Field("data/cache", json_schema_extra=CACHE, description="Where the caches live: a `latents-<key>` or "
                            "`text-<key>` folder per combination of encoder files, weight dtype, resolution, crop/flip, "
-                           "column and dataset (a change builds a new folder; old ones are never deleted). Must be shared "
-                           "by all nodes of a multi-node run.")
+                           "column and dataset (a change builds a new folder; old ones are never deleted), and `datasets/`, "
+                           "the Arrow cache `datasets` builds of a hub-layout or imagefolder dataset (its size is printed "
+                           "at start; delete it to free the space). Must be shared by all nodes of a multi-node run.")
     # --- model and objective
     use_lora: LoraCfg = Field(LoraCfg(), json_schema_extra=LORA, description="peft LoRA adapters on the UNet's attention "
                               "projections (the seed's key); off by default.")

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from ds_diffusers.data.metadata import check_metadata_files
 from ds_diffusers.errors import ConfigError
 
 CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "prompt")
@@ -59,6 +60,8 @@ def load_train_dataset(dataset_dir: str, imagefolder: bool, cache_dir: str | Non
     if layout == "imagefolder" and next(path.rglob("metadata.*"), None) is None:
         raise ConfigError("dataset_dir", dataset_dir, "an imagefolder needs a metadata.jsonl or metadata.csv "
                           "with a file_name column and a caption column next to the images")
+    if layout == "imagefolder":
+        check_metadata_files(dataset_dir, path)
     try:
         with _offline():
             if layout == "save_to_disk":

@@ -1,18 +1,23 @@
 """The training split, prepared once per job rather than once per rank, after the process group exists.
 
 Rank 0 loads the dataset first, which builds `datasets`' Arrow cache of a hub-layout or imagefolder
-dataset the first time, and checks it (columns, captions, image files, size for the world), while
-the others wait. Then the first rank of every other node loads it: its cache is rank 0's when the
-`datasets` cache (HF_DATASETS_CACHE) is on a shared filesystem, or that node's own build when it is
-node-local; both happen, so the order works for either. Then all remaining ranks load it from their
-node's cache. No two ranks build one cache at the same time, and a check that fails on rank 0
-stops every rank with its message (exit 2), before any folder is created.
+dataset the first time (under `cache_dir/datasets`, not `~/.cache/huggingface`: the user can find and
+delete it), and checks it (columns, captions, image files, size for the world), while the others wait.
+Then the first rank of every other node loads it: its cache is rank 0's when `cache_dir` is on a
+shared filesystem, or that node's own build when it is node-local; both happen, so the order works
+for either. Then all remaining ranks load it from their node's cache. No two ranks build one cache
+at the same time, and a check that fails on rank 0 stops every rank with its message (exit 2),
+before any folder is created; what that load added to the Arrow cache is removed again.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 
@@ -21,6 +26,7 @@ from ds_diffusers.data.dataset import check_dataset_size
 from ds_diffusers.data.decode import check_image_files
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples
 from ds_diffusers.distributed import DistInfo, broadcast_from_main, in_turn
+from ds_diffusers.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,18 +44,56 @@ class TrainData:
     checks: DataChecks
 
 
+def arrow_cache_dir(cfg: Config) -> Path:
+    """Where `datasets` writes the Arrow cache of a hub-layout or imagefolder dataset."""
+    return Path(cfg.cache_dir).expanduser() / "datasets"
+
+
 def load_selected(cfg: Config) -> datasets.Dataset:
     """The rows this run trains on (`max_train_samples` of them when set)."""
-    return select_train_samples(load_train_dataset(cfg.dataset_dir, cfg.imagefolder), cfg.max_train_samples, cfg.seed)
+    loaded = load_train_dataset(cfg.dataset_dir, cfg.imagefolder, cache_dir=str(arrow_cache_dir(cfg)))
+    return select_train_samples(loaded, cfg.max_train_samples, cfg.seed)
+
+
+@contextmanager
+def _removed_on_refusal(folder: Path) -> Iterator[None]:
+    """A ConfigError inside removes what was added under `folder` meanwhile (a refused run leaves no
+    cache behind); what was there before stays."""
+    created = None  # the outermost folder of `folder`'s path that this load would create
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        created = path
+    before = set(folder.rglob("*")) if created is None else set()
+    try:
+        yield
+    except ConfigError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            # Deepest first, so a new folder is empty by the time it is removed.
+            for added in sorted(set(folder.rglob("*")) - before, key=lambda path: len(path.parts), reverse=True):
+                if added.is_dir() and not added.is_symlink():
+                    shutil.rmtree(added, ignore_errors=True)
+                else:
+                    added.unlink(missing_ok=True)
+        raise
 
 
 def load_and_check(cfg: Config, world_size: int) -> TrainData:
-    """The dataset and every check of it; ConfigError naming the field, value and fix on bad data."""
-    hf_dataset = load_selected(cfg)
-    image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
-    missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
-    check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
+    """The dataset and every check of it; ConfigError naming the field, value and fix on bad data,
+    with nothing this load added to the Arrow cache left behind."""
+    with _removed_on_refusal(arrow_cache_dir(cfg)):
+        hf_dataset = load_selected(cfg)
+        image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
+        missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
+        check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
     return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images))
+
+
+def _size_text(folder: Path) -> str:
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def prepare_train_data(cfg: Config, dist: DistInfo) -> TrainData:
@@ -59,8 +103,10 @@ def prepare_train_data(cfg: Config, dist: DistInfo) -> TrainData:
     checked = in_turn(lambda: load_and_check(cfg, dist.world_size), dist.is_main)
     if dist.is_main:
         # One line, from the rank that did it: how long the other ranks waited, and that only one checked.
+        arrow = arrow_cache_dir(cfg)
         print(f"ds-diffusers: dataset {cfg.dataset_dir}: {len(checked.dataset)} rows loaded and checked on rank 0 "
-              f"in {time.perf_counter() - started:.1f} s", flush=True)
+              f"in {time.perf_counter() - started:.1f} s; its Arrow cache {arrow} holds {_size_text(arrow)} "
+              "(delete it to free the space; the next run rebuilds it)", flush=True)
     checks = broadcast_from_main(checked.checks if dist.is_main else None)
     node_first = in_turn(lambda: load_selected(cfg), not dist.is_main and dist.local_rank == 0)
     rest = in_turn(lambda: load_selected(cfg), dist.local_rank != 0)

@@ -18,6 +18,7 @@ from pathlib import Path
 from ds_diffusers.config.schema import Config
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.export import LORA_WEIGHTS
+from ds_diffusers.sampling.lora_targets import check_lora_targets
 from ds_diffusers.sampling.plan import LoraFile, SamplePlan
 
 # What `save_pretrained` writes (safetensors) and what older exports hold (bin).
@@ -159,7 +160,7 @@ def check_lora_fits(field: str, lora_file: Path, unet_dir: str) -> None:
 def resolve_weights(cfg: Config, plan: SamplePlan) -> list[WeightSource]:
     """One source per name in `plan.weights`, in that order; ConfigError naming every place looked
     at when a file is missing, or the LoRA file that is damaged or no LoRA, or one made for another
-    model family. Reads no tensor."""
+    model (a key that adapts no module of the base UNet, or not with its shape). Reads no tensor."""
     baseline = _baseline(cfg)  # the LoRA weights sit on the base UNet, so it must exist in any case
     sources = []
     for name in plan.weights:
@@ -175,4 +176,5 @@ def resolve_weights(cfg: Config, plan: SamplePlan) -> list[WeightSource]:
         for index, lora in enumerate(source.loras):
             field = f"sample.loras[{index}].path" if source.name == "lora" and plan.loras else "sample.weights"
             check_lora_fits(field, Path(lora.path), source.unet_dir)
+            check_lora_targets(field, Path(lora.path), source.unet_dir)
     return sources
