@@ -116,6 +116,12 @@ def requeue(rc: int, usr1: int = 0, term: int = 0, restarts: int = 0, max_restar
     return result.returncode == 0, result.stdout.strip()
 
 
+def test_exit_codes_match_the_python_side():
+    from ds_diffusers import preemption
+    result = bash(". scripts/lib/slurm.sh; echo $DSD_EXIT_PREEMPTED $DSD_EXIT_INTERRUPTED")
+    assert result.stdout.split() == [str(preemption.EXIT_PREEMPTED), str(preemption.EXIT_INTERRUPTED)]
+
+
 def test_requeue_decision():
     assert requeue(0) == (False, "tasks finished")
     assert requeue(75, restarts=9)[0], "preemption requeues whatever the restart count"
@@ -127,6 +133,7 @@ def test_requeue_decision():
     assert not requeue(1, max_restarts=0)[0]
     assert requeue(2) == (False, "tasks stopped with exit code 2 (a config error); not requeued")
     assert requeue(3) == (False, "tasks stopped with exit code 3 (training stopped); not requeued")
+    assert requeue(130) == (False, "tasks stopped with exit code 130 (interrupted by SIGINT); not requeued")
     assert not requeue(75, term=1)[0] and not requeue(1, term=1)[0]
 
 
@@ -137,6 +144,7 @@ def test_requeue_decision():
     (["srun: error: n2: task 5: Exited with exit code 75", "srun: error: n1: task 0: Killed"], 137, 75),
     (["srun: error: n1: task 1: Exited with exit code 1", "srun: error: n1: task 0: Terminated"], 143, 143),
     (["srun: error: n1: task 0: Exited with exit code 12"], 12, 12),
+    (["srun: error: n1: task 2: Exited with exit code 130", "srun: error: n1: task 0: Terminated"], 143, 130),
     ([], 0, 0),
 ])
 def test_step_exit_code(tmp_path, lines, rc, expected):

@@ -5,6 +5,7 @@
 # sources this file for dsd_tasks_on_node (only functions and constants are defined at the top level).
 
 DSD_EXIT_PREEMPTED=75 # ds_diffusers.preemption.EXIT_PREEMPTED: checkpoint saved, start again to continue
+DSD_EXIT_INTERRUPTED=130 # ds_diffusers.preemption.EXIT_INTERRUPTED: stopped by the user (SIGINT), saved or abandoned
 DSD_GOT_USR1=0
 DSD_GOT_TERM=0
 DSD_SRUN_PID=""
@@ -162,13 +163,13 @@ dsd_srun() {
 
 # Why a step ended, from srun's exit code RC and its task-exit lines in FILE. srun returns the highest
 # of its tasks' codes, counting a task killed by a signal as 128+signal, so when one rank stops in
-# order (2: config error, 3: training stopped, 75: preempted) before its peers and srun kills them
+# order (2: config error, 3: training stopped, 75: preempted, 130: interrupted) before its peers and srun kills them
 # (--kill-on-bad-exit), it returns 143 or 137, which would read as a crash. An orderly code that any
 # task exited with wins, in that order.
 dsd_step_exit_code() {
   local rc="$1" file="$2" code
   if ((rc != 0)); then
-    for code in 2 3 "$DSD_EXIT_PREEMPTED"; do
+    for code in 2 3 "$DSD_EXIT_PREEMPTED" "$DSD_EXIT_INTERRUPTED"; do
       if grep -Eq "Exited with exit code $code\$" "$file"; then
         echo "$code"
         return
@@ -183,7 +184,7 @@ dsd_step_exit_code() {
 # Preemption (exit 75, or any failure after USR1 was forwarded) always requeues. A crash (NCCL
 # timeout, a lost node or rank: any other non-zero code) requeues while the job has been restarted
 # fewer than MAX_RESTARTS times. Never: success, a config error (2), a stopped training (3: it would
-# stop again), or a TERM (scancel, the time limit: what happens then is Slurm's call).
+# stop again), an interrupt (130: the user sent SIGINT, e.g. scancel --signal=INT), or a TERM (scancel, the time limit: what happens then is Slurm's call).
 dsd_requeue_reason() {
   local rc="$1" got_usr1="$2" got_term="$3" restarts="$4" max="$5"
   if ((rc == 0)); then
@@ -200,6 +201,10 @@ dsd_requeue_reason() {
   fi
   if ((rc == 2 || rc == 3)); then
     echo "tasks stopped with exit code $rc ($( ((rc == 2)) && echo "a config error" || echo "training stopped")); not requeued"
+    return 1
+  fi
+  if ((rc == DSD_EXIT_INTERRUPTED)); then
+    echo "tasks stopped with exit code $rc (interrupted by SIGINT); not requeued"
     return 1
   fi
   if ((restarts < max)); then
