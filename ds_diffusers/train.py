@@ -28,6 +28,7 @@ from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.config.show import add_print_options, print_deepspeed_config
 from ds_diffusers.data import build_train_dataloader, default_num_workers, prepare_caches, prepare_train_data, to_device
+from ds_diffusers.data.buckets import bucket_plan_for
 from ds_diffusers.distributed import (DistInfo, StoppedOnEveryRank, barrier, broadcast_from_main, in_turn, init_distributed,
                                       raise_on_every_rank, shutdown_distributed)
 from ds_diffusers.ema import ShardedEMA
@@ -138,15 +139,17 @@ def set_up(cfg: Config) -> Run:
 
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
+    buckets = bucket_plan_for(cfg, checks.image_sizes, dist.world_size)
     loader, sampler, dataset = build_train_dataloader(
-        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
+        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=max(cfg.bucket_resolutions or [cfg.resolution])
+        if buckets else cfg.resolution, center_crop=cfg.center_crop,
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
         latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
         skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
-        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl",
+        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl", buckets=buckets,
     )
-    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
+    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size, sampler.batches_per_epoch if buckets else None)
 
     engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
@@ -162,6 +165,8 @@ def set_up(cfg: Config) -> Run:
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
+    if buckets is not None:
+        logger.message(buckets.histogram())
     if missing_images:
         logger.message(f"skipping {len(missing_images)} row(s) whose image file is missing (skip_bad_images), first: row {missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.data.buckets import read_image_sizes
 from ds_diffusers.data.dataset import check_dataset_size
 from ds_diffusers.data.decode import check_image_files
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples
@@ -36,6 +38,7 @@ class DataChecks:
     image_column: str
     caption_column: str
     missing_images: list[int]  # rows whose image file is missing (skip_bad_images)
+    image_sizes: np.ndarray | None = None  # (height, width) per row from the headers (aspect_ratio_buckets)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,9 @@ def load_and_check(cfg: Config, world_size: int) -> TrainData:
         image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
         missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
         check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
-    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images))
+        # Headers only, once per job: every rank gets the sizes with the other checks' results.
+        sizes = read_image_sizes(hf_dataset, image_column, cfg.skip_bad_images) if cfg.aspect_ratio_buckets else None
+    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, sizes))
 
 
 def _size_text(folder: Path) -> str:
