@@ -137,9 +137,9 @@ def set_up(cfg: Config) -> Run:
     groups = param_groups(unet, cfg)
     num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
-    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
-    num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
     buckets = bucket_plan_for(cfg, checks.image_sizes, dist.world_size)
+    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
+    num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
     loader, sampler, dataset = build_train_dataloader(
         hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=max(cfg.bucket_resolutions or [cfg.resolution])
         if buckets else cfg.resolution, center_crop=cfg.center_crop,

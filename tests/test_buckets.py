@@ -150,7 +150,7 @@ def test_header_sizes_are_read_without_decoding_and_bad_images_refused_or_left_o
 
 def test_config_checks():
     on = {"aspect_ratio_buckets": True}
-    assert "latent cache does not store" in error_of(with_changes(**on, cache_latents=True, center_crop=True)).fix
+    assert "center_crop" in error_of(with_changes(**on, cache_latents=True, center_crop=False)).fix
     assert error_of(with_changes(**on, bucket_step=60)).field == "bucket_step"
     assert error_of(with_changes(**on, bucket_resolutions=[96], bucket_step=64)).field == "bucket_resolutions"
     assert error_of(with_changes(bucket_resolutions=[512])).field == "bucket_resolutions"
@@ -197,11 +197,10 @@ def test_crop_record_is_the_window_shown_for_any_bucket(center_crop):
 def test_sdxl_time_ids_are_each_images_real_size_and_crop_as_diffusers_computes_them(sdxl_model, tmp_path):
     """diffusers' train_text_to_image_sdxl.py: original_size = (image.height, image.width) before the resize;
     crop_top_left = (y1, x1) = round((resized - target) / 2) of the centre crop; target = the training
-    size, here each image's bucket. Also through `encode_batch` against the SDXL pipeline's own time ids."""
-    from diffusers import StableDiffusionXLPipeline
-
+    size, here each image's bucket; its `compute_time_ids` concatenates the three (test_sdxl.py checks that
+    `add_time_ids` builds them as the SDXL pipeline does)."""
     from ds_diffusers.models import load_frozen_components
-    from ds_diffusers.objective import encode_batch
+    from ds_diffusers.objective import add_time_ids, encode_batch
 
     sizes = [(97, 211), (211, 97), (150, 150), (80, 170), (170, 80), (100, 165)]
     images = [_gradient(width, height) for height, width in sizes]
@@ -211,7 +210,6 @@ def test_sdxl_time_ids_are_each_images_real_size_and_crop_as_diffusers_computes_
     frozen = load_frozen_components(str(sdxl_model), torch.device("cpu"), torch.float32, None)
     samples = CaptionedImageDataset(dataset, "image", "text", frozen.tokenizer, 128, center_crop=True, random_flip=False, seed=0,
                                     tokenizer_2=frozen.tokenizer_2, record_crop=True, buckets=plan)
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_model)
     for row, (height, width) in enumerate(sizes):
         target_height, target_width = plan.size_of(row)
         if width * target_height <= height * target_width:
@@ -223,10 +221,11 @@ def test_sdxl_time_ids_are_each_images_real_size_and_crop_as_diffusers_computes_
         assert example["pixel_values"].shape == (3, target_height, target_width)
         assert example["original_size"].tolist() == [height, width] and example["crop_top_left"].tolist() == list(want_crop)
         batch = {name: value[None] for name, value in example.items() if name != "index"}
-        encoded = encode_batch(frozen, batch)
-        want = pipe._get_add_time_ids((height, width), want_crop, (target_height, target_width), dtype=torch.float32,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        torch.testing.assert_close(encoded.added_cond_kwargs["time_ids"], want)
+        want = torch.tensor([[height, width, *want_crop, target_height, target_width]])
+        assert torch.equal(add_time_ids(batch, (target_height, target_width)), want)
+        if row == 0:  # the training step takes the target size from the latents: the bucket's
+            encoded = encode_batch(frozen, batch)
+            torch.testing.assert_close(encoded.added_cond_kwargs["time_ids"], want.float())
     assert len({plan.size_of(row) for row in range(len(sizes))}) >= 4  # the images really are in different buckets
 
 
@@ -243,3 +242,45 @@ def test_loader_batches_are_one_bucket_each(tokenizer):
     shapes = [tuple(batch["pixel_values"].shape) for batch in loader]
     assert len(shapes) == sampler.batches_per_epoch and len(set(shapes)) == len(plan.buckets) >= 3
     assert all(shape[0] == 2 for shape in shapes)
+
+
+def test_latent_cache_stores_each_bucket_at_its_shape_with_the_real_sizes(sdxl_model, tmp_path):
+    """A cached bucketed sample equals the uncached one: the posterior of the same bucket-shaped crop
+    (mirrored too), the header's original size and the crop; a second start reuses every bucket."""
+    from ds_diffusers.config import load_config
+    from ds_diffusers.data import prepare_caches
+    from ds_diffusers.distributed import DistInfo
+    from ds_diffusers.models import load_frozen_components
+    from tests.helpers import REPO
+
+    sizes = [(97, 211), (211, 97), (150, 150), (100, 165), (180, 90)]
+    images = [_gradient(width, height) for height, width in sizes]
+    dataset = datasets.Dataset.from_dict({"image": images, "text": ["a red circle"] * len(images)},
+                                         features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    cfg = load_config(REPO / "cfg/default.json", [f"pretrained_model_name_or_path={sdxl_model}", f"dataset_dir={tmp_path}",
+                                                   f"cache_dir={tmp_path / 'cache'}", "resolution=128", "aspect_ratio_buckets=true",
+                                                   "bucket_step=32", "cache_latents=true", "center_crop=true", "random_flip=true",
+                                                   "train_micro_batch_size_per_gpu=2"])
+    plan = plan_buckets(read_image_sizes(dataset, "image", False), [128], 32, global_batch=1)
+    frozen = load_frozen_components(str(sdxl_model), torch.device("cpu"), torch.float32, None)
+    single = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    lines = []
+    latent_cache, _ = prepare_caches(cfg, dataset, "image", "text", frozen, single, log=lines.append, buckets=plan)
+    assert len(plan.buckets) >= 4 and "encoded" in lines[-1]
+    common = dict(hf_dataset=dataset, image_column="image", caption_column="text", tokenizer=frozen.tokenizer, resolution=128,
+                  center_crop=True, random_flip=True, seed=5, tokenizer_2=frozen.tokenizer_2, record_crop=True, buckets=plan)
+    plain, cached = CaptionedImageDataset(**common), CaptionedImageDataset(**common, latent_cache=latent_cache)
+    flipped = set()
+    for row in range(len(sizes)):
+        want, got = plain[row], cached[row]
+        with torch.no_grad():
+            want_parameters = frozen.vae.encode(want["pixel_values"][None]).latent_dist.parameters[0]
+        assert got["latent_parameters"].shape[-2:] == (plan.size_of(row)[0] // 8, plan.size_of(row)[1] // 8)
+        torch.testing.assert_close(got["latent_parameters"], want_parameters, atol=1e-5, rtol=1e-5)
+        assert got["original_size"].tolist() == list(sizes[row])
+        assert torch.equal(got["crop_top_left"], want["crop_top_left"])
+        flipped.add(torch.equal(got["latent_parameters"], latent_cache.parameters(row, True)))
+    assert flipped == {True, False}  # seed 5 flips some samples and not others: both orientations checked
+    prepare_caches(cfg, dataset, "image", "text", frozen, single, log=lines.append, buckets=plan)
+    assert lines[-1].startswith(f"latents cache: reusing {len(plan.buckets)} bucket(s)")
+    assert len(list((tmp_path / "cache").glob("latents-buckets-*/latents-*/meta.json"))) == len(plan.buckets)

@@ -1,6 +1,8 @@
 """Aspect-ratio buckets through the real `deepspeed` launcher: two processes under ZeRO-2 train the
 SDXL-shaped test model on a mixed-aspect imagefolder, across an epoch boundary, and a run stopped
-half-way and resumed gives the straight run's losses (the schedule is a function of seed and epoch)."""
+half-way and resumed gives the straight run's losses (the schedule is a function of seed and epoch).
+The stopped and resumed halves train from the latent cache (each bucket's latents at its own shape,
+built by both ranks), which must not change a loss either."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def bucket_cfg(model_dir: Path, dataset_dir: Path, run_dir: Path, *overrides: st
     return [f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", "imagefolder=true",
             f"output_dir={run_dir / 'model'}", f"checkpoint_dir={run_dir / 'checkpoints'}", f"cache_dir={run_dir / 'cache'}",
             "resolution=128", "aspect_ratio_buckets=true", "bucket_step=32", "train_micro_batch_size_per_gpu=2",
-            "random_flip=true", "zero_optimization.stage=2", "validation_steps=0", "log_every_n_steps=1",
+            "random_flip=true", "center_crop=true", "zero_optimization.stage=2", "validation_steps=0", "log_every_n_steps=1",
             "optimizer.params.lr=0.001", *RESUME_COMMON, *overrides]
 
 
@@ -51,9 +53,13 @@ def test_mixed_aspect_buckets_train_and_resume_exactly(sdxl_model, tmp_path):
     output = result.stdout + result.stderr
     assert "buckets: 24 images in 3 bucket(s)" in output and "192x96: 12" in output and "128x128: 6" in output
     assert "96x192: 6" in output and "(2) into 192x96" in output
-    assert_ok(launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=4"), procs=2))
-    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=8", "resume_from_checkpoint=latest"), procs=2)
+    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=4", "cache_latents=true"), procs=2)
     assert_ok(result)
+    assert "latents cache: encoded 3 of 3 bucket(s)" in result.stdout + result.stderr
+    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=8", "resume_from_checkpoint=latest",
+                               "cache_latents=true"), procs=2)
+    assert_ok(result)
+    assert "latents cache: reusing 3 bucket(s)" in result.stdout + result.stderr
     assert f"resumed from {resumed / 'checkpoints' / 'step_4'}" in result.stdout + result.stderr
     epochs = [json.loads(line)["epoch"] for line in (straight / "model" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0] * 7 + [1]

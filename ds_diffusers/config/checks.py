@@ -75,9 +75,6 @@ def check_consistency(cfg: Config) -> None:
 
 
 def _check_buckets(cfg: Config) -> None:
-    if cfg.cache_latents:
-        raise ConfigError("cache_latents", True, "aspect_ratio_buckets gives images latents of different shapes, which the "
-                          "latent cache does not store yet; set cache_latents: false or aspect_ratio_buckets: false")
     if cfg.bucket_step % 8:
         raise ConfigError("bucket_step", cfg.bucket_step, "must be a multiple of 8 (the VAE downsamples by 8); use "
                           f"{max(8, cfg.bucket_step // 8 * 8)} or {cfg.bucket_step // 8 * 8 + 8}")

@@ -119,7 +119,7 @@ class Config(Block):
                                        "of nearest aspect ratio at the area `resolution`² (or one of `bucket_resolutions`), "
                                        "resized to cover it and cropped by what the aspect ratios differ, instead of a square "
                                        "crop; each micro-batch comes from one bucket, the same on every rank (docs/data.md). "
-                                       "Not with `cache_latents`. false = diffusers' square crops.")
+                                       "`cache_latents` stores each bucket's latents at its shape. false = diffusers' square crops.")
     bucket_resolutions: list[int] = Field([], json_schema_extra=DATA, description="Multi-resolution buckets: target sides "
                                           "(area side²); an image trains at the largest area it covers without upscaling "
                                           "(the smallest when it covers none). [] = [`resolution`].")
