@@ -147,6 +147,14 @@ def test_header_sizes_are_read_without_decoding_and_bad_images_refused_or_left_o
     with pytest.raises(ConfigError, match=r"image\[row 2\].*broken.png.*cannot read the image's header"):
         read_image_sizes(dataset, "image", skip_bad_images=False)
 
+    # Kept under the dataset's fingerprint: the next start reads no header.
+    from ds_diffusers.data import buckets
+
+    first = buckets.cached_image_sizes(dataset, "image", True, tmp_path / "cache")
+    monkeypatch.setattr(buckets, "read_image_sizes", lambda *args: pytest.fail("headers read again"))
+    assert np.array_equal(buckets.cached_image_sizes(dataset, "image", True, tmp_path / "cache"), first)
+    assert len(list((tmp_path / "cache").glob("image-sizes-*.npy"))) == 1
+
 
 def test_config_checks():
     on = {"aspect_ratio_buckets": True}

@@ -6,7 +6,7 @@ at a target pixel area, instead of a square crop.
   the same shapes turned portrait, aspect ratios up to `MAX_ASPECT_RATIO` either way. The step is the VAE's factor × the denoiser's
   own downsampling (a UNet's down blocks, a transformer's patch), so every latent divides evenly.
 - Assignment needs only each image's size, read from its header once (`read_image_sizes`, rank 0 in
-  data/prepare.py): an image goes to the largest listed area it covers without upscaling (the
+  data/prepare.py, kept in `cache_dir` for the next start): an image goes to the largest listed area it covers without upscaling (the
   smallest when it covers none), and there to the bucket of nearest aspect ratio (in log ratio, which
   is the bucket that crops least). It is resized to cover the bucket and cropped by what the two
   aspect ratios differ.
@@ -25,11 +25,16 @@ at a target pixel area, instead of a square crop.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
+import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -220,6 +225,29 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start
+
+
+def cached_image_sizes(hf_dataset: datasets.Dataset, image_column: str, skip_bad_images: bool, cache_dir: Path) -> np.ndarray:
+    """`read_image_sizes`, kept in `cache_dir` under the dataset's fingerprint: a restart (a resume, a
+    requeued job) reads no header again. A file that cannot be read or written is simply not used."""
+    key = json.dumps([hf_dataset._fingerprint, len(hf_dataset), image_column, skip_bad_images])
+    path = cache_dir / f"image-sizes-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}.npy"
+    try:
+        sizes = np.load(path)
+        if sizes.shape == (len(hf_dataset), 2) and sizes.dtype == np.int32:
+            return sizes
+    except (OSError, ValueError):
+        pass
+    sizes = read_image_sizes(hf_dataset, image_column, skip_bad_images)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as file:
+            np.save(file, sizes)
+        os.replace(partial, path)  # another job writing the same sizes at once is harmless
+    except OSError:
+        partial.unlink(missing_ok=True)
+    return sizes
 
 
 def read_image_sizes(hf_dataset: datasets.Dataset, image_column: str, skip_bad_images: bool) -> np.ndarray:

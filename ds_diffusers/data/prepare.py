@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 
 from ds_diffusers.config.schema import Config
-from ds_diffusers.data.buckets import read_image_sizes
+from ds_diffusers.data.buckets import cached_image_sizes
 from ds_diffusers.data.dataset import check_dataset_size
 from ds_diffusers.data.decode import check_image_files
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples
@@ -92,7 +92,8 @@ def load_and_check(cfg: Config, world_size: int) -> TrainData:
         missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
         check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
         # Headers only, once per job: every rank gets the sizes with the other checks' results.
-        sizes = read_image_sizes(hf_dataset, image_column, cfg.skip_bad_images) if cfg.aspect_ratio_buckets else None
+        sizes = (cached_image_sizes(hf_dataset, image_column, cfg.skip_bad_images, Path(cfg.cache_dir).expanduser())
+                 if cfg.aspect_ratio_buckets else None)
     return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, sizes))
 
 
