@@ -88,6 +88,30 @@ def test_tiny_buckets_merge_into_their_nearest_neighbour():
     assert len(plan_buckets(MIXED, [128], 32, global_batch=1).buckets) == 5
 
 
+def test_too_few_readable_images_for_a_global_batch_are_refused():
+    with pytest.raises(ConfigError, match="3 readable images.*fewer than one global batch"):
+        plan_buckets(_sizes((3, 100, 200), (5, -1, -1)), [128], 32, global_batch=4)
+
+
+def test_an_undecodable_image_is_replaced_at_its_buckets_shape(tokenizer, tmp_path):
+    """skip_bad_images: the next readable row (another aspect ratio) takes the broken row's place, cut to
+    the broken row's bucket, so the micro-batch keeps one shape; its original size is its own."""
+    buffer = io.BytesIO()
+    _gradient(200, 100).save(buffer, format="PNG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]  # the header reads, the pixels do not
+    square = io.BytesIO()
+    _gradient(150, 150).save(square, format="PNG")
+    rows = {"image": [{"bytes": truncated, "path": None}, {"bytes": square.getvalue(), "path": None}], "text": ["a", "b"]}
+    dataset = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    plan = plan_buckets(read_image_sizes(dataset, "image", True), [128], 32, global_batch=1)
+    assert plan.size_of(0) == (96, 192) and plan.size_of(1) == (128, 128)
+    samples = CaptionedImageDataset(dataset, "image", "text", tokenizer, 128, center_crop=True, random_flip=False, seed=0,
+                                    skip_bad_images=True, record_crop=True, buckets=plan)
+    example = samples[0]
+    assert example["pixel_values"].shape == (3, 96, 192) and example["original_size"].tolist() == [150, 150]
+    assert samples.bad_rows() == [0]
+
+
 def test_histogram_line():
     sizes = np.concatenate([MIXED, [[-1, -1]]])
     line = plan_buckets(sizes, [128], 32, global_batch=4).histogram()

@@ -45,6 +45,7 @@ from torch.utils.data import Sampler
 from ds_diffusers.config.schema import Config
 from ds_diffusers.data.decode import _DECODE_ERRORS, _bad_image_error, undecoded
 from ds_diffusers.data.seeding import seeded_generator
+from ds_diffusers.errors import ConfigError
 
 # Aspect ratios beyond 4:1 share the 4:1 bucket (kohya's defaults, 256..1024 at 512², reach 4:1 too).
 MAX_ASPECT_RATIO = 4.0
@@ -140,6 +141,9 @@ def plan_buckets(sizes: np.ndarray, sides: Sequence[int], step: int, global_batc
             natural[(height, width)] = nearest_bucket(height, width, table)
         assigned.append(natural[(height, width)])
     counts = Counter(bucket for bucket in assigned if bucket is not None)
+    if sum(counts.values()) < global_batch:
+        raise ConfigError("dataset_dir", f"{sum(counts.values())} readable images", f"fewer than one global batch "
+                          f"({global_batch} = micro batch × processes); add images or lower train_micro_batch_size_per_gpu")
     target = {bucket: bucket for bucket in counts}
     merges = []
     while len(counts) > 1:
