@@ -6,7 +6,6 @@ The mixed-aspect training run with resume is in tests/test_buckets_integration.p
 from __future__ import annotations
 
 import io
-import math
 import random
 
 import datasets

@@ -3,13 +3,14 @@ at a target pixel area, instead of a square crop.
 
 - The table: for each target side s in `bucket_resolutions` (area s²), every width that is a multiple
   of `bucket_step` with the height that brings the area nearest s² (also a multiple of the step), and
-  the same shapes turned portrait, aspect ratios up to `MAX_ASPECT_RATIO` either way. The step is the VAE's factor × the denoiser's
-  own downsampling (a UNet's down blocks, a transformer's patch), so every latent divides evenly.
-- Assignment needs only each image's size, read from its header once (`read_image_sizes`, rank 0 in
-  data/prepare.py, kept in `cache_dir` for the next start): an image goes to the largest listed area it covers without upscaling (the
-  smallest when it covers none), and there to the bucket of nearest aspect ratio (in log ratio, which
-  is the bucket that crops least). It is resized to cover the bucket and cropped by what the two
-  aspect ratios differ.
+  the same shapes turned portrait, aspect ratios up to `MAX_ASPECT_RATIO` either way. The step is the
+  VAE's factor × the denoiser's own downsampling (a UNet's down blocks, a transformer's patch), so
+  every latent divides evenly.
+- Assignment needs only each image's size, read from its header once (`read_image_sizes`, on rank 0
+  in data/prepare.py, kept in `cache_dir` for the next start): an image goes to the largest listed
+  area it covers without upscaling (the smallest when it covers none), and there to the bucket of
+  nearest aspect ratio (in log ratio, which is the bucket that crops least). It is resized to cover
+  the bucket and cropped by what the two aspect ratios differ.
 - Tiny buckets: a bucket with fewer images than one global batch (micro batch × ranks) is merged into
   its nearest bucket (aspect ratio and area), smallest first, until every bucket fills a global batch.
   Its images then crop more than rounding needs; the merges are logged. (SimpleTuner drops such
