@@ -28,7 +28,6 @@ from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.config.show import add_print_options, print_deepspeed_config
 from ds_diffusers.data import build_train_dataloader, default_num_workers, prepare_caches, prepare_train_data, to_device
-from ds_diffusers.data.buckets import bucket_plan_for
 from ds_diffusers.distributed import (DistInfo, StoppedOnEveryRank, barrier, broadcast_from_main, in_turn, init_distributed,
                                       raise_on_every_rank, shutdown_distributed)
 from ds_diffusers.ema import ShardedEMA
@@ -137,7 +136,7 @@ def set_up(cfg: Config) -> Run:
     groups = param_groups(unet, cfg)
     num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
-    buckets = bucket_plan_for(cfg, checks.image_sizes, dist.world_size)
+    buckets = checks.buckets
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
     loader, sampler, dataset = build_train_dataloader(

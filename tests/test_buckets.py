@@ -315,3 +315,19 @@ def test_latent_cache_stores_each_bucket_at_its_shape_with_the_real_sizes(sdxl_m
     prepare_caches(cfg, dataset, "image", "text", frozen, single, log=lines.append, buckets=plan)
     assert lines[-1].startswith(f"latents cache: reusing {len(plan.buckets)} bucket(s)")
     assert len(list((tmp_path / "cache").glob("latents-buckets-*/latents-*/meta.json"))) == len(plan.buckets)
+
+
+def test_rank_0_plans_the_buckets_while_it_checks_the_dataset(tmp_path):
+    from ds_diffusers.config import load_config
+    from ds_diffusers.data.prepare import load_and_check
+    from tests.helpers import REPO
+    from tests.test_buckets_integration import mixed_aspect_imagefolder
+
+    folder = mixed_aspect_imagefolder(tmp_path / "images")
+    cfg = load_config(REPO / "cfg/default.json", [f"pretrained_model_name_or_path={tmp_path}", f"dataset_dir={folder}",
+                                                   "imagefolder=true", f"cache_dir={tmp_path / 'cache'}", "resolution=128",
+                                                   "aspect_ratio_buckets=true", "bucket_step=32", "train_micro_batch_size_per_gpu=2"])
+    plan = load_and_check(cfg, world_size=2).checks.buckets
+    assert {str(bucket): count for bucket, count in zip(plan.buckets, plan.counts())} == {"192x96": 12, "96x192": 6, "128x128": 6}
+    assert plan.original_size(0) == (100, 200) and len(list((tmp_path / "cache").glob("image-sizes-*.npy"))) == 1
+    assert load_and_check(cfg.model_copy(update={"aspect_ratio_buckets": False}), world_size=2).checks.buckets is None

@@ -164,7 +164,8 @@ def plan_buckets(sizes: np.ndarray, sides: Sequence[int], step: int, global_batc
 
 
 def bucket_plan_for(cfg: Config, sizes: np.ndarray | None, world_size: int) -> BucketPlan | None:
-    """The run's buckets (None without `aspect_ratio_buckets`), from the sizes rank 0 read."""
+    """The run's buckets (None without `aspect_ratio_buckets`) from the sizes rank 0 read; ConfigError
+    when fewer images than one global batch have a readable header."""
     if not cfg.aspect_ratio_buckets:
         return None
     return plan_buckets(sizes, cfg.bucket_resolutions or [cfg.resolution], cfg.bucket_step,

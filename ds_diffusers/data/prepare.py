@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
 
 from ds_diffusers.config.schema import Config
-from ds_diffusers.data.buckets import cached_image_sizes
+from ds_diffusers.data.buckets import BucketPlan, bucket_plan_for, cached_image_sizes
 from ds_diffusers.data.dataset import check_dataset_size
 from ds_diffusers.data.decode import check_image_files
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples
@@ -38,7 +37,7 @@ class DataChecks:
     image_column: str
     caption_column: str
     missing_images: list[int]  # rows whose image file is missing (skip_bad_images)
-    image_sizes: np.ndarray | None = None  # (height, width) per row from the headers (aspect_ratio_buckets)
+    buckets: BucketPlan | None = None  # every row's bucket, from the image headers (aspect_ratio_buckets)
 
 
 @dataclass(frozen=True)
@@ -91,10 +90,11 @@ def load_and_check(cfg: Config, world_size: int) -> TrainData:
         image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
         missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
         check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
-        # Headers only, once per job: every rank gets the sizes with the other checks' results.
+        # Headers only, once per job: every rank gets the buckets with the other checks' results.
         sizes = (cached_image_sizes(hf_dataset, image_column, cfg.skip_bad_images, Path(cfg.cache_dir).expanduser())
                  if cfg.aspect_ratio_buckets else None)
-    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, sizes))
+        buckets = bucket_plan_for(cfg, sizes, world_size)
+    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, buckets))
 
 
 def _size_text(folder: Path) -> str:
