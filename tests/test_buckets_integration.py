@@ -17,7 +17,7 @@ from tests.helpers import RESUME_COMMON, assert_ok, launch, losses
 pytestmark = pytest.mark.multiprocess
 
 # (count, width, height): 2:1, 1:2, square, and two 3:1 images, too few for a global batch of 4.
-MIXED_ASPECTS = ((10, 200, 100), (6, 100, 200), (6, 150, 150), (2, 300, 100))
+MIXED_ASPECTS = ((6, 200, 100), (4, 100, 200), (4, 150, 150), (2, 300, 100))
 
 
 def mixed_aspect_imagefolder(folder: Path) -> Path:
@@ -46,22 +46,22 @@ def bucket_cfg(model_dir: Path, dataset_dir: Path, run_dir: Path, *overrides: st
 def test_mixed_aspect_buckets_train_and_resume_exactly(sdxl_model, tmp_path):
     dataset = mixed_aspect_imagefolder(tmp_path / "images")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    # 7 global batches an epoch (192x96: 10 + the 2 merged 3:1 images; 96x192: 6; 128x128: 6; 4 per batch):
-    # 8 steps cross into the second epoch, the resumed half starts in the first.
-    result = launch(bucket_cfg(sdxl_model, dataset, straight, "max_train_steps=8"), procs=2)
+    # 4 global batches an epoch (192x96: 6 + the 2 merged 3:1 images; 96x192: 4; 128x128: 4; 4 per batch):
+    # 6 steps cross into the second epoch, and so does the resumed half (steps 4 to 6).
+    result = launch(bucket_cfg(sdxl_model, dataset, straight, "max_train_steps=6"), procs=2)
     assert_ok(result)
     output = result.stdout + result.stderr
-    assert "buckets: 24 images in 3 bucket(s)" in output and "192x96: 12" in output and "128x128: 6" in output
-    assert "96x192: 6" in output and "(2) into 192x96" in output
-    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=4", "cache_latents=true"), procs=2)
+    assert "buckets: 16 images in 3 bucket(s)" in output and "192x96: 8" in output and "128x128: 4" in output
+    assert "96x192: 4" in output and "(2) into 192x96" in output
+    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=3", "cache_latents=true"), procs=2)
     assert_ok(result)
     assert "latents cache: encoded 3 of 3 bucket(s)" in result.stdout + result.stderr
-    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=8", "resume_from_checkpoint=latest",
+    result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=6", "resume_from_checkpoint=latest",
                                "cache_latents=true"), procs=2)
     assert_ok(result)
     assert "latents cache: reusing 3 bucket(s)" in result.stdout + result.stderr
-    assert f"resumed from {resumed / 'checkpoints' / 'step_4'}" in result.stdout + result.stderr
+    assert f"resumed from {resumed / 'checkpoints' / 'step_3'}" in result.stdout + result.stderr
     epochs = [json.loads(line)["epoch"] for line in (straight / "model" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0] * 7 + [1]
-    assert len(losses(straight / "model")) == 8 and len(losses(resumed / "model")) == 8
+    assert epochs == [0] * 4 + [1] * 2
+    assert len(losses(straight / "model")) == 6 and len(losses(resumed / "model")) == 6
     assert losses(straight / "model") == pytest.approx(losses(resumed / "model"), abs=1e-6)
