@@ -89,6 +89,8 @@ def checkpoint_model_cfg(tmp_path, **changes):
 class FakeEngine:
     """Writes a DeepSpeed-like model-states file; `fail` is raised after the first bytes are out."""
 
+    optimizer = None  # as a DeepSpeed engine built without one
+
     def __init__(self, fail: Exception | None = None) -> None:
         self.fail = fail
 
