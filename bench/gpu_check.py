@@ -138,7 +138,8 @@ def run(check: Check, paths: dict[str, Path], work: Path, timeout: float) -> Non
     if proc.returncode != 0:
         check.result["error"] = (proc.stdout + proc.stderr)[-2000:]
         return
-    records = [json.loads(line) for line in (work / "runs" / check.name / "model" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    lines = (work / "runs" / check.name / "model" / "logs" / "metrics.jsonl").read_text().splitlines()
+    records = [record for line in lines if "loss" in (record := json.loads(line))]  # not validation records
     steady = [r for r in records if r["step"] > 5] or records  # the first window holds start-up and compilation
     samples_per_s = sum(r["samples_per_s"] for r in steady) / len(steady)
     check.result.update(images_per_s=round(samples_per_s, 2), final_loss=records[-1]["loss"],

@@ -250,7 +250,9 @@ def fresh_dir(bench: Bench, variant: Variant) -> Path:
 
 def metrics_steps(path: Path, child: ChildRun, steps: int) -> tuple[dict[int, float], list[dict]]:
     """(step -> wall time it finished, the records) of a metrics.jsonl, which must reach `steps`."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    # Training log points only: a validation's record (`val_loss`) would move its step's time past the step.
+    records = [record for line in lines if line.strip() and "loss" in (record := json.loads(line))]
     times = {record["step"]: record["time"] for record in records}
     if max(times, default=0) != steps:
         raise BenchError(f"{path} ends at step {max(times, default=0)}, expected {steps}; last lines of the run:\n"

@@ -150,6 +150,19 @@ class RunLogger:
         if self.monitor is not None:
             self.monitor.write_events([(f"Train/{k}", v, step) for k, v in metrics.items()])
 
+    def log_validation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        """A validation's numbers (`val_loss`): one line on screen, a `metrics.jsonl` record of their own
+        (with `step`, `time` and no training keys), `validation/` in wandb, `Validation/` in DeepSpeed's monitor."""
+        if not self.is_main:
+            return
+        self.message(f"validation at step {step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()) + f" ({seconds:.1f} s)")
+        self.metrics_file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.metrics_file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+        if self.monitor is not None:
+            self.monitor.write_events([(f"Validation/{k}", v, step) for k, v in metrics.items()])
+
     def log_images(self, step: int, path: str, prompts: list[str]) -> None:
         if not self.is_main:
             return

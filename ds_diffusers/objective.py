@@ -38,10 +38,10 @@ def add_time_ids(batch: dict[str, torch.Tensor], target_size: tuple[int, int]) -
 
 
 @torch.no_grad()
-def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> EncodedBatch:
+def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> EncodedBatch:
     """Latents (scaled) and text conditioning, in the frozen models' dtype, from the encoders or
     from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()` would be,
-    so cached and uncached runs draw the same random numbers."""
+    so cached and uncached runs draw the same random numbers: from the global RNG, or `generator`."""
     vae, text_encoder = frozen.vae, frozen.text_encoder
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
@@ -49,7 +49,7 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> En
         posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
     # A VAE with mid-block attention (every SD VAE) returns channels-last posteriors for batches of 2
     # or more; the cache stores them contiguous. Latents in one layout keep the two paths identical.
-    latents = (posterior.sample() * frozen.latent_scaling_factor).contiguous()
+    latents = (posterior.sample(generator) * frozen.latent_scaling_factor).contiguous()
     if "encoder_hidden_states" in batch:
         text = {name: batch[name] for name in ("encoder_hidden_states", "text_embeds") if name in batch}
     else:
@@ -91,8 +91,37 @@ def diffusion_loss(
         input_noise = noise + input_perturbation * torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     batch = latents.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=latents.device).long()
-    noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
+    model_pred, target = prediction_and_target(unet_forward, frozen, latents, encoder_hidden_states, noise, timesteps,
+                                               compute_dtype=compute_dtype, input_noise=input_noise,
+                                               added_cond_kwargs=added_cond_kwargs)
+    prediction_type = scheduler.config.prediction_type
+    if snr_gamma is None:
+        return F.mse_loss(model_pred, target, reduction="mean")
+    # Min-SNR weighting (Hang et al. 2023), as in diffusers' reference recipe.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    per_sample = F.mse_loss(model_pred, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
 
+
+def prediction_and_target(
+    unet_forward: Callable[..., torch.Tensor],
+    frozen: FrozenComponents,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    compute_dtype: torch.dtype,
+    input_noise: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for fp32 `latents` noised with `input_noise` (default `noise`) at
+    `timesteps`, and the fp32 target the scheduler's prediction type asks for; the training loss and
+    the held-out validation loss (fixed noise and timesteps) both start here."""
+    scheduler = frozen.noise_scheduler
+    noisy_latents = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -100,17 +129,9 @@ def diffusion_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-
     unet_inputs = (noisy_latents.to(compute_dtype), timesteps, encoder_hidden_states.to(compute_dtype))
     if added_cond_kwargs is None:
         model_pred = unet_forward(*unet_inputs)
     else:
         model_pred = unet_forward(*unet_inputs, {name: value.to(compute_dtype) for name, value in added_cond_kwargs.items()})
-    if snr_gamma is None:
-        return F.mse_loss(model_pred.float(), target, reduction="mean")
-    # Min-SNR weighting (Hang et al. 2023), as in diffusers' reference recipe.
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-    per_sample = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return model_pred.float(), target

@@ -44,6 +44,7 @@ from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.run_plan import RunPlan, epoch_batches
 from ds_diffusers.step_window import StepWindow, WindowStats
 from ds_diffusers.train_state import TrainState
+from ds_diffusers.validation_loss import HeldOutLoss
 
 
 class Preempted(Exception):
@@ -93,6 +94,7 @@ class Run:
     state: TrainState
     checkpoints: CheckpointManager
     logger: RunLogger
+    held_out_loss: HeldOutLoss | None = None
 
 
 def set_up(cfg: Config) -> Run:
@@ -103,7 +105,7 @@ def set_up(cfg: Config) -> Run:
     # Rank 0 loads and checks the data (the others load it after: data/prepare.py), then the
     # checkpoint to resume from (each of its files is opened); nothing is written until both pass.
     train_data = prepare_train_data(cfg, dist)
-    hf_dataset, checks = train_data.dataset, train_data.checks
+    hf_dataset, checks, held_out = train_data.dataset, train_data.checks, train_data.held_out
     image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
     resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg, dist.world_size), dist.is_main))
     # The folders are created here, with their locks, once every check of the input has passed.
@@ -149,6 +151,10 @@ def set_up(cfg: Config) -> Run:
         tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl", buckets=buckets,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size, sampler.batches_per_epoch if buckets else None)
+    held_out_loss = None
+    if held_out is not None:
+        held_out_loss = HeldOutLoss(held_out, image_column, caption_column, frozen, dist, resolution=cfg.resolution,
+                                    seed=cfg.seed, num_timesteps=cfg.validation_loss_timesteps)
 
     engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
@@ -166,6 +172,9 @@ def set_up(cfg: Config) -> Run:
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
     if buckets is not None:
         logger.message(buckets.histogram())
+    if held_out_loss is not None:
+        logger.message(f"validation loss on {len(held_out_loss)} held-out row(s) (validation_split, never trained on) at "
+                       f"{cfg.validation_loss_timesteps} fixed timestep(s)")
     if missing_images:
         logger.message(f"skipping {len(missing_images)} row(s) whose image file is missing (skip_bad_images), first: row {missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
@@ -173,7 +182,8 @@ def set_up(cfg: Config) -> Run:
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
     return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=loader,
-               sampler=sampler, dataset=dataset, state=state, checkpoints=checkpoints, logger=logger)
+               sampler=sampler, dataset=dataset, state=state, checkpoints=checkpoints, logger=logger,
+               held_out_loss=held_out_loss)
 
 
 def build_engine(cfg: Config, dist: DistInfo, unet: torch.nn.Module, groups: list[dict], ds_config: dict,
@@ -261,19 +271,24 @@ def run_loop(run: Run) -> None:
     run.checkpoints.at_end(logger)
 
 
-def micro_batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    cfg = run.cfg
+def unet_forward_of(run: Run):
+    """The engine's forward as the objective calls it."""
     # channels_last: NHWC latents make cuDNN (and oneDNN) pick NHWC convolution kernels, which follow
     # the input's format. The weights stay contiguous: DeepSpeed's parameter broadcast views them as
     # bytes and ZeRO/bf16 re-point them into flat buffers, both of which need the default layout.
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if run.cfg.channels_last else torch.contiguous_format
 
     def unet_forward(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         return run.engine(noisy_latents.contiguous(memory_format=memory_format), timesteps, encoder_hidden_states,
                           added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
+    return unet_forward
+
+
+def micro_batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    cfg = run.cfg
     encoded = encode_batch(run.frozen, to_device(batch, run.dist.device))
-    return diffusion_loss(unet_forward, run.frozen, encoded.latents, encoded.encoder_hidden_states,
+    return diffusion_loss(unet_forward_of(run), run.frozen, encoded.latents, encoded.encoder_hidden_states,
                           compute_dtype=DTYPES[cfg.weight_dtype_name], noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
                           input_perturbation=cfg.input_perturbation, added_cond_kwargs=encoded.added_cond_kwargs)
 
@@ -297,7 +312,12 @@ def log_point(run: Run, stats: WindowStats, window_started: float) -> float:
 
 
 def validate(run: Run, cadence: ValidationCadence) -> None:
-    validation.run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema)
+    held_out_loss = None
+    if run.held_out_loss is not None:
+        compute_dtype = DTYPES[run.cfg.weight_dtype_name]
+        held_out_loss = lambda: run.held_out_loss(unet_forward_of(run), compute_dtype)  # noqa: E731
+    validation.run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema,
+                              held_out_loss)
     cadence.ran(run.state.global_step)
 
 

@@ -1,4 +1,5 @@
-"""Validation images from the in-training UNet, saved as a PNG grid under `output_dir/validation/`.
+"""Validation of the in-training UNet: images as a PNG grid under `output_dir/validation/`, and the
+held-out loss (validation_loss.py), both from the EMA weights when they are validated.
 
 Under ZeRO-3 every rank must run the same forward passes (parameters are gathered on the fly), so
 the caller runs this on all ranks and only rank 0 saves; with ZeRO-0/1/2 rank 0 runs it alone.
@@ -6,9 +7,10 @@ the caller runs this on all ranks and only rank 0 saves; with ZeRO-0/1/2 rank 0 
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image
@@ -63,12 +65,21 @@ def save_validation_grid(rows: list[list[Image.Image]], prompts: Sequence[str], 
     return path
 
 
-def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None) -> None:
+def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None,
+                   held_out_loss: Callable[[], float] | None = None) -> None:
     """All ranks: the EMA swap may gather, and under ZeRO-3 the forward gathers parameters collectively;
-    without ZeRO-3 rank 0 alone generates."""
+    without ZeRO-3 rank 0 alone generates. `held_out_loss` (all ranks compute it) is logged as `val_loss`."""
     zero3 = cfg.zero_optimization.stage == 3
     with weights(ema if cfg.validates_with_ema else None):
-        _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3)
+        if held_out_loss is not None:
+            was_training = engine.module.training
+            engine.module.eval()
+            started = time.perf_counter()
+            value = held_out_loss()
+            engine.module.train(was_training)
+            logger.log_validation(global_step, {"val_loss": value}, time.perf_counter() - started)
+        if cfg.validation_prompts:
+            _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3)
     barrier()
 
 

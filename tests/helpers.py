@@ -89,6 +89,8 @@ def checkpoint_model_cfg(tmp_path, **changes):
 class FakeEngine:
     """Writes a DeepSpeed-like model-states file; `fail` is raised after the first bytes are out."""
 
+    optimizer = None  # as a DeepSpeed engine built without one
+
     def __init__(self, fail: Exception | None = None) -> None:
         self.fail = fail
 
@@ -168,9 +170,17 @@ def rank_output(rank_logs: Path, rank: int) -> str:
     return next(rank_logs.glob(f"*_rank{rank}.log")).read_text()
 
 
+def metrics_records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(output_dir: Path) -> list[float]:
-    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    """The training loss of each log point (validation records have `val_loss` instead)."""
+    return [record["loss"] for record in metrics_records(output_dir) if "loss" in record]
+
+
+def validation_losses(output_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["val_loss"] for record in metrics_records(output_dir) if "val_loss" in record}
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

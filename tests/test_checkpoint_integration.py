@@ -16,7 +16,8 @@ from ds_diffusers.checkpoint import damaged_file, resume_target
 from ds_diffusers.config import load_config
 from ds_diffusers.errors import ConfigError
 from tests.fault_injection import injected
-from tests.helpers import REPO, assert_ok, launch, losses, max_diff, overwrite_in_place, run_cfg, tensors, three_runs
+from tests.helpers import (REPO, assert_ok, launch, losses, max_diff, overwrite_in_place, run_cfg, tensors, three_runs,
+                           validation_losses)
 from tests.helpers import RESUME_COMMON as COMMON
 from tests.helpers import RESUME_STEPS as STEPS
 
@@ -24,10 +25,17 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_full_resume_is_exact(tiny_assets, tmp_path):
-    straight, resumed = three_runs(tiny_assets, tmp_path, "zero_optimization.stage=2")
+    """With the held-out validation loss on too: it leaves the training streams alone, and the resumed
+    run's values at steps 6 and 8 equal the straight run's (its steps 2 and 4 are kept from the first part)."""
+    straight, resumed = three_runs(tiny_assets, tmp_path, "zero_optimization.stage=2", "validation_split=5",
+                                   "validation_steps=2", "validation_prompts=[]")
     a, b = losses(straight), losses(resumed)
     assert len(a) == len(b) == STEPS
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    val_a, val_b = validation_losses(straight), validation_losses(resumed)
+    assert sorted(val_a) == sorted(val_b) == [2, 4, 6, 8]
+    assert max(abs(val_a[step] - val_b[step]) for step in val_a) <= 1e-6
+    assert len(set(val_a.values())) == 4  # the weights changed between validations, and so did the loss
     assert max_diff(tensors(straight / "unet" / "diffusion_pytorch_model.safetensors"),
                     tensors(resumed / "unet" / "diffusion_pytorch_model.safetensors")) <= 1e-6
 
@@ -43,17 +51,23 @@ def test_lora_resume_is_exact(tiny_assets, tmp_path):
 
 
 def test_zero3_export_and_ema_equal_zero0(tiny_assets, tmp_path):
+    """Also the held-out loss of the EMA weights at step 3 and at the end: ZeRO-3 (the EMA swapped into
+    the partitions, forward passes gathering on both ranks) gives ZeRO-0's value."""
     runs = {}
     for stage in (0, 3):
         out = tmp_path / f"zero{stage}"
         assert_ok(launch(run_cfg(tiny_assets, out, *COMMON, f"zero_optimization.stage={stage}", "max_train_steps=6",
-                                 "use_ema=true", "ema_decay=0.9"), procs=2))
+                                 "use_ema=true", "ema_decay=0.9", "validation_split=3", "validation_steps=3",
+                                 "validation_prompts=[]"), procs=2))
         runs[stage] = out / "model"
         # each rank hashed the files it wrote and rank 0 recorded them all
         step_dir = next((out / "checkpoints").glob("step_*"))
         recorded = json.loads((step_dir / "ds_diffusers.json").read_text())["file_digests"]
         assert sorted(recorded) == sorted(f.name for f in step_dir.iterdir() if f.name != "ds_diffusers.json")
         assert "rank_1.pt" in recorded
+    val3, val0 = validation_losses(runs[3]), validation_losses(runs[0])
+    assert sorted(val3) == sorted(val0) == [3, 6]
+    assert max(abs(val3[step] - val0[step]) for step in val3) <= 1e-5
     for sub in ("unet", "unet_ema"):
         zero3 = tensors(runs[3] / sub / "diffusion_pytorch_model.safetensors")
         zero0 = tensors(runs[0] / sub / "diffusion_pytorch_model.safetensors")

@@ -38,7 +38,7 @@ def test_seed_default_is_accepted_with_its_meaning():
     ({"scheduler": {"type": "WarmupLR", "params": {"cos_min_ratio": 0.1}}}, "scheduler.params.cos_min_ratio", "not a parameter of WarmupLR"),
     ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_min_lr": 0}}}, "scheduler.params.warmup_min_lr", "did you mean 'warmup_min_ratio'"),
     ({"prediction_type": "sample"}, "prediction_type", "epsilon"),
-    ({"validation_prompts": []}, "validation_prompts", "no prompts"),
+    ({"validation_prompts": []}, "validation_prompts", "nothing to validate"),
 ])
 def test_bad_values_name_field_value_and_fix(raw_change, field, fragment):
     err = error_of(with_changes(**raw_change))

@@ -69,9 +69,27 @@ def check_consistency(cfg: Config) -> None:
     _check_ema_offload(cfg)
     _check_optimizer(cfg)
     check_scheduler(cfg)
-    if (cfg.validation_steps or cfg.validation_epochs) and not cfg.validation_prompts:
-        raise ConfigError("validation_prompts", [], "validation is on (validation_steps/validation_epochs > 0) but no prompts are given; "
-                          "add prompts or set both to 0")
+    _check_validation(cfg)
+
+
+def _check_validation(cfg: Config) -> None:
+    validating = cfg.validation_steps or cfg.validation_epochs
+    if validating and not cfg.validation_prompts and not cfg.validation_split and not cfg.validation_dataset_dir:
+        raise ConfigError("validation_prompts", [], "validation is on (validation_steps/validation_epochs > 0) but there is "
+                          "nothing to validate: add prompts, hold out rows with validation_split (or validation_dataset_dir), "
+                          "or set both to 0")
+    if cfg.validation_split and cfg.validation_dataset_dir:
+        raise ConfigError("validation_dataset_dir", cfg.validation_dataset_dir, "gives the held-out rows, and so does "
+                          f"validation_split={cfg.validation_split:g}; set one of them")
+    if cfg.validation_dataset_dir and not validating:
+        raise ConfigError("validation_dataset_dir", cfg.validation_dataset_dir, "would never be validated on; set "
+                          "validation_steps or validation_epochs, or remove it")
+    if cfg.validation_split >= 1 and cfg.validation_split != int(cfg.validation_split):
+        raise ConfigError("validation_split", cfg.validation_split, "a value of 1 or more is a number of rows and must be whole; "
+                          "use a fraction below 1 or a whole number")
+    if cfg.validation_split and not validating:
+        raise ConfigError("validation_split", cfg.validation_split, "rows would be held out of training but never validated on; "
+                          "set validation_steps or validation_epochs, or validation_split: 0")
 
 
 def _check_buckets(cfg: Config) -> None:
@@ -244,6 +262,9 @@ def check_environment(cfg: Config) -> None:
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")
+    if cfg.validation_dataset_dir is not None and not Path(cfg.validation_dataset_dir).expanduser().is_dir():
+        raise ConfigError("validation_dataset_dir", cfg.validation_dataset_dir, "no such folder; point it at a local dataset "
+                          "folder in one of dataset_dir's layouts, or hold out rows with validation_split instead")
     if cfg.vae_path is not None:
         check_vae_dir(cfg.vae_path)
     check_bucket_step(cfg)

@@ -45,17 +45,28 @@ class Config(Block):
     # --- run length and cadence (seed keys)
     num_epochs: int = Field(1, ge=1, json_schema_extra=RUN, description="Epochs to train when `max_train_steps` is 0.")
     max_train_steps: int = Field(0, ge=0, json_schema_extra=RUN, description="Optimizer steps to train; 0 = `num_epochs` epochs.")
-    validation_epochs: int = Field(0, ge=0, json_schema_extra=VALIDATION, description="Validation images every N epochs; 0 = off.")
+    validation_epochs: int = Field(0, ge=0, json_schema_extra=VALIDATION, description="Validation (images, held-out loss) every N epochs; 0 = off.")
     validation_steps: int = Field(0, ge=0, json_schema_extra=VALIDATION,
-                                  description="Validation images every N optimizer steps; 0 = off.")
+                                  description="Validation (images, held-out loss) every N optimizer steps; 0 = off.")
     num_validation_images: int = Field(4, ge=1, json_schema_extra=VALIDATION, description="Images per prompt in the validation grid.")
     validation_inference_steps: int = Field(25, ge=1, json_schema_extra=VALIDATION, description="Sampler steps for validation images.")
     validation_guidance_scale: float = Field(7.5, ge=0.0, json_schema_extra=VALIDATION,
                                              description="Classifier-free guidance scale for validation images.")
     validation_prompts: list[str] = Field([], json_schema_extra=VALIDATION, description="Prompts of the validation grid; "
-                                          "required when validation is on (`validation_steps` or `validation_epochs` > 0).")
+                                          "validation (`validation_steps` or `validation_epochs` > 0) needs them, "
+                                          "`validation_split`, or both.")
     validation_use_ema: Optional[bool] = Field(None, json_schema_extra=VALIDATION, description="Validation images from the "
                                                "EMA weights; null = true when `use_ema` (true without `use_ema` is an error).")
+    validation_split: float = Field(0, ge=0, json_schema_extra=VALIDATION, description="Rows held out of training for the "
+                                    "validation loss: a fraction (0 < x < 1) of the dataset, or a whole number >= 1 of rows, "
+                                    "chosen by `seed` before `max_train_samples`; 0 = none. With it, each validation (same "
+                                    "cadence as the images) logs `val_loss`, the denoising loss on these rows averaged over "
+                                    "`validation_loss_timesteps` fixed timesteps with fixed noise (docs/run-semantics.md).")
+    validation_dataset_dir: Optional[str] = Field(None, json_schema_extra=VALIDATION, description="A local dataset folder "
+                                                  "(the layouts and `imagefolder` of `dataset_dir`, the same columns) whose "
+                                                  "rows are the held-out rows, instead of `validation_split`.")
+    validation_loss_timesteps: int = Field(8, ge=1, le=1000, json_schema_extra=VALIDATION, description="Evenly spaced "
+                                           "timesteps the validation loss averages over (8, as MLPerf's Flux benchmark).")
     save_interval: int = Field(500, ge=0, json_schema_extra=CHECKPOINTS, description="Checkpoint every N optimizer steps (and "
                                "always at the end and on a stop signal); 0 = only at the end. 500 = diffusers' "
                                "`--checkpointing_steps`.")

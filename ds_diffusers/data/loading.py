@@ -9,12 +9,15 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from PIL import Image
 
 from ds_diffusers.data.metadata import check_metadata_files
+from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.errors import ConfigError
 
 CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "prompt")
+HELD_OUT_STREAM = 7301  # the seeded stream that picks `validation_split`'s rows, apart from every epoch's
 _TEXT_DTYPES = ("string", "large_string")
 # What the datasets loaders raise for unreadable folders: EmptyDatasetError is a FileNotFoundError,
 # a corrupt parquet is an ArrowInvalid (ValueError), a broken save_to_disk state a KeyError.
@@ -151,6 +154,28 @@ def _first_missing_caption(column: pa.ChunkedArray, is_list: bool) -> int | None
     bad_rows.append(pc.index(missing, True).as_py())
     bad_rows = [int(row) for row in bad_rows if row >= 0]
     return min(bad_rows) if bad_rows else None
+
+
+def held_out_count(num_rows: int, validation_split: float) -> int:
+    """Rows `validation_split` holds out: a fraction (at least one row) or a whole number of rows."""
+    if not validation_split:
+        return 0
+    return max(1, round(validation_split * num_rows)) if validation_split < 1 else int(validation_split)
+
+
+def split_held_out(dataset: datasets.Dataset, validation_split: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(training rows, held-out rows or None). The held-out rows are drawn by `seed` alone, so they stay
+    the same whatever `max_train_samples` or the process count; both parts keep the dataset's order."""
+    count = held_out_count(len(dataset), validation_split)
+    if not count:
+        return dataset, None
+    if count >= len(dataset):
+        raise ConfigError("validation_split", validation_split, f"holds out {count} of the dataset's {len(dataset)} rows, "
+                          "leaving none to train on; hold out fewer rows")
+    order = torch.randperm(len(dataset), generator=seeded_generator(seed, HELD_OUT_STREAM)).tolist()
+    held_out, train = sorted(order[:count]), sorted(order[count:])
+    # In memory: the indices must not be written as a cache file next to the user's dataset.
+    return dataset.select(train, keep_in_memory=True), dataset.select(held_out, keep_in_memory=True)
 
 
 def select_train_samples(dataset: datasets.Dataset, max_train_samples: int | None, seed: int) -> datasets.Dataset:

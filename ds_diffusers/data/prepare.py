@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
 
@@ -25,9 +26,11 @@ from ds_diffusers.config.schema import Config
 from ds_diffusers.data.buckets import BucketPlan, bucket_plan_for, cached_image_sizes
 from ds_diffusers.data.dataset import check_dataset_size
 from ds_diffusers.data.decode import check_image_files
-from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples
+from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples, split_held_out
 from ds_diffusers.distributed import DistInfo, broadcast_from_main, in_turn
 from ds_diffusers.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class DataChecks:
 class TrainData:
     dataset: datasets.Dataset
     checks: DataChecks
+    held_out: datasets.Dataset | None = None  # `validation_split`'s rows, never trained on
 
 
 def arrow_cache_dir(cfg: Config) -> Path:
@@ -51,10 +55,24 @@ def arrow_cache_dir(cfg: Config) -> Path:
     return Path(cfg.cache_dir).expanduser() / "datasets"
 
 
-def load_selected(cfg: Config) -> datasets.Dataset:
-    """The rows this run trains on (`max_train_samples` of them when set)."""
+def load_selected(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The rows this run trains on (`max_train_samples` of them when set) and the held-out rows
+    (`validation_split`, drawn first, or None)."""
     loaded = load_train_dataset(cfg.dataset_dir, cfg.imagefolder, cache_dir=str(arrow_cache_dir(cfg)))
-    return select_train_samples(loaded, cfg.max_train_samples, cfg.seed)
+    train, held_out = split_held_out(loaded, cfg.validation_split, cfg.seed)
+    if cfg.validation_dataset_dir is not None:
+        held_out = _as_validation_folder(lambda: load_train_dataset(cfg.validation_dataset_dir, cfg.imagefolder,
+                                                                    cache_dir=str(arrow_cache_dir(cfg))), cfg)
+    return select_train_samples(train, cfg.max_train_samples, cfg.seed), held_out
+
+
+def _as_validation_folder(work: Callable[[], T], cfg: Config) -> T:
+    """`work` on `validation_dataset_dir`, whose refusals name that key rather than `dataset_dir`."""
+    try:
+        return work()
+    except ConfigError as error:
+        inner = error.fix if error.field == "dataset_dir" else f"{error.field}={error.value!r}: {error.fix}"
+        raise ConfigError("validation_dataset_dir", cfg.validation_dataset_dir, inner) from None
 
 
 @contextmanager
@@ -86,15 +104,19 @@ def load_and_check(cfg: Config, world_size: int) -> TrainData:
     """The dataset and every check of it; ConfigError naming the field, value and fix on bad data,
     with nothing this load added to the Arrow cache left behind."""
     with _removed_on_refusal(arrow_cache_dir(cfg)):
-        hf_dataset = load_selected(cfg)
+        hf_dataset, held_out = load_selected(cfg)
         image_column, caption_column = resolve_columns(hf_dataset, cfg.image_column, cfg.caption_column)
         missing_images = check_image_files(hf_dataset, image_column, cfg.skip_bad_images)
+        if held_out is not None:  # its rows are decoded at every validation: a missing file is refused
+            if cfg.validation_dataset_dir is not None:
+                _as_validation_folder(lambda: resolve_columns(held_out, image_column, caption_column), cfg)
+            check_image_files(held_out, image_column, skip_bad_images=False)
         check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
         # Headers only, once per job: every rank gets the buckets with the other checks' results.
         sizes = (cached_image_sizes(hf_dataset, image_column, cfg.skip_bad_images, Path(cfg.cache_dir).expanduser())
                  if cfg.aspect_ratio_buckets else None)
         buckets = bucket_plan_for(cfg, sizes, world_size)
-    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, buckets))
+    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, buckets), held_out)
 
 
 def _size_text(folder: Path) -> str:
@@ -118,4 +140,5 @@ def prepare_train_data(cfg: Config, dist: DistInfo) -> TrainData:
     rest = in_turn(lambda: load_selected(cfg), dist.local_rank != 0)
     if dist.is_main:
         return checked
-    return TrainData(node_first if node_first is not None else rest, checks)
+    hf_dataset, held_out = node_first if node_first is not None else rest
+    return TrainData(hf_dataset, checks, held_out)
