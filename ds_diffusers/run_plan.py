@@ -27,8 +27,9 @@ class RunPlan:
     num_epochs: int
 
     @classmethod
-    def from_config(cls, cfg: Config, dataset_len: int, world_size: int) -> "RunPlan":
-        batches = num_batches_per_epoch(dataset_len, cfg.train_micro_batch_size_per_gpu, world_size)
+    def from_config(cls, cfg: Config, dataset_len: int, world_size: int, batches_per_epoch: int | None = None) -> "RunPlan":
+        """`batches_per_epoch`: the sampler's count when it is not the plain sharding's (aspect-ratio buckets)."""
+        batches = batches_per_epoch or num_batches_per_epoch(dataset_len, cfg.train_micro_batch_size_per_gpu, world_size)
         steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
         total = cfg.max_train_steps or cfg.num_epochs * steps_per_epoch
         epochs = math.ceil(total / steps_per_epoch)

@@ -138,17 +138,19 @@ def set_up(cfg: Config) -> Run:
     groups = param_groups(unet, cfg)
     num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
-    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist)
+    buckets = checks.buckets
+    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
     loader, sampler, dataset = build_train_dataloader(
-        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=cfg.resolution, center_crop=cfg.center_crop,
+        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=max(cfg.bucket_resolutions or [cfg.resolution])
+        if buckets else cfg.resolution, center_crop=cfg.center_crop,
         random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
         num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
         latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
         skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
-        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl",
+        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl", buckets=buckets,
     )
-    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
+    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size, sampler.batches_per_epoch if buckets else None)
     held_out_loss = None
     if held_out is not None:
         held_out_loss = HeldOutLoss(held_out, image_column, caption_column, frozen, dist, resolution=cfg.resolution,
@@ -168,6 +170,8 @@ def set_up(cfg: Config) -> Run:
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
+    if buckets is not None:
+        logger.message(buckets.histogram())
     if held_out_loss is not None:
         logger.message(f"validation loss on {len(held_out_loss)} held-out row(s) (validation_split, never trained on) at "
                        f"{cfg.validation_loss_timesteps} fixed timestep(s)")

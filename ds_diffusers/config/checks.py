@@ -49,6 +49,11 @@ def check_consistency(cfg: Config) -> None:
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", True, "a random crop (center_crop: false) picks a new window every epoch, which "
                           "one cached encoding per image cannot hold; set center_crop: true or cache_latents: false")
+    if cfg.aspect_ratio_buckets:
+        _check_buckets(cfg)
+    elif cfg.bucket_resolutions:
+        raise ConfigError("bucket_resolutions", cfg.bucket_resolutions, "is only used with aspect-ratio buckets; set "
+                          "aspect_ratio_buckets: true or remove bucket_resolutions")
     if cfg.seed > 2**63 - 1:
         raise ConfigError("seed", cfg.seed, "torch seeds are 64-bit; use a seed below 2**63")
     if cfg.use_lora.action and cfg.use_lora.init == "loftq":
@@ -85,6 +90,33 @@ def _check_validation(cfg: Config) -> None:
     if cfg.validation_split and not validating:
         raise ConfigError("validation_split", cfg.validation_split, "rows would be held out of training but never validated on; "
                           "set validation_steps or validation_epochs, or validation_split: 0")
+
+
+def _check_buckets(cfg: Config) -> None:
+    if cfg.bucket_step % 8:
+        raise ConfigError("bucket_step", cfg.bucket_step, "must be a multiple of 8 (the VAE downsamples by 8); use "
+                          f"{max(8, cfg.bucket_step // 8 * 8)} or {cfg.bucket_step // 8 * 8 + 8}")
+    for side in cfg.bucket_resolutions or [cfg.resolution]:
+        if side < 2 * cfg.bucket_step:
+            raise ConfigError("bucket_resolutions", cfg.bucket_resolutions or cfg.resolution, f"side {side} is below 2 × "
+                              f"bucket_step ({cfg.bucket_step}), which leaves no aspect ratios; raise it or lower bucket_step")
+
+
+def check_bucket_step(cfg: Config) -> None:
+    """`bucket_step` against the model: a multiple of the VAE's factor × the UNet's downsampling."""
+    if not cfg.aspect_ratio_buckets:
+        return
+    model_dir = Path(cfg.pretrained_model_name_or_path)
+    vae_dir = Path(cfg.vae_path) if cfg.vae_path else model_dir / "vae"
+    try:
+        vae_blocks = len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"])
+        unet_blocks = len(json.loads((model_dir / "unet" / "config.json").read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # check_model_dir names an unreadable config
+    multiple = 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+    if cfg.bucket_step % multiple:
+        raise ConfigError("bucket_step", cfg.bucket_step, f"this model's latents must divide by its UNet's downsampling: "
+                          f"use a multiple of {multiple} (VAE factor {2 ** (vae_blocks - 1)} × UNet {2 ** (unet_blocks - 1)})")
 
 
 def _check_ema_offload(cfg: Config) -> None:
@@ -235,6 +267,7 @@ def check_environment(cfg: Config) -> None:
                           "folder in one of dataset_dir's layouts, or hold out rows with validation_split instead")
     if cfg.vae_path is not None:
         check_vae_dir(cfg.vae_path)
+    check_bucket_step(cfg)
     for field in ("output_dir", "checkpoint_dir"):
         check_writable_folder(getattr(cfg, field), field)
     if cfg.cache_latents or cfg.cache_text_embeddings:

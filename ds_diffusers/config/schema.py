@@ -126,6 +126,17 @@ class Config(Block):
                               "false = a random crop, drawn per (seed, epoch, sample).")
     random_flip: bool = Field(False, json_schema_extra=DATA,
                               description="Random horizontal flip, drawn per (seed, epoch, sample).")
+    aspect_ratio_buckets: bool = Field(False, json_schema_extra=DATA, description="Train each image at the bucket shape "
+                                       "of nearest aspect ratio at the area `resolution`² (or one of `bucket_resolutions`), "
+                                       "resized to cover it and cropped by what the aspect ratios differ, instead of a square "
+                                       "crop; each micro-batch comes from one bucket, the same on every rank (docs/data.md). "
+                                       "`cache_latents` stores each bucket's latents at its shape. false = diffusers' square crops.")
+    bucket_resolutions: list[int] = Field([], json_schema_extra=DATA, description="Multi-resolution buckets: target sides "
+                                          "(area side²); an image trains at the largest area it covers without upscaling "
+                                          "(the smallest when it covers none). [] = [`resolution`].")
+    bucket_step: int = Field(64, ge=8, json_schema_extra=DATA, description="Bucket widths and heights are multiples of "
+                             "this: the VAE's factor (8) × the denoiser's downsampling (8 for SD 1.x/2.x UNets, 4 for SDXL's; "
+                             "a transformer's patch size), so latents divide evenly; checked against the model's configs.")
     dataloader_num_workers: Optional[int] = Field(None, ge=0, json_schema_extra=DATA, description="DataLoader worker "
                                                   "processes per rank; null = min(8, CPUs this process may run on − 1) "
                                                   "(`os.sched_getaffinity`, so Slurm's `--cpus-per-task` counts). Workers "

@@ -9,7 +9,9 @@ column), so any change is a new folder: nothing is recomputed in place or overwr
 
 Latents: the VAE posterior's parameters (mean and log-variance), not a sample, so every step still
 draws a fresh latent and the RNG stream is the one an uncached run uses. With random_flip the
-mirrored image is encoded too. Text: one hidden-state tensor per distinct caption; the caption is
+mirrored image is encoded too. With aspect-ratio buckets each bucket's images have their own
+folder (one latent shape per file), nested in a `latents-buckets-<key>` folder whose key also
+covers every row's bucket. Text: one hidden-state tensor per distinct caption; the caption is
 still drawn per sample, so rows with several captions stay random.
 """
 
@@ -22,20 +24,22 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import datasets
+import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.data.buckets import BucketPlan
 from ds_diffusers.data.decode import open_image, undecoded
 from ds_diffusers.data.file_digests import FileDigests, hash_folder
 from ds_diffusers.data.shard_file import ShardWriter
-from ds_diffusers.data.transforms import EMPTY_PROMPT, CropRecord, preprocess_image_with_crop
+from ds_diffusers.data.transforms import EMPTY_PROMPT, CropRecord, preprocess_image_to_size
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.family import SDXL_PARTS, model_family
@@ -120,9 +124,9 @@ class LatentCache:
     """Per dataset row: the VAE posterior parameters [2C, h, w], mirrored too when random_flip; for
     SDXL also the original size and the crop's top-left (both ways round)."""
 
-    def __init__(self, store: ShardedStore, resolution: int = 0) -> None:
+    def __init__(self, store: ShardedStore, crop_width: int = 0) -> None:
         self.store = store
-        self.resolution = resolution
+        self.crop_width = crop_width
 
     def parameters(self, row: int, flipped: bool) -> torch.Tensor:
         return self.store.get("flipped" if flipped else "parameters", row)
@@ -130,8 +134,27 @@ class LatentCache:
     def crop(self, row: int, flipped: bool) -> CropRecord:
         height, width, resized_width = (int(v) for v in self.store.get("original_size_resized_width", row))
         top, left = (int(v) for v in self.store.get("crop_top_left", row))
-        record = CropRecord((height, width), (top, left), resized_width, self.resolution)
+        record = CropRecord((height, width), (top, left), resized_width, self.crop_width)
         return record.mirrored() if flipped else record
+
+
+class BucketLatentCache:
+    """`LatentCache` by dataset row with aspect-ratio buckets: bucket b's cache holds its rows in
+    ascending order."""
+
+    def __init__(self, caches: list[LatentCache], plan: BucketPlan) -> None:
+        self.caches = caches
+        self.plan = plan
+        self.position = np.zeros(len(plan.bucket_of_row), dtype=np.int64)
+        for bucket in range(len(plan.buckets)):
+            rows = np.flatnonzero(plan.bucket_of_row == bucket)
+            self.position[rows] = np.arange(len(rows))
+
+    def parameters(self, row: int, flipped: bool) -> torch.Tensor:
+        return self.caches[int(self.plan.bucket_of_row[row])].parameters(int(self.position[row]), flipped)
+
+    def crop(self, row: int, flipped: bool) -> CropRecord:
+        return self.caches[int(self.plan.bucket_of_row[row])].crop(int(self.position[row]), flipped)
 
 
 class TextCache:
@@ -156,17 +179,23 @@ def distinct_captions(hf_dataset: datasets.Dataset, caption_column: str) -> list
 
 @torch.no_grad()
 def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Dataset, image_column: str,
-                             rows: list[int], cfg: Config) -> Iterator[dict[str, torch.Tensor]]:
+                             rows: list[int], cfg: Config, plan: BucketPlan | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Posterior parameters of `rows` (and of their mirror images when random_flip), on the host,
-    one micro-batch at a time; for SDXL also each row's crop record."""
+    one micro-batch at a time; for SDXL also each row's crop record. With `plan` (aspect-ratio
+    buckets) `rows` are of one bucket, cropped to its shape, with their header's original size."""
+    size = plan.size_of(rows[0]) if plan is not None and rows else (cfg.resolution, cfg.resolution)
+    draft = max(cfg.bucket_resolutions or [cfg.resolution]) if plan is not None else cfg.resolution
     images = undecoded(hf_dataset.select_columns([image_column]), image_column)
     vae = frozen.vae
     for start in range(0, len(rows), cfg.train_micro_batch_size_per_gpu):
         chunk = rows[start:start + cfg.train_micro_batch_size_per_gpu]
         # A centre crop without flip draws nothing from the generator; the flip is applied below.
-        processed = [preprocess_image_with_crop(open_image(images[row][image_column], row=row, image_column=image_column,
-                                                                resolution=cfg.resolution), cfg.resolution, True, False, torch.Generator())
+        processed = [preprocess_image_to_size(open_image(images[row][image_column], row=row, image_column=image_column,
+                                                          resolution=draft), size, True, False, torch.Generator())
                      for row in chunk]
+        if plan is not None:  # a JPEG decoded at reduced size still reports its real size
+            processed = [(tensor, replace(crop, original_size=plan.original_size(row)))
+                         for (tensor, crop), row in zip(processed, chunk)]
         pixels = torch.stack([tensor for tensor, _ in processed]).to(vae.device, vae.dtype)
         batch = {"parameters": vae.encode(pixels).latent_dist.parameters.cpu()}
         if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image
@@ -257,12 +286,40 @@ def _publish(partial: Path, folder: Path, key: CacheKey, num_items: int, num_sha
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def prepare_bucket_latent_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str, frozen: FrozenComponents,
+                                 dist: DistInfo, plan: BucketPlan, log: Callable[[str], None] = print) -> BucketLatentCache:
+    """All ranks must call this. One latent cache per bucket, nested in a folder named by the usual
+    key plus every row's bucket, each built on a miss, else reused."""
+    started = time.perf_counter()
+    base = broadcast_from_main(latent_key(cfg, hf_dataset, image_column) if dist.is_main else None)
+    shapes = [[bucket.height, bucket.width] for bucket in plan.buckets]
+    assignment = hashlib.blake2b(plan.bucket_of_row.tobytes() + json.dumps(shapes).encode(), digest_size=8).hexdigest()
+    root = CacheKey("latents-buckets", {**base.parts, "assignment": assignment}).folder(cfg.cache_dir)
+    nested = cfg.model_copy(update={"cache_dir": str(root)})
+    caches, encoded = [], []
+    for bucket, shape in enumerate(plan.buckets):
+        rows = np.flatnonzero(plan.bucket_of_row == bucket).tolist()
+        key = CacheKey("latents", {**base.parts, "bucket": [shape.height, shape.width], "assignment": assignment})
+        folder, meta = build_or_reuse(lambda key=key: key, nested, dist, len(rows),
+                                      lambda items, rows=rows: encode_latent_parameters(frozen, hf_dataset, image_column,
+                                                                                        [rows[i] for i in items], cfg, plan),
+                                      log=lambda line: encoded.append("encoded" in line))
+        caches.append(LatentCache(ShardedStore(folder, meta["num_shards"]), shape.width))
+    if dist.is_main:
+        what = f"encoded {sum(encoded)} of {len(plan.buckets)} bucket(s) in {time.perf_counter() - started:.1f} s" if any(encoded) \
+            else f"reusing {len(plan.buckets)} bucket(s)"
+        log(f"latents cache: {what} in {root}")
+    return BucketLatentCache(caches, plan)
+
+
 def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
-                   frozen: FrozenComponents, dist: DistInfo,
-                   log: Callable[[str], None] = print) -> tuple[LatentCache | None, TextCache | None]:
+                   frozen: FrozenComponents, dist: DistInfo, log: Callable[[str], None] = print,
+                   buckets: BucketPlan | None = None) -> tuple[LatentCache | BucketLatentCache | None, TextCache | None]:
     """All ranks must call this. The caches the config asks for, built on a miss, else reused."""
     latent_cache = text_cache = None
-    if cfg.cache_latents:
+    if cfg.cache_latents and buckets is not None:
+        latent_cache = prepare_bucket_latent_caches(cfg, hf_dataset, image_column, frozen, dist, buckets, log)
+    elif cfg.cache_latents:
         folder, meta = build_or_reuse(
             lambda: latent_key(cfg, hf_dataset, image_column), cfg, dist, len(hf_dataset),
             lambda rows: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg), log=log)

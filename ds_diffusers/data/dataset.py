@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import datasets
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ds_diffusers.data.buckets import BucketBatchSampler, BucketPlan
 from ds_diffusers.data.decode import BadImageLog, first_readable, undecoded
 from ds_diffusers.data.sampler import ShardedEpochSampler, shard_length
 from ds_diffusers.data.seeding import seeded_generator
-from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image_with_crop
+from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image_to_size
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import tokenize
 
@@ -27,6 +29,8 @@ class CaptionedImageDataset(Dataset):
     """Row `index` -> {"pixel_values", "input_ids", "index"}; with a latent cache "latent_parameters"
     replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids". SDXL adds
     "input_ids_2" (or the cached "text_embeds") and, with `record_crop`, "original_size" and "crop_top_left".
+    With `buckets` (aspect_ratio_buckets) a row is cropped to its bucket's shape, not resolution², and its
+    original size is the one its header gave.
 
     Caption choice, caption dropout, crop offset and flip come from a generator seeded with
     (seed, epoch, index), so a sample is the same whatever the worker count or order, and again
@@ -42,7 +46,8 @@ class CaptionedImageDataset(Dataset):
                  random_flip: bool, seed: int, epoch: int = 0, latent_cache: Optional[LatentCache] = None,
                  text_cache: Optional[TextCache] = None, skip_bad_images: bool = False,
                  known_bad_rows: Sequence[int] = (), caption_dropout: float = 0.0,
-                 tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False) -> None:
+                 tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False,
+                 buckets: Optional[BucketPlan] = None) -> None:
         # Decode only the columns needed: with cached latents the images are never read. Images are
         # decoded here rather than by `datasets`, so that a failure names its file and row.
         columns = [caption_column] if latent_cache else [image_column, caption_column]
@@ -56,6 +61,7 @@ class CaptionedImageDataset(Dataset):
         self.tokenizers = {"input_ids": tokenizer, **({"input_ids_2": tokenizer_2} if tokenizer_2 is not None else {})}
         self.record_crop = record_crop  # SDXL: "original_size" and "crop_top_left" of each sample
         self.resolution = resolution
+        self.buckets = buckets
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
@@ -95,8 +101,11 @@ class CaptionedImageDataset(Dataset):
             example["latent_parameters"] = self.latent_cache.parameters(index, flipped)
             crop = self.latent_cache.crop(index, flipped) if self.record_crop else None
         else:
-            example["pixel_values"], crop = preprocess_image_with_crop(image, self.resolution,
-                                                                       self.center_crop, self.random_flip, generator)
+            size = self.buckets.size_of(index) if self.buckets is not None else (self.resolution, self.resolution)
+            example["pixel_values"], crop = preprocess_image_to_size(image, size, self.center_crop, self.random_flip, generator)
+            original_size = self.buckets.original_size(source) if self.buckets is not None else None
+            if original_size is not None:  # a JPEG decoded at reduced size (decode.py) still reports its real size
+                crop = replace(crop, original_size=original_size)
         if self.record_crop:
             example["original_size"] = torch.tensor(crop.original_size)
             example["crop_top_left"] = torch.tensor(crop.crop_top_left)
@@ -137,20 +146,26 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            skip_bad_images: bool = False, known_bad_rows: Sequence[int] = (),
                            caption_dropout: float = 0.0,
                            tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False,
-                           ) -> tuple[DataLoader, ShardedEpochSampler, CaptionedImageDataset]:
+                           buckets: Optional[BucketPlan] = None,
+                           ) -> tuple[DataLoader, ShardedEpochSampler | BucketBatchSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch.
-    `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously."""
+    `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously.
+    With `buckets` the micro-batches come from the bucket schedule (buckets.py), one bucket each."""
     check_dataset_size(len(hf_dataset), micro_batch_size, world_size)
     dataset = CaptionedImageDataset(hf_dataset, image_column, caption_column, tokenizer, resolution,
                                     center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache,
                                     skip_bad_images=skip_bad_images, known_bad_rows=known_bad_rows,
-                                    caption_dropout=caption_dropout, tokenizer_2=tokenizer_2, record_crop=record_crop)
-    sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
+                                    caption_dropout=caption_dropout, tokenizer_2=tokenizer_2, record_crop=record_crop,
+                                    buckets=buckets)
+    if buckets is not None:
+        sampler = BucketBatchSampler(buckets, micro_batch_size, rank, world_size, seed)
+        batching = {"batch_sampler": sampler}
+    else:
+        sampler = ShardedEpochSampler(len(hf_dataset), rank, world_size, seed)
+        batching = {"batch_size": micro_batch_size, "sampler": sampler, "drop_last": True}
     loader = DataLoader(
         dataset,
-        batch_size=micro_batch_size,
-        sampler=sampler,
-        drop_last=True,
+        **batching,
         num_workers=num_workers,
         collate_fn=collate_examples,
         pin_memory=pin_memory,

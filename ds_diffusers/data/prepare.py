@@ -23,6 +23,7 @@ from typing import TypeVar
 import datasets
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.data.buckets import BucketPlan, bucket_plan_for, cached_image_sizes
 from ds_diffusers.data.dataset import check_dataset_size
 from ds_diffusers.data.decode import check_image_files
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns, select_train_samples, split_held_out
@@ -39,6 +40,7 @@ class DataChecks:
     image_column: str
     caption_column: str
     missing_images: list[int]  # rows whose image file is missing (skip_bad_images)
+    buckets: BucketPlan | None = None  # every row's bucket, from the image headers (aspect_ratio_buckets)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,11 @@ def load_and_check(cfg: Config, world_size: int) -> TrainData:
                 _as_validation_folder(lambda: resolve_columns(held_out, image_column, caption_column), cfg)
             check_image_files(held_out, image_column, skip_bad_images=False)
         check_dataset_size(len(hf_dataset), cfg.train_micro_batch_size_per_gpu, world_size)
-    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images), held_out)
+        # Headers only, once per job: every rank gets the buckets with the other checks' results.
+        sizes = (cached_image_sizes(hf_dataset, image_column, cfg.skip_bad_images, Path(cfg.cache_dir).expanduser())
+                 if cfg.aspect_ratio_buckets else None)
+        buckets = bucket_plan_for(cfg, sizes, world_size)
+    return TrainData(hf_dataset, DataChecks(image_column, caption_column, missing_images, buckets), held_out)
 
 
 def _size_text(folder: Path) -> str:

@@ -15,21 +15,28 @@ from ds_diffusers.errors import ConfigError
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     """Bilinear resize so the shorter side is `size`, like torchvision `Resize(size)` on PIL images."""
-    width, height = image.size
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
+    return resize_to_cover(image, size, size)
+
+
+def resize_to_cover(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Bilinear resize, keeping the aspect ratio, to the smallest size that covers height×width: one side
+    fits exactly and the other overhangs by what the aspect ratios differ. For a square target this is
+    `resize_shorter_side` (torchvision's rounding of the long side)."""
+    image_width, image_height = image.size
+    if image_width * height <= image_height * width:  # relatively taller: the width fits
+        new_width, new_height = width, max(height, int(width * image_height / image_width))
     else:
-        new_width, new_height = int(size * width / height), size
+        new_width, new_height = max(width, int(height * image_width / image_height)), height
     return image.resize((new_width, new_height), Image.Resampling.BILINEAR)
 
 
-def crop_offsets(width: int, height: int, resolution: int, center_crop: bool,
+def crop_offsets(width: int, height: int, crop_height: int, crop_width: int, center_crop: bool,
                  generator: torch.Generator) -> tuple[int, int]:
-    """(top, left) of a resolution×resolution window: the centre (torchvision's rounding) or uniform."""
+    """(top, left) of a crop_height×crop_width window: the centre (torchvision's rounding) or uniform."""
     if center_crop:
-        return int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
-    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        return int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
+    top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
     return top, left
 
 
@@ -52,23 +59,31 @@ class CropRecord:
     original_size: tuple[int, int]  # (height, width) before resizing
     crop_top_left: tuple[int, int]  # in the resized image as shown (mirrored when flipped)
     resized_width: int
-    resolution: int
+    crop_width: int
 
     def mirrored(self) -> "CropRecord":
         top, left = self.crop_top_left
-        return replace(self, crop_top_left=(top, self.resized_width - left - self.resolution))
+        return replace(self, crop_top_left=(top, self.resized_width - left - self.crop_width))
 
 
 def preprocess_image_with_crop(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                                generator: torch.Generator) -> tuple[torch.Tensor, CropRecord]:
     """`preprocess_image`, plus the record of the original size and the crop window."""
+    return preprocess_image_to_size(image, (resolution, resolution), center_crop, random_flip, generator)
+
+
+def preprocess_image_to_size(image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
+                             generator: torch.Generator) -> tuple[torch.Tensor, CropRecord]:
+    """8-bit RGB, resize to cover `size` (height, width), crop to it, maybe flip, normalise:
+    FloatTensor [3,H,W] and the record of the original size and the crop window."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    height, width = size
     original_size = (image.height, image.width)
-    image = resize_shorter_side(to_rgb8(image), resolution)
-    top, left = crop_offsets(image.width, image.height, resolution, center_crop, generator)
-    record = CropRecord(original_size, (top, left), image.width, resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = resize_to_cover(to_rgb8(image), height, width)
+    top, left = crop_offsets(image.width, image.height, height, width, center_crop, generator)
+    record = CropRecord(original_size, (top, left), image.width, width)
+    image = image.crop((left, top, left + width, top + height))
     if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         record = record.mirrored()
