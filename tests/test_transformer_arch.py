@@ -144,3 +144,35 @@ def test_flux_transformer_loads_partitioned_under_zero3(flux_dir, one_rank):
                          "zero_optimization": {"stage": 3}})
     model = load_unet_partitioned(str(flux_dir), to_deepspeed_config(cfg, world_size=1), rank=0)
     assert type(model).__name__ == "FluxTransformer2DModel"
+
+
+def _memory_table():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory_table.py"
+    spec = importlib.util.spec_from_file_location("memory_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("memory_table", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_table_counts_what_deepspeed_leaves_out():
+    table = _memory_table()
+    counts = table.ModelCounts("m", params=8_000_000_000, largest_layer=50_000_000, lora=10_000_000, frozen=0)
+    bucket = 2 * table.SETTINGS["reduce_bucket_size"]
+    ds_gpu, _ = table.deepspeed_estimate(counts, "full", 8, 2, offload=False)
+    ours_gpu, ours_host, load = table.account(counts, "full", 8, 2, offload=False)
+    # Full ZeRO-2: the same 2 + 18/GPUs bytes a parameter as DeepSpeed, plus the gradient bucket.
+    assert ds_gpu == 2 * counts.params + 18 * counts.params // 8 and ours_gpu == ds_gpu + bucket
+    assert ours_host == 0 and load == 8 * 4 * counts.params  # each rank loads fp32 before the engine
+    # LoRA: DeepSpeed sees only the adapters; we also hold the frozen bf16 base weights.
+    ds_lora, _ = table.deepspeed_estimate(counts, "lora", 8, 2, offload=False)
+    ours_lora = table.account(counts, "lora", 8, 2, offload=False)[0]
+    assert ds_lora < 1e9 < 2 * counts.params <= ours_lora
+    # ZeRO-3 with both offloads: the GPU keeps the gathered layers, the node its GPUs' partitions.
+    gpu, host, load = table.account(counts, "full", 16, 3, offload=True)
+    assert gpu == 4 * counts.largest_layer + bucket and host == 8 * 18 * counts.params / 16
+    assert load == 4 * counts.largest_layer
