@@ -23,8 +23,7 @@ import torch
 
 from ds_diffusers.embedded.tokenizer import corpus_words
 
-# Flux.1 and SD 3.5 both tokenize for T5 to this length (Flux.1-schnell: 256; dev and SD 3.5: 512 max,
-# the pipelines' default 512/256). The test builders keep the pipelines' defaults.
+# T5's special tokens at their real ids 0, 1, 2.
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 
 # google/t5-v1_1-xxl as shipped in black-forest-labs/FLUX.1-dev text_encoder_2/config.json and

@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ds_diffusers.embedded.arch_flow import (TEST_RESOLUTION, flow_vae_config, meta_parameters, random_t5_encoder,
-                                             t5_config, write_t5_tokenizer)
+from ds_diffusers.embedded.arch_flow import flow_vae_config, meta_parameters, random_t5_encoder, t5_config, write_t5_tokenizer
 from ds_diffusers.embedded.arch_sd import FULL as SD_FULL, random_clip_text_encoder, save_diffusers_folder, write_clip_tokenizer
 from ds_diffusers.embedded.tokenizer import EOS_TOKEN
 

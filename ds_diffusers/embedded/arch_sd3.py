@@ -46,7 +46,8 @@ SD35_VAE_SCALING, SD35_VAE_SHIFT = 1.5305, 0.0609
 # laion/CLIP-ViT-bigG-14's text tower as SD 3.5 ships it (text_encoder_2/config.json).
 CLIP_BIGG = {**SD_FULL["sd15"].text_encoder, "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120,
              "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280}
-CLIP_MAX_LENGTH, T5_MAX_LENGTH = 77, 256
+# The tokenizers' model_max_length in the real folders (the pipeline encodes 256 T5 tokens by default).
+CLIP_MAX_LENGTH, T5_MAX_LENGTH = 77, 512
 # The configs' exact counts. Published: Large "8.1 billion" (matches); Medium "2.5 billion" (the model
 # card and announcement), 10% above what its published transformer config builds.
 SD35_LARGE_PARAMETERS = 8_056_627_520
