@@ -22,7 +22,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.errors import ConfigError
 
+# Rows of a shard shuffled among themselves each epoch (a reader holds at most this many samples of a shard).
+SHUFFLE_BLOCK = 64
 # Files webdataset's reader skips (`__key__`-style metadata); counted the same way here.
 _META = re.compile(r"__[^/]*__($|/)")
 
@@ -73,6 +75,11 @@ def count_samples(path: Path) -> int:
     return count
 
 
+@lru_cache(maxsize=64)
+def _block_permutation(seed: int, epoch: int, shard: int, block: int, size: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(size, generator=seeded_generator(seed, epoch, shard, block)).tolist())
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """Where every sample of every epoch is; see the module docstring."""
@@ -98,6 +105,14 @@ class ShardPlan:
         shards = self.partition_shards(partition)
         permutation = torch.randperm(len(shards), generator=seeded_generator(self.seed, epoch, partition)).tolist()
         return [shards[i] for i in permutation]
+
+    def row_of(self, epoch: int, shard: int, index: int) -> int:
+        """The stored row read as the shard's `index`-th sample this epoch: rows are shuffled within
+        blocks of SHUFFLE_BLOCK consecutive rows, so a reader holds at most one block."""
+        block = index // SHUFFLE_BLOCK
+        size = min(SHUFFLE_BLOCK, self.counts[shard] - block * SHUFFLE_BLOCK)
+        permutation = _block_permutation(self.seed, epoch, shard, block, size)
+        return block * SHUFFLE_BLOCK + permutation[index % SHUFFLE_BLOCK]
 
     def locate(self, position: int) -> tuple[int, int]:
         """(partition, item in that partition) of global position `position`."""
@@ -153,6 +168,17 @@ def read_rows(path: str, rows: list[int]) -> Iterator[dict[str, Any]]:
                           "is missing); shards must not change during a run")
 
 
+def _read_in_order(path: str, rows: list[int]) -> Iterator[dict[str, Any]]:
+    """The samples at `rows` (any order, each row in its shuffle block) of one shard, in that order:
+    one pass through the file, holding at most the wanted rows of one block."""
+    stored, held = iter(zip(sorted(rows), read_rows(path, sorted(rows)))), {}
+    for row in rows:
+        while row not in held:
+            found, sample = next(stored)
+            held[found] = sample
+        yield held.pop(row)
+
+
 def read_partition(plan: ShardPlan, epoch: int, partition: int, items: list[int]) -> Iterator[dict[str, Any]]:
     """The samples at `items` (sorted positions within the partition's epoch order), in that order.
     Shards without a wanted item are not opened."""
@@ -162,10 +188,10 @@ def read_partition(plan: ShardPlan, epoch: int, partition: int, items: list[int]
         end = start + plan.counts[shard]
         rows = []
         while item is not None and item < end:
-            rows.append(item - start)
+            rows.append(plan.row_of(epoch, shard, item - start))
             item = next(wanted, None)
         if rows:
-            yield from read_rows(plan.shards[shard], rows)
+            yield from _read_in_order(plan.shards[shard], rows)
         if item is None:
             return
         start = end
