@@ -29,8 +29,10 @@ def shard_folders(tiny_assets, tmp_path_factory):
 def test_raw_shards_resume_exactly_and_pre_encoded_shards_train_alike(tiny_assets, shard_folders, tmp_path):
     raw, encoded = shard_folders
     straight, resumed = three_runs(tiny_assets, tmp_path, f"dataset_dir={raw}", "dataset_format=webdataset", steps=STEPS)
-    assert len(losses(straight)) == STEPS
-    assert losses(resumed) == losses(straight)[STEPS // 2:]  # mid-epoch stop, then across the epoch end
+    a, b = losses(straight), losses(resumed)  # the resumed folder logs both halves
+    assert len(a) == len(b) == STEPS
+    # Stopped mid-epoch (step 4 of 6 an epoch), resumed across the epoch end; as test_full_resume_is_exact.
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
 
     pre_encoded = tmp_path / "encoded"
     assert_ok(launch(run_cfg(tiny_assets, pre_encoded, f"dataset_dir={encoded}", "dataset_format=webdataset",

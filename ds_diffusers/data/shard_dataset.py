@@ -14,6 +14,7 @@ datasets, and enough to resume exactly because the order is a function of the se
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -192,14 +193,20 @@ class ShardStream(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         epoch, start = (int(value) for value in self._state)
         batches = range(worker_id, (self.num_samples - start) // self.micro_batch_size, num_workers)
-        positions = [self.batch_positions(start, batch) for batch in batches]
-        items: dict[int, list[int]] = {}
-        for position in (p for batch in positions for p in batch):
-            partition, item = self.plan.locate(position)
-            items.setdefault(partition, []).append(item)
-        readers = {partition: read_partition(self.plan, epoch, partition, wanted) for partition, wanted in items.items()}
-        for batch in positions:
-            yield collate_examples([self.decoder(next(readers[self.plan.locate(p)[0]]), epoch, p) for p in batch])
+        # Lazily: an epoch of a large dataset has too many positions to list.
+        readers = {partition: read_partition(self.plan, epoch, partition, self._items(partition, batches, start))
+                   for partition in range(self.rank, self.plan.partitions, self.world_size)}
+        for batch in batches:
+            positions = self.batch_positions(start, batch)
+            yield collate_examples([self.decoder(next(readers[self.plan.locate(p)[0]]), epoch, p) for p in positions])
+
+    def _items(self, partition: int, batches: range, start: int) -> Iterator[int]:
+        """The items of `partition` that `batches` use, in order."""
+        for batch in batches:
+            for position in self.batch_positions(start, batch):
+                owner, item = self.plan.locate(position)
+                if owner == partition:
+                    yield item
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 A shard folder is a set of `*.tar` files in the WebDataset layout (each sample is the files that share
 a key: `000123.jpg`, `000123.txt`; written by `webdataset.TarWriter`, img2dataset, or
 `python -m ds_diffusers.data.write_shards`). The files are read with webdataset's own tar reader
-(`tar_file_expander`, `group_by_keys`); this module only decides the order.
+(`group_by_keys`, over members read from a seekable `tarfile`, so skipped samples cost a header read);
+this module decides the order.
 
 The order of an epoch is a function of (seed, epoch, shard list, `shard_partitions`) and nothing else:
 - shard i belongs to partition i % P, for good (so every partition's length is the same each epoch);
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.errors import ConfigError
@@ -51,15 +52,21 @@ def list_shards(dataset_dir: str) -> list[Path]:
     return shards
 
 
+def _sample_members(archive: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str]]:
+    """(member, its sample key) of every file webdataset's reader keeps, in stored order. The archive
+    is opened seekable, so passing a member reads its header only and seeks past its data."""
+    for member in archive:
+        archive.members = []  # tarfile keeps every header it has read; a shard may hold millions
+        if member.isreg() and not _META.match(member.name) and not member.name.startswith("__"):
+            key, _ = base_plus_ext(member.name)
+            if key is not None:
+                yield member, key
+
+
 def _sample_keys(path: Path) -> Iterator[str]:
-    """The key of every regular member, in stored order, from the tar headers alone (the reader seeks
-    past each file's data)."""
     with tarfile.open(path, "r:") as archive:
-        for member in archive:
-            if member.isreg() and not _META.match(member.name) and not member.name.startswith("__"):
-                prefix, _ = base_plus_ext(member.name)
-                if prefix is not None:
-                    yield prefix
+        for _, key in _sample_members(archive):
+            yield key
 
 
 def count_samples(path: Path) -> int:
@@ -141,28 +148,27 @@ def build_plan(dataset_dir: str, partitions: int, seed: int) -> ShardPlan:
     return plan
 
 
-class _RowFilter:
-    """webdataset `select_files` predicate: keep the members of the wanted rows of one shard (the
-    others' data is never copied out of the archive)."""
-
-    def __init__(self, rows: set[int]) -> None:
-        self.rows, self.key, self.row = rows, None, -1
-
-    def __call__(self, name: str) -> bool:
-        key, _ = base_plus_ext(name)
-        if key != self.key:
-            self.key, self.row = key, self.row + 1
-        return self.row in self.rows
+def _wanted_files(path: str, rows: set[int]) -> Iterator[dict[str, Any]]:
+    """The files of the wanted rows of one shard as webdataset's reader yields them ({"fname", "data",
+    "__url__"}); the other rows' data is seeked past, so a worker reads its own samples' bytes only."""
+    with tarfile.open(path, "r:") as archive:
+        row, previous, last = -1, None, max(rows)
+        for member, key in _sample_members(archive):
+            if key != previous:
+                row, previous = row + 1, key
+                if row > last:
+                    return
+            if row in rows:
+                yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": path}
 
 
 def read_rows(path: str, rows: list[int]) -> Iterator[dict[str, Any]]:
-    """The samples at `rows` (sorted) of one shard, in that order, as webdataset's `{"__key__", ext: bytes}`."""
-    with open(path, "rb") as stream:
-        files = tar_file_expander([{"url": path, "stream": stream}], select_files=_RowFilter(set(rows)))
-        found = 0
-        for sample in group_by_keys(files):
-            found += 1
-            yield sample
+    """The samples at `rows` (sorted) of one shard, in that order, grouped by webdataset's
+    `group_by_keys` into `{"__key__", "__url__", ext: bytes}`."""
+    found = 0
+    for sample in group_by_keys(_wanted_files(path, set(rows))):
+        found += 1
+        yield sample
     if found != len(rows):
         raise ConfigError("dataset_dir", path, f"the shard holds fewer samples than at start-up (row {rows[found]} "
                           "is missing); shards must not change during a run")
@@ -179,7 +185,7 @@ def _read_in_order(path: str, rows: list[int]) -> Iterator[dict[str, Any]]:
         yield held.pop(row)
 
 
-def read_partition(plan: ShardPlan, epoch: int, partition: int, items: list[int]) -> Iterator[dict[str, Any]]:
+def read_partition(plan: ShardPlan, epoch: int, partition: int, items: Iterable[int]) -> Iterator[dict[str, Any]]:
     """The samples at `items` (sorted positions within the partition's epoch order), in that order.
     Shards without a wanted item are not opened."""
     start, wanted = 0, iter(items)
