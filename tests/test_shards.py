@@ -124,6 +124,8 @@ def test_raw_shard_columns_and_pre_encoded_checks(tmp_path):
     write_numbered_shards(raw, sizes=(3, 3), extra={"png": png_bytes(), "txt": "a red box\na box"})
     data = check_shards(shard_cfg(tmp_path, raw, shard_partitions=2), world_size=2)
     assert (data.columns.image, data.columns.caption, data.num_rows) == ("png", "txt", 6)
+    (tmp_path / "vae").mkdir()  # the VAE's downsampling comes from its config: 8 here
+    (tmp_path / "vae" / "config.json").write_text('{"block_out_channels": [8, 8, 8, 8]}')
     encoded = tmp_path / "encoded"
     latents = shard_dataset.LATENTS
     write_numbered_shards(encoded, sizes=(3, 3), extra={latents: torch.zeros(8, 4, 4), "txt": "a red box"})

@@ -14,6 +14,7 @@ datasets, and enough to resume exactly because the order is a function of the se
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -28,7 +29,7 @@ from ds_diffusers.data.tar_shards import ShardPlan, build_plan, read_partition, 
 from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image_with_crop
 from ds_diffusers.distributed import DistInfo, broadcast_from_main, in_turn
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.models import tokenize
+from ds_diffusers.models import tokenize, vae_folder
 
 if TYPE_CHECKING:
     from ds_diffusers.config.schema import Config
@@ -40,7 +41,6 @@ CAPTION_EXTENSIONS = ("txt", "caption", "text")
 LATENTS = "latent_parameters.pth"  # VAE posterior (mean and log-variance) [2C, h, w] of the centre crop
 FLIPPED = "flipped.pth"  # the same of the mirrored crop (needed with random_flip)
 TEXT = "encoder_hidden_states.pth"  # the text encoder's last hidden state [tokens, width] ([captions, ...] for several)
-VAE_DOWNSAMPLING = 8
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,12 @@ class ShardData:
         return self.plan.epoch_samples
 
 
+def vae_downsampling(cfg: Config) -> int:
+    """Pixels per latent of the config's VAE (8 for every SD VAE), from its config file."""
+    config = json.loads((vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path) / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def check_shards(cfg: Config, world_size: int) -> ShardData:
     """The plan and columns of `dataset_dir`'s shards, checked against the config (rank 0)."""
     plan = build_plan(cfg.dataset_dir, cfg.shard_partitions, cfg.seed)
@@ -103,7 +109,7 @@ def check_shards(cfg: Config, world_size: int) -> ShardData:
     first = next(read_rows(plan.shards[shard], [0]))
     columns = resolve_shard_columns(list(first), cfg, plan.shards[shard])
     if columns.image is None:
-        height = _tensor(first, LATENTS).shape[-2] * VAE_DOWNSAMPLING
+        height = _tensor(first, LATENTS).shape[-2] * vae_downsampling(cfg)
         if height != cfg.resolution:
             raise ConfigError("resolution", cfg.resolution, f"the pre-encoded latents of {plan.shards[shard]} are of "
                               f"{height} px images; set resolution: {height}")
