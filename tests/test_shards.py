@@ -16,7 +16,7 @@ from webdataset import TarWriter
 from ds_diffusers.config import validate_dict
 from ds_diffusers.config.checks import check_environment
 from ds_diffusers.data import shard_dataset, tar_shards
-from ds_diffusers.data.shard_dataset import ShardStream, check_shards
+from ds_diffusers.data.shard_dataset import ShardStream, check_shards, shard_loader
 from ds_diffusers.data.tar_shards import build_plan
 from ds_diffusers.errors import ConfigError
 from tests.helpers import environment_cfg, error_of, with_changes
@@ -92,6 +92,16 @@ def test_resume_on_fewer_processes_continues_the_same_global_sequence(tmp_path):
     assert before + after == straight
     # Same topology: the tail of this rank's own sequence.
     assert numbers(stream(tmp_path, 1, 2), start=4) == numbers(stream(tmp_path, 1, 2))[2:]
+
+
+def test_a_new_epoch_or_resume_leaves_the_global_rng_alone(tmp_path):
+    """The loop's noise comes from the global torch RNG, restored on resume; starting the loader must not draw from it."""
+    write_numbered_shards(tmp_path)
+    source = stream(tmp_path, 0, 1)
+    source.set_start(4)
+    before = torch.get_rng_state()
+    assert len(list(shard_loader(source, num_workers=0, pin_memory=False, seed=3))) == 22
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_each_process_opens_only_its_own_partitions_shards(tmp_path, monkeypatch):

@@ -231,10 +231,13 @@ def build_shard_loader(data: ShardData, cfg: Config, frozen: FrozenComponents, d
     empty_text = empty_prompt_embeddings(frozen) if data.columns.caption is None and cfg.caption_dropout else None
     decoder = ShardSampleDecoder(data.columns, cfg, frozen.tokenizers, frozen.family == "sdxl", empty_text)
     stream = ShardStream(data.plan, decoder, dist.rank, dist.world_size, cfg.train_micro_batch_size_per_gpu)
-    # batch_size=None: the stream yields whole micro-batches, worker k the k-th of every num_workers.
+    return shard_loader(stream, num_workers, pin_memory, cfg.seed), stream
+
+
+def shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    """batch_size=None: the stream yields whole micro-batches, worker k the k-th of every num_workers."""
     # Its own generator: each new iterator (each epoch, and a resume) draws a base seed from it, which
     # would otherwise come from the global torch RNG and shift the loop's noise stream after a resume.
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    return loader, stream
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))
