@@ -28,6 +28,7 @@ from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.config.show import add_print_options, print_deepspeed_config
 from ds_diffusers.data import build_train_dataloader, default_num_workers, prepare_caches, prepare_train_data, to_device
+from ds_diffusers.data.shard_dataset import build_shard_loader, prepare_shard_data
 from ds_diffusers.distributed import (DistInfo, StoppedOnEveryRank, barrier, broadcast_from_main, in_turn, init_distributed,
                                       raise_on_every_rank, shutdown_distributed)
 from ds_diffusers.ema import ShardedEMA
@@ -104,9 +105,13 @@ def set_up(cfg: Config) -> Run:
     dist = init_distributed()
     # Rank 0 loads and checks the data (the others load it after: data/prepare.py), then the
     # checkpoint to resume from (each of its files is opened); nothing is written until both pass.
-    train_data = prepare_train_data(cfg, dist)
-    hf_dataset, checks, held_out = train_data.dataset, train_data.checks, train_data.held_out
-    image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
+    held_out = None
+    if cfg.dataset_format == "webdataset":
+        shard_data, hf_dataset, missing_images = prepare_shard_data(cfg, dist), None, []
+    else:
+        train_data = prepare_train_data(cfg, dist)
+        hf_dataset, checks, held_out = train_data.dataset, train_data.checks, train_data.held_out
+        image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
     resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg, dist.world_size), dist.is_main))
     # The folders are created here, with their locks, once every check of the input has passed.
     raise_on_every_rank(lock.lock_run_folders(cfg) if dist.is_main else None)
@@ -138,19 +143,24 @@ def set_up(cfg: Config) -> Run:
     groups = param_groups(unet, cfg)
     num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
-    buckets = checks.buckets
-    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
-    loader, sampler, dataset = build_train_dataloader(
-        hf_dataset, image_column, caption_column, frozen.tokenizer, resolution=max(cfg.bucket_resolutions or [cfg.resolution])
-        if buckets else cfg.resolution, center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip, seed=cfg.seed, micro_batch_size=cfg.train_micro_batch_size_per_gpu,
-        num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
-        latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
-        skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
-        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl", buckets=buckets,
-    )
-    plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size, sampler.batches_per_epoch if buckets else None)
+    if hf_dataset is None:  # WebDataset shards: the stream is the loop's sampler and dataset both
+        loader, sampler = build_shard_loader(shard_data, cfg, frozen, dist, num_workers, pin_memory=accelerator_name != "cpu")
+        dataset, num_rows, batches_per_epoch = sampler, shard_data.num_rows, None
+    else:
+        buckets = checks.buckets
+        latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
+        loader, sampler, dataset = build_train_dataloader(
+            hf_dataset, image_column, caption_column, frozen.tokenizer,
+            resolution=max(cfg.bucket_resolutions or [cfg.resolution]) if buckets else cfg.resolution,
+            center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed,
+            micro_batch_size=cfg.train_micro_batch_size_per_gpu, num_workers=num_workers, rank=dist.rank,
+            world_size=dist.world_size, latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
+            skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
+            tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl", buckets=buckets,
+        )
+        num_rows, batches_per_epoch = len(hf_dataset), sampler.batches_per_epoch if buckets else None
+    plan = RunPlan.from_config(cfg, num_rows, dist.world_size, batches_per_epoch)
     held_out_loss = None
     if held_out is not None:
         held_out_loss = HeldOutLoss(held_out, image_column, caption_column, frozen, dist, resolution=cfg.resolution,

@@ -62,6 +62,8 @@ def check_consistency(cfg: Config) -> None:
     if cfg.skip_bad_images and cfg.cache_latents:
         raise ConfigError("skip_bad_images", True, "cannot be combined with cache_latents (a cached row has no image to "
                           "replace); fix or remove the unreadable images, or set cache_latents: false")
+    if cfg.dataset_format == "webdataset":
+        _check_webdataset(cfg)
     if cfg.use_ema and cfg.use_lora.action:
         raise ConfigError("use_ema", True, "EMA of LoRA adapters is not supported; set use_ema false or use_lora.action false")
     if cfg.validation_use_ema and not cfg.use_ema:
@@ -117,6 +119,23 @@ def check_bucket_step(cfg: Config) -> None:
     if cfg.bucket_step % multiple:
         raise ConfigError("bucket_step", cfg.bucket_step, f"this model's latents must divide by its UNet's downsampling: "
                           f"use a multiple of {multiple} (VAE factor {2 ** (vae_blocks - 1)} × UNet {2 ** (unet_blocks - 1)})")
+
+
+def _check_webdataset(cfg: Config) -> None:
+    """Options of the `datasets` path that shards do not take."""
+    fixes = {"cache_latents": "write pre-encoded shards instead (python -m ds_diffusers.data.write_shards --encode)",
+             "cache_text_embeddings": "write pre-encoded shards instead (python -m ds_diffusers.data.write_shards --encode)",
+             "skip_bad_images": "remove the unreadable images from the shards", "imagefolder": "set imagefolder: false",
+             "max_train_samples": "write the subset into its own shards",
+             "validation_split": "hold validation rows out of the shards and check with validation_prompts, "
+                                 "or train from the datasets folder (dataset_format: datasets)",
+             "validation_dataset_dir": "validate with validation_prompts, or train from the datasets folder "
+                                       "(dataset_format: datasets)",
+             "aspect_ratio_buckets": "write the shards at one resolution, or train from the datasets folder "
+                                     "(dataset_format: datasets)"}
+    for field, fix in fixes.items():
+        if getattr(cfg, field) not in (False, None):
+            raise ConfigError(field, getattr(cfg, field), f"not with dataset_format: webdataset; {fix}")
 
 
 def _check_ema_offload(cfg: Config) -> None:
@@ -259,6 +278,9 @@ def check_lora_targets(cfg: Config) -> None:
 def check_environment(cfg: Config) -> None:
     """Disk, accelerator and package checks; must be called on every rank before models are loaded."""
     check_model_dir(cfg.pretrained_model_name_or_path, cfg.variant)
+    if cfg.dataset_format == "webdataset" and not Path(cfg.dataset_dir).expanduser().is_dir():
+        raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; with dataset_format: webdataset point it at a "
+                          "folder of WebDataset .tar shards")
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")

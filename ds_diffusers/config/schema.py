@@ -97,6 +97,17 @@ class Config(Block):
                                              "`--max_train_samples` takes for the same seed); null = all rows.")
     imagefolder: bool = Field(False, json_schema_extra=DATA, description="Read `dataset_dir` as an imagefolder: images "
                               "with their captions in `metadata.jsonl` or `metadata.csv`.")
+    dataset_format: Literal["datasets", "webdataset"] = Field("datasets", json_schema_extra=DATA, description="\"datasets\": "
+                                                          "`dataset_dir` is read with the `datasets` library (the layouts "
+                                                          "above). \"webdataset\": `dataset_dir` is a folder of WebDataset "
+                                                          "`.tar` shards, streamed: each process reads only its share of the "
+                                                          "shards, for data bigger than a node (docs/data.md). Raw shards hold "
+                                                          "an image and a caption per sample, pre-encoded ones the frozen "
+                                                          "encoders' outputs.")
+    shard_partitions: int = Field(8, ge=1, json_schema_extra=DATA, description="`dataset_format: webdataset`: the shards "
+                                  "are dealt into this many partitions read side by side. The sample order depends on it "
+                                  "and `seed` only, not on the process or worker count, so a run may resume on another "
+                                  "process count; it must be a multiple of the process count and at most the shard count.")
     checkpoint_dir: str = Field("outputs/checkpoints", json_schema_extra=CHECKPOINTS,
                                 description="Folder of the DeepSpeed checkpoints (`step_<N>/`, `latest`).")
     output_dir: str = Field("outputs/model", json_schema_extra=CHECKPOINTS, description="Exported model (`unet/` or "
