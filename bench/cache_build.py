@@ -64,10 +64,12 @@ def build(work: Path, model: Path, dataset: Path, procs: int, label: str) -> dic
     shutil.rmtree(cache_dir, ignore_errors=True)
     overrides = [f"pretrained_model_name_or_path={model}", f"dataset_dir={dataset}", "resolution=64",
                  "cache_latents=true", "cache_text_embeddings=true", f"cache_dir={cache_dir}", "random_flip=false",
-                 "train_micro_batch_size_per_gpu=16", f"output_dir={work / 'unused'}", f"checkpoint_dir={work / 'unused'}"]
+                 "train_micro_batch_size_per_gpu=8", f"output_dir={work / 'unused'}", f"checkpoint_dir={work / 'unused'}"]
     env = {**os.environ, "NUM_PROCS": str(procs), "DSD_ALLOW_CPU": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
-    result = subprocess.run(["bash", "scripts/prepare_cache.sh", "cfg/default.json", "--set", *overrides], cwd=REPO, env=env,
+    cfg = work / "cfg.json"  # the default recipe; cfg/default.json itself would make the script build the demo assets
+    shutil.copyfile(REPO / "cfg" / "default.json", cfg)
+    result = subprocess.run(["bash", "scripts/prepare_cache.sh", str(cfg), "--set", *overrides], cwd=REPO, env=env,
                             capture_output=True, text=True)
     wall = time.perf_counter() - started
     output = result.stdout + result.stderr
