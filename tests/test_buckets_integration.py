@@ -2,7 +2,7 @@
 SDXL-shaped test model on a mixed-aspect imagefolder, across an epoch boundary, and a run stopped
 half-way and resumed gives the straight run's losses (the schedule is a function of seed and epoch).
 The stopped and resumed halves train from the latent cache (each bucket's latents at its own shape,
-built by both ranks), which must not change a loss either."""
+built ahead by `python -m ds_diffusers.cache` on both ranks), which must not change a loss either."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import RESUME_COMMON, assert_ok, launch, losses
+from tests.helpers import RESUME_COMMON, assert_ok, launch, launch_module, losses
 
 pytestmark = pytest.mark.multiprocess
 
@@ -53,9 +53,15 @@ def test_mixed_aspect_buckets_train_and_resume_exactly(sdxl_model, tmp_path):
     output = result.stdout + result.stderr
     assert "buckets: 16 images in 3 bucket(s)" in output and "192x96: 8" in output and "128x128: 4" in output
     assert "96x192: 4" in output and "(2) into 192x96" in output
+    # The cache command builds the bucketed latent cache ahead (both ranks); both halves reuse it.
+    built = launch_module("ds_diffusers.cache", ["--cfg", "cfg/default.json", "--set",
+                                                 *bucket_cfg(sdxl_model, dataset, resumed, "cache_latents=true")], procs=2)
+    assert_ok(built)
+    assert "latents cache: encoded 3 of 3 bucket(s)" in built.stdout + built.stderr
+    assert not (resumed / "model").exists() and not (resumed / "checkpoints").exists()
     result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=3", "cache_latents=true"), procs=2)
     assert_ok(result)
-    assert "latents cache: encoded 3 of 3 bucket(s)" in result.stdout + result.stderr
+    assert "latents cache: reusing 3 bucket(s)" in result.stdout + result.stderr
     result = launch(bucket_cfg(sdxl_model, dataset, resumed, "max_train_steps=6", "resume_from_checkpoint=latest",
                                "cache_latents=true"), procs=2)
     assert_ok(result)

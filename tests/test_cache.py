@@ -264,6 +264,34 @@ def test_cached_and_uncached_two_process_runs_have_the_same_losses(tiny_assets, 
     assert "loaded and checked" not in rank_output(tmp_path / "ranks", 1)
 
 
+@pytest.mark.multiprocess
+def test_caches_built_ahead_by_two_processes_are_reused_by_one(tiny_assets, tmp_path):
+    """`python -m ds_diffusers.cache` on 2 processes builds both caches (a shard per rank) and writes
+    no output or checkpoint folder; a 1-process training run with the same cfg reuses them."""
+    from tests.helpers import launch_module
+
+    common = [*run_cfg(tiny_assets, tmp_path), "max_train_steps=2", "cache_latents=true", "cache_text_embeddings=true",
+              f"cache_dir={tmp_path / 'cache'}"]
+    built = launch_module("ds_diffusers.cache", ["--cfg", "cfg/default.json", "--set", *common], procs=2)
+    assert_ok(built)
+    assert f"latents and text embeddings of 96 rows ready in {tmp_path / 'cache'}" in built.stdout + built.stderr
+    assert [json.loads(meta.read_text())["num_shards"] for meta in sorted((tmp_path / "cache").glob("*/meta.json"))] == [2, 2]
+    assert not (tmp_path / "model").exists() and not (tmp_path / "checkpoints").exists()
+    trained = launch(common, procs=1)
+    assert_ok(trained)
+    output = trained.stdout + trained.stderr
+    assert "latents cache: reusing" in output and "text cache: reusing" in output and "caching" not in output
+    assert len(losses(tmp_path / "model")) == 2
+
+
+def test_the_cache_command_refuses_a_cfg_that_caches_nothing(tiny_assets, tmp_path, capsys):
+    from ds_diffusers.cache import main
+
+    assert main(["--cfg", "cfg/default.json", "--set", *run_cfg(tiny_assets, tmp_path)]) == 2
+    assert "config error: cache_latents=False: this cfg caches nothing" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
 def test_channels_last_latents_get_the_same_noise_as_contiguous_ones():
     # A mid-attention VAE returns channels-last posteriors at batch >= 2 while the cache holds them
     # contiguous; the noise drawn for a batch must not depend on that layout.

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["sample", "--cfg", "c.json"], "ds_diffusers.sample", ["--cfg", "c.json"]),
     (["export", "--checkpoint", "ck", "--out", "o"], "ds_diffusers.export", ["--checkpoint", "ck", "--out", "o"]),
     (["prepare-demo", "--out", "d"], "ds_diffusers.embedded", ["--out", "d"]),
+    (["prepare-cache", "--cfg", "c.json"], "ds_diffusers.cache", ["--cfg", "c.json"]),
     (["print-deepspeed-config", "--cfg", "c.json"], "ds_diffusers.train", ["--print-deepspeed-config", "--cfg", "c.json"]),
     (["train", "--help"], "ds_diffusers.train", ["--help"]),  # the entrypoint's own help
     (["export"], "ds_diffusers.export", []),

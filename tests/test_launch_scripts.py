@@ -89,6 +89,7 @@ def test_launch_command_without_gpus(tmp_path, env, command):
     ("train_text_to_image.sh --set seed=1", "python -m ds_diffusers.train --cfg cfg/default.json --set seed=1"),
     ("test_text_to_image.sh cfg/sd15_lora.json --set sample.seed=2",
      "python -m ds_diffusers.sample --cfg cfg/sd15_lora.json --set sample.seed=2"),
+    ("prepare_cache.sh cfg/sd15_full.json", "python -m ds_diffusers.cache --cfg cfg/sd15_full.json"),
 ])
 def test_cfg_is_the_first_argument_unless_it_is_an_option(tmp_path, command_line, command):
     (tmp_path / "nvidia-smi").write_text(NO_DRIVER)
@@ -108,6 +109,7 @@ def test_slurm_scripts_find_the_repository_the_same_way():
     with it scripts/lib/) cannot itself live in scripts/lib/: each file carries it, and they must not drift."""
     assert "dsd_find_repo() {" in _repo_bootstrap("train_text_to_image.slurm")
     assert _repo_bootstrap("train_text_to_image.slurm") == _repo_bootstrap("test_text_to_image.slurm")
+    assert _repo_bootstrap("train_text_to_image.slurm") == _repo_bootstrap("prepare_cache.slurm")
 
 
 def requeue(rc: int, usr1: int = 0, term: int = 0, restarts: int = 0, max_restarts: int = 3) -> tuple[bool, str]:
