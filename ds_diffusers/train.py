@@ -35,6 +35,7 @@ from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mma
                                  skip_single_rank_allreduce, unet_weight_files)
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
+from ds_diffusers.families import family_named
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
@@ -144,7 +145,7 @@ def set_up(cfg: Config) -> Run:
         num_workers=num_workers, rank=dist.rank, world_size=dist.world_size,
         latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
         skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
-        tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl",
+        tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop,
     )
     plan = RunPlan.from_config(cfg, len(hf_dataset), dist.world_size)
 
