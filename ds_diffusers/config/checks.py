@@ -210,6 +210,7 @@ def check_lora_targets(cfg: Config) -> None:
 def check_environment(cfg: Config) -> None:
     """Disk, accelerator and package checks; must be called on every rank before models are loaded."""
     check_model_dir(cfg.pretrained_model_name_or_path, cfg.variant)
+    detect_family(cfg.pretrained_model_name_or_path).check_config(cfg)
     if not Path(cfg.dataset_dir).exists():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; point it at a local dataset folder "
                           "(save_to_disk, hub-layout parquet/arrow, or an imagefolder with imagefolder: true)")
