@@ -35,19 +35,20 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor]) -> En
     from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()` would be,
     so cached and uncached runs draw the same random numbers."""
     vae, text_encoder = frozen.vae, frozen.text_encoder
+    family = family_named(frozen.family)
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
     else:
         posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
     # A VAE with mid-block attention (every SD VAE) returns channels-last posteriors for batches of 2
     # or more; the cache stores them contiguous. Latents in one layout keep the two paths identical.
-    latents = (posterior.sample() * frozen.latent_scaling_factor).contiguous()
+    latents = family.image_latents(frozen, posterior.sample()).contiguous()
     if "encoder_hidden_states" in batch:
-        text = {name: batch[name] for name in ("encoder_hidden_states", "text_embeds") if name in batch}
+        text = {name: batch[name] for name in family.text_outputs}
     else:
         text = frozen.encode_text({name: batch[name] for name in ("input_ids", "input_ids_2") if name in batch})
     text = {name: tensor.to(text_encoder.device, text_encoder.dtype) for name, tensor in text.items()}
-    added = family_named(frozen.family).added_conditioning(frozen, batch, text, latents)
+    added = family.added_conditioning(frozen, batch, text, latents)
     return EncodedBatch(latents, text["encoder_hidden_states"], added)
 
 

@@ -82,7 +82,12 @@ class ModelFamily:
         name; loaded after the VAE and the scheduler, unfrozen (the caller freezes and places them)."""
         return {}
 
-    # --- conditioning
+    # --- encoding
+    def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents from a VAE posterior sample: SD's scaling (Flux and SD 3.x also
+        subtract the VAE's `shift_factor` first)."""
+        return posterior_sample * frozen.latent_scaling_factor
+
     def encode_text(self, frozen: Any, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`text_outputs` from `tokenize`d ids: SD 1.x/2.x's last hidden state of the one encoder."""
         encoder = frozen.text_encoder
