@@ -36,7 +36,7 @@ from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
 from ds_diffusers.errors import ConfigError, TrainingError
-from ds_diffusers.family import FAMILY_NAMES, model_family
+from ds_diffusers.families import FAMILY_NAMES, model_family
 from ds_diffusers.train_state import RNG_KEY, TrainState
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

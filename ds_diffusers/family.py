@@ -1,29 +1,14 @@
-"""Which model family a diffusers folder holds, read from its files (nothing is loaded).
-
-"sdxl": `model_index.json` names `StableDiffusionXLPipeline` (two text encoders, `text_time`
-micro-conditioning); "sd": everything else this project trains (SD 1.x / 2.x layout).
-"""
+"""Superseded by the `ds_diffusers.families` package; these names stay importable for code written
+against this module (other branches) and can go once nothing imports them."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from ds_diffusers.families import FAMILY_NAMES, SDXL_PARTS, model_family, model_index
+from ds_diffusers.families.sdxl import StableDiffusionXL
 
 Family = Literal["sd", "sdxl"]
-SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+SDXL_PIPELINES = StableDiffusionXL.pipeline_classes
 
-
-def model_index(model_dir: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(model_dir) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def model_family(model_dir: str | Path) -> Family:
-    return "sdxl" if model_index(model_dir).get("_class_name") in SDXL_PIPELINES else "sd"
-
-
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+__all__ = ["FAMILY_NAMES", "Family", "SDXL_PARTS", "SDXL_PIPELINES", "model_family", "model_index"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ds_diffusers.data.seeding import seeded_generator
+from ds_diffusers.families import family_named
 from ds_diffusers.models import FrozenComponents
 
 if TYPE_CHECKING:
@@ -20,33 +21,12 @@ if TYPE_CHECKING:
 
 
 def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline | StableDiffusionXLPipeline":
-    """The family's text-to-image pipeline around these components (SDXL: both encoders, `text_time`),
-    with DPM-Solver++ built from the model's own scheduler config."""
-    # Imported here: the pipeline module pulls in transformers' image processors (seconds of start-up)
-    # that a training run without validation never needs.
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The family's text-to-image pipeline around these components (`ModelFamily.build_pipeline`; SDXL:
+    both encoders, `text_time`), with DPM-Solver++ built from the model's own scheduler config."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    if frozen.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=frozen.vae, text_encoder=frozen.text_encoder, text_encoder_2=frozen.text_encoder_2,
-            tokenizer=frozen.tokenizer, tokenizer_2=frozen.tokenizer_2, unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config),
-            force_zeros_for_empty_prompt=frozen.force_zeros_for_empty_prompt, add_watermarker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    pipe = StableDiffusionPipeline(
-        vae=frozen.vae,
-        text_encoder=frozen.text_encoder,
-        tokenizer=frozen.tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    scheduler = DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config)
+    return family_named(frozen.family).build_pipeline(frozen, unet, scheduler)
 
 
 def image_generators(seed: int, prompt_index: int, num_images: int) -> list[torch.Generator]:

@@ -19,9 +19,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ds_diffusers.config.schema import Config, LoraCfg
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.family import Family, model_family, model_index
+from ds_diffusers.families import detect_family, family_named, model_index
 from ds_diffusers.engine.params import is_zero3_param
-from ds_diffusers.engine.zero_load import load_unet_partitioned
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,7 +34,7 @@ class FrozenComponents:
     # SDXL only: the second (OpenCLIP bigG-shaped) encoder, whose pooled projection conditions the UNet.
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
-    family: Family = "sd"
+    family: str = "sd"  # the `families.FAMILIES` name
     # model_index.json's SDXL pipeline option: an empty negative prompt is a zero embedding, not "".
     force_zeros_for_empty_prompt: bool = True
 
@@ -55,18 +54,9 @@ class FrozenComponents:
 
     @torch.no_grad()
     def encode_text(self, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """"encoder_hidden_states" [B, T, D] (and for SDXL "text_embeds" [B, P]) from `tokenize`d ids.
-
-        SD 1.x/2.x: the encoder's last hidden state. SDXL, as it was trained: the penultimate hidden
-        states of both encoders side by side, and the second encoder's pooled projection."""
-        encoder = self.text_encoder
-        if self.text_encoder_2 is None:
-            return {"encoder_hidden_states": encoder(token_ids["input_ids"].to(encoder.device), return_dict=False)[0]}
-        first = encoder(token_ids["input_ids"].to(encoder.device), output_hidden_states=True)
-        encoder_2 = self.text_encoder_2
-        second = encoder_2(token_ids["input_ids_2"].to(encoder_2.device), output_hidden_states=True)
-        return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
-                "text_embeds": second.text_embeds}
+        """"encoder_hidden_states" [B, T, D] (and for SDXL "text_embeds" [B, P]) from `tokenize`d ids,
+        as the family encodes them (`ModelFamily.encode_text`)."""
+        return family_named(self.family).encode_text(self, token_ids)
 
 
 def tokenize(tokenizers: dict[str, Any], captions: str | list[str]) -> dict[str, torch.Tensor]:
@@ -106,38 +96,31 @@ def _accept_any_float_latents(vae: AutoencoderKL) -> None:
 def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None,
                            vae_path: str | None = None, variant: str | None = None) -> FrozenComponents:
     """`variant` ("fp16": the `*.fp16.safetensors` files) applies to the model's own parts, not to `vae_path`."""
-    family = model_family(model_dir)
+    family = detect_family(model_dir)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=variant)
     vae_dir = vae_folder(model_dir, vae_path)
-    # The SDXL pipelines upcast a force_upcast VAE; the SD 1.x/2.x ones run it in the weight dtype.
-    vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family == "sdxl" else dtype
+    vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family.upcasts_vae else dtype
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
         noise_scheduler.register_to_config(prediction_type=prediction_type)
-    tokenizer_2 = text_encoder_2 = None
-    if family == "sdxl":
-        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-        text_encoder_2 = _frozen(CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2",
-                                                                                 variant=variant), device, dtype)
+    extra = {name: _frozen(part, device, dtype) if isinstance(part, torch.nn.Module) else part
+             for name, part in family.load_extra_text_encoders(model_dir, variant).items()}
     vae = _frozen(vae, device, None)
     if vae.dtype != dtype:
         _accept_any_float_latents(vae)
     return FrozenComponents(tokenizer=tokenizer, text_encoder=_frozen(text_encoder, device, dtype), vae=vae,
-                            noise_scheduler=noise_scheduler, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
-                            family=family,
+                            noise_scheduler=noise_scheduler, family=family.name, **extra,
                             force_zeros_for_empty_prompt=bool(model_index(model_dir).get("force_zeros_for_empty_prompt", True)))
 
 
 def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict | None = None, rank: int = 0,
               variant: str | None = None) -> UNet2DConditionModel:
     """fp32 weights on the host; DeepSpeed casts and moves them. With `zero3_config` (a ZeRO-3 run; all
-    ranks call this) the UNet is partitioned while it loads (`engine.zero_load`), so no rank holds all of it."""
-    unet = load_unet_partitioned(model_dir, zero3_config, rank, variant) if zero3_config is not None else None
-    if unet is None:
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32, variant=variant)
+    ranks call this) the UNet is partitioned while it loads (`ModelFamily.load_denoiser`), so no rank holds all of it."""
+    unet = detect_family(model_dir).load_denoiser(model_dir, zero3_config, rank, variant)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

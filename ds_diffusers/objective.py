@@ -14,27 +14,19 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
+from ds_diffusers.families import family_named
+from ds_diffusers.families.sdxl import add_time_ids  # noqa: F401  (its home before the families package)
 from ds_diffusers.models import FrozenComponents
 
 
 @dataclass
 class EncodedBatch:
-    """What the UNet is conditioned on. `added_cond_kwargs` is SDXL's micro-conditioning
-    ({"text_embeds", "time_ids"}), None for SD 1.x/2.x."""
+    """What the UNet is conditioned on. `added_cond_kwargs`: the family's conditioning beyond the text
+    (`ModelFamily.added_conditioning`; SDXL's {"text_embeds", "time_ids"}), None for SD 1.x/2.x."""
 
     latents: torch.Tensor
     encoder_hidden_states: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
-
-
-def add_time_ids(batch: dict[str, torch.Tensor], target_size: tuple[int, int]) -> torch.Tensor:
-    """SDXL's six numbers per sample: original (height, width), crop (top, left), target (height, width).
-    The first four are what the transforms recorded for that very sample."""
-    original_size = batch["original_size"]
-    # Filled on the batch's device: a tensor made from Python numbers would be a blocking host-to-GPU
-    # copy in every micro-step.
-    height, width = (original_size.new_full((original_size.shape[0], 1), size) for size in target_size)
-    return torch.cat([original_size, batch["crop_top_left"], height, width], dim=1)
 
 
 @torch.no_grad()
@@ -43,23 +35,20 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor], gener
     from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()` would be,
     so cached and uncached runs draw the same random numbers: from the global RNG, or `generator`."""
     vae, text_encoder = frozen.vae, frozen.text_encoder
+    family = family_named(frozen.family)
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
     else:
         posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
     # A VAE with mid-block attention (every SD VAE) returns channels-last posteriors for batches of 2
     # or more; the cache stores them contiguous. Latents in one layout keep the two paths identical.
-    latents = (posterior.sample(generator) * frozen.latent_scaling_factor).contiguous()
+    latents = family.image_latents(frozen, posterior.sample(generator)).contiguous()
     if "encoder_hidden_states" in batch:
-        text = {name: batch[name] for name in ("encoder_hidden_states", "text_embeds") if name in batch}
+        text = {name: batch[name] for name in family.text_outputs}
     else:
         text = frozen.encode_text({name: batch[name] for name in ("input_ids", "input_ids_2") if name in batch})
     text = {name: tensor.to(text_encoder.device, text_encoder.dtype) for name, tensor in text.items()}
-    added = None
-    if frozen.family == "sdxl":
-        target_size = (latents.shape[-2] * frozen.vae_scale_factor, latents.shape[-1] * frozen.vae_scale_factor)
-        added = {"text_embeds": text["text_embeds"],
-                 "time_ids": add_time_ids(batch, target_size).to(text_encoder.device, text_encoder.dtype)}
+    added = family.added_conditioning(frozen, batch, text, latents)
     return EncodedBatch(latents, text["encoder_hidden_states"], added)
 
 

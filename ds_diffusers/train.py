@@ -36,6 +36,7 @@ from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mma
                                  skip_single_rank_allreduce, unet_weight_files)
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
+from ds_diffusers.families import family_named
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
@@ -157,7 +158,7 @@ def set_up(cfg: Config) -> Run:
             micro_batch_size=cfg.train_micro_batch_size_per_gpu, num_workers=num_workers, rank=dist.rank,
             world_size=dist.world_size, latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
             skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
-            tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl", buckets=buckets,
+            tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop, buckets=buckets,
         )
         num_rows, batches_per_epoch = len(hf_dataset), sampler.batches_per_epoch if buckets else None
     plan = RunPlan.from_config(cfg, num_rows, dist.world_size, batches_per_epoch)

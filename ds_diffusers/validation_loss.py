@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ds_diffusers.data.dataset import CaptionedImageDataset, collate_examples, to_device
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.distributed import DistInfo, sum_over_ranks
+from ds_diffusers.families import family_named
 from ds_diffusers.models import FrozenComponents
 from ds_diffusers.objective import encode_batch, prediction_and_target
 
@@ -41,7 +42,7 @@ class HeldOutLoss:
                  dist: DistInfo, *, resolution: int, seed: int, num_timesteps: int) -> None:
         self.rows = CaptionedImageDataset(held_out, image_column, caption_column, frozen.tokenizer, resolution,
                                           center_crop=True, random_flip=False, seed=seed,
-                                          tokenizer_2=frozen.tokenizer_2, record_crop=frozen.family == "sdxl")
+                                          tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop)
         self.frozen = frozen
         self.dist = dist
         self.seed = seed

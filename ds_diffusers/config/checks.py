@@ -20,7 +20,7 @@ from ds_diffusers.config.schedules import check_scheduler
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.family import SDXL_PARTS, model_family
+from ds_diffusers.families import detect_family
 
 
 def resolve_offload_device(device: str) -> str:
@@ -223,10 +223,11 @@ def check_model_dir(value: str, variant: str | None = None) -> None:
     if not any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise ConfigError("pretrained_model_name_or_path", value, f"{path / 'tokenizer'} holds no vocab.json or tokenizer.json; "
                           "download or copy the model again")
-    missing = [sub for sub in SDXL_PARTS if not (path / sub).is_dir()]
-    if model_family(path) == "sdxl" and missing:
-        raise ConfigError("pretrained_model_name_or_path", value, f"model_index.json names an SDXL pipeline but there is no "
-                          f"{', '.join(missing)} subfolder; download the complete SDXL folder")
+    family = detect_family(path)
+    missing = [sub for sub in family.extra_parts if not (path / sub).is_dir()]
+    if missing:
+        raise ConfigError("pretrained_model_name_or_path", value, f"model_index.json names a {family.title} pipeline but "
+                          f"there is no {', '.join(missing)} subfolder; download the complete {family.title} folder")
 
 
 def check_writable_folder(value: str, field: str) -> None:
@@ -278,6 +279,7 @@ def check_lora_targets(cfg: Config) -> None:
 def check_environment(cfg: Config) -> None:
     """Disk, accelerator and package checks; must be called on every rank before models are loaded."""
     check_model_dir(cfg.pretrained_model_name_or_path, cfg.variant)
+    detect_family(cfg.pretrained_model_name_or_path).check_config(cfg)
     if cfg.dataset_format == "webdataset" and not Path(cfg.dataset_dir).expanduser().is_dir():
         raise ConfigError("dataset_dir", cfg.dataset_dir, "no such folder; with dataset_format: webdataset point it at a "
                           "folder of WebDataset .tar shards")

@@ -23,6 +23,9 @@ DIFFUSERS_NAMES = {
     "train_batch_size": "train_micro_batch_size_per_gpu", "num_train_epochs": "num_epochs",
 }
 
+# Short names difflib maps to an unrelated key that merely starts alike (`model` → `mode_scale`).
+SHORT_NAMES = {"model": "pretrained_model_name_or_path"}
+
 
 def _is_block(annotation: object) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
@@ -51,6 +54,8 @@ def unknown_key_hint(key: str, model: type[BaseModel], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
     if prefix:  # a nested block has few keys: all of them fit on the line
         return f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(sorted(fields))}"
+    if key in SHORT_NAMES:
+        return f"did you mean '{SHORT_NAMES[key]}'?"
     if key in DIFFUSERS_NAMES:
         return f"diffusers' --{key} is '{DIFFUSERS_NAMES[key]}' here"
     leaves = nested_keys(model)

@@ -196,6 +196,20 @@ class Config(Block):
                                       "noise + strength × a second normal draw, the target stays the first noise; 0 = off.")
     snr_gamma: Optional[float] = Field(None, gt=0.0, json_schema_extra=OBJECTIVE, description="Min-SNR loss weighting "
                                        "gamma (5.0 is the usual value); null = plain MSE.")
+    weighting_scheme: Optional[Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]] = Field(
+        None, json_schema_extra=OBJECTIVE, description="Flow-matching families only (Flux, SD 3.x): diffusers' "
+        "`--weighting_scheme`. logit_normal and mode draw the sigmas from that density (uniform weights); sigma_sqrt "
+        "and cosmap weight the loss (uniform sigmas); none does neither; null = the family's default.")
+    logit_mean: float = Field(0.0, json_schema_extra=OBJECTIVE, description="Flow matching, logit_normal: mean of the "
+                              "normal whose sigmoid is the sigma draw, as diffusers' `--logit_mean`.")
+    logit_std: float = Field(1.0, gt=0.0, json_schema_extra=OBJECTIVE, description="Flow matching, logit_normal: its "
+                             "standard deviation, as diffusers' `--logit_std`.")
+    mode_scale: float = Field(1.29, ge=-1.0, le=1.75, json_schema_extra=OBJECTIVE, description="Flow matching, mode: the "
+                              "SD3 paper's scale s, as diffusers' `--mode_scale`; within [-1, 1.75] the density's map "
+                              "is monotone.")
+    flow_shift: Optional[float] = Field(None, gt=0.0, json_schema_extra=OBJECTIVE, description="Flow matching: the "
+                                        "timestep shift of the training sigmas (σ' = sσ / (1 + (s − 1)σ), larger = "
+                                        "noisier); null = the `shift` of the model's scheduler config.")
     gradient_checkpointing: bool = Field(False, json_schema_extra=KERNELS, description="Recompute the UNet's activations "
                                          "in the backward pass to save memory.")
     vae_path: Optional[str] = Field(None, json_schema_extra=MODEL, description="A local diffusers VAE folder used instead "

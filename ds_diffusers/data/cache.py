@@ -42,7 +42,7 @@ from ds_diffusers.data.shard_file import ShardWriter
 from ds_diffusers.data.transforms import EMPTY_PROMPT, CropRecord, preprocess_image_to_size
 from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier, broadcast_from_main
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.family import SDXL_PARTS, model_family
+from ds_diffusers.families import detect_family, family_named
 from ds_diffusers.models import FrozenComponents, tokenize, vae_folder
 
 FORMAT_VERSION = 1
@@ -73,7 +73,7 @@ def latent_key(cfg: Config, hf_dataset: datasets.Dataset, image_column: str) -> 
         "dtype": cfg.weight_dtype_name, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
         "random_flip": cfg.random_flip, "dataset": hf_dataset._fingerprint, "image_column": image_column,
     }
-    if model_family(cfg.pretrained_model_name_or_path) == "sdxl":
+    if detect_family(cfg.pretrained_model_name_or_path).records_crop:
         parts["crop_records"] = True  # SDXL caches also hold each row's original size and crop
     digests.save()
     return CacheKey("latents", parts)
@@ -87,8 +87,7 @@ def text_key(cfg: Config, hf_dataset: datasets.Dataset, caption_column: str) -> 
         "dtype": cfg.weight_dtype_name, "dataset": hf_dataset._fingerprint, "caption_column": caption_column,
         "with_empty_prompt": True,
     }
-    if model_family(model_dir) == "sdxl":
-        parts.update({part: hash_folder(model_dir / part, digests) for part in SDXL_PARTS})
+    parts.update({part: hash_folder(model_dir / part, digests) for part in detect_family(model_dir).extra_text_parts})
     digests.save()
     return CacheKey("text", parts)
 
@@ -200,7 +199,7 @@ def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Data
         batch = {"parameters": vae.encode(pixels).latent_dist.parameters.cpu()}
         if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image
             batch["flipped"] = vae.encode(torch.flip(pixels, dims=[-1])).latent_dist.parameters.cpu()
-        if frozen.family == "sdxl":
+        if family_named(frozen.family).records_crop:
             batch["original_size_resized_width"] = torch.tensor([[*c.original_size, c.resized_width] for _, c in processed])
             batch["crop_top_left"] = torch.tensor([c.crop_top_left for _, c in processed])
         yield batch
@@ -330,6 +329,6 @@ def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str,
             lambda: text_key(cfg, hf_dataset, caption_column), cfg, dist, len(captions),
             lambda items: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu),
             extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
-        names = ("encoder_hidden_states", "text_embeds") if frozen.family == "sdxl" else ("encoder_hidden_states",)
+        names = family_named(frozen.family).text_outputs
         text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()), names)
     return latent_cache, text_cache

@@ -29,6 +29,7 @@ from ds_diffusers.data.tar_shards import ShardPlan, build_plan, read_partition, 
 from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preprocess_image_with_crop
 from ds_diffusers.distributed import DistInfo, broadcast_from_main, in_turn
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.families import family_named
 from ds_diffusers.models import tokenize, vae_folder
 
 if TYPE_CHECKING:
@@ -225,11 +226,12 @@ def empty_prompt_embeddings(frozen: FrozenComponents) -> dict[str, torch.Tensor]
 def build_shard_loader(data: ShardData, cfg: Config, frozen: FrozenComponents, dist: DistInfo, num_workers: int,
                        pin_memory: bool) -> tuple[DataLoader, ShardStream]:
     """This process's DataLoader over the shards, and the stream (call set_epoch/set_start on it)."""
-    if data.columns.image is None and frozen.family == "sdxl":
+    records_crop = family_named(frozen.family).records_crop
+    if data.columns.image is None and records_crop:
         raise ConfigError("dataset_format", "webdataset", "pre-encoded shards hold no SDXL crop records yet; use raw "
                           "shards (image and caption) with SDXL")
     empty_text = empty_prompt_embeddings(frozen) if data.columns.caption is None and cfg.caption_dropout else None
-    decoder = ShardSampleDecoder(data.columns, cfg, frozen.tokenizers, frozen.family == "sdxl", empty_text)
+    decoder = ShardSampleDecoder(data.columns, cfg, frozen.tokenizers, records_crop, empty_text)
     stream = ShardStream(data.plan, decoder, dist.rank, dist.world_size, cfg.train_micro_batch_size_per_gpu)
     return shard_loader(stream, num_workers, pin_memory, cfg.seed), stream
 

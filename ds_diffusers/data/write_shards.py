@@ -27,6 +27,7 @@ from ds_diffusers.data.decode import undecoded
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns
 from ds_diffusers.data.shard_dataset import FLIPPED, LATENTS, TEXT
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.families import family_named
 
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -70,7 +71,7 @@ def encoded_samples(cfg: Config, dataset: Any, order: list[int], image_column: s
 
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, torch.device("cpu"), DTYPES[cfg.weight_dtype_name],
                                     cfg.prediction_type, cfg.vae_path, cfg.variant)
-    if frozen.family == "sdxl":
+    if family_named(frozen.family).text_outputs != ("encoder_hidden_states",):  # SDXL: two encoders, pooled embeds
         raise ConfigError("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
                           "--encode writes SD 1.x/2.x shards only; write raw shards (without --encode) for SDXL")
     batch = cfg.train_micro_batch_size_per_gpu

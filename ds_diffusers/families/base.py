@@ -1,0 +1,123 @@
+"""What a model family is: how to recognise its folder, load its denoiser and text encoders, encode
+text, condition the denoiser, which objective trains it, which pipeline samples it and which modules
+LoRA adapts by default. One subclass instance per family (`sd.py`, `sdxl.py`); the rest of the
+project asks the family and never tests a family's name.
+
+Nothing here imports the config package or the models module: the config checks and the loaders
+call into a family, not the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from ds_diffusers.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ds_diffusers.config.schema import Config
+
+Objective = Literal["diffusion", "flow"]
+# Config keys of the flow-matching objective (flow_matching.py), refused on an ε/v-prediction family.
+FLOW_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "flow_shift")
+# Config keys of the ε/v objective (objective.py), refused on a flow-matching family.
+DIFFUSION_KEYS = ("prediction_type", "snr_gamma")
+
+
+def model_index(model_dir: str | Path) -> dict[str, Any]:
+    """The folder's `model_index.json`, or {} when it is missing or unreadable."""
+    try:
+        return json.loads((Path(model_dir) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class ModelFamily:
+    """A model family's description. Subclasses set the class attributes and override the methods
+    whose behaviour differs; an instance holds no state."""
+
+    name: ClassVar[str]  # stored in checkpoints ("model family"), so never renamed
+    title: ClassVar[str]  # for messages: "Stable Diffusion XL"
+    # model_index.json `_class_name` values that mean this family.
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    # Subfolders the family needs beyond the ones every model folder has (config/checks.py).
+    extra_parts: ClassVar[tuple[str, ...]] = ()
+    # Text-side subfolders beyond `text_encoder/` and `tokenizer/` whose files the text cache's key hashes.
+    extra_text_parts: ClassVar[tuple[str, ...]] = ()
+    # What `encode_text` returns and the text cache stores, per caption.
+    text_outputs: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    # Whether each sample carries its original size and crop (SDXL's micro-conditioning).
+    records_crop: ClassVar[bool] = False
+    # Whether an fp16 run keeps a `force_upcast` VAE in fp32, as the family's pipeline does.
+    upcasts_vae: ClassVar[bool] = False
+    objective: ClassVar[Objective] = "diffusion"
+    # The flow objective's density and weighting when `weighting_scheme` is null (diffusers' example's default).
+    default_weighting_scheme: ClassVar[str] = "none"
+    denoiser_folder: ClassVar[str] = "unet"
+    # The modules a LoRA adapts by default (peft `target_modules`).
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+
+    def detects(self, index: dict[str, Any]) -> bool:
+        return index.get("_class_name") in self.pipeline_classes
+
+    # --- loading
+    def load_denoiser(self, model_dir: str, zero3_config: dict | None, rank: int, variant: str | None) -> torch.nn.Module:
+        """fp32 weights on the host. With `zero3_config` (all ranks) the denoiser is partitioned while
+        it loads (`engine.zero_load`), so no rank holds all of it."""
+        from diffusers import UNet2DConditionModel
+
+        from ds_diffusers.engine.zero_load import load_unet_partitioned
+
+        denoiser = load_unet_partitioned(model_dir, zero3_config, rank, variant) if zero3_config is not None else None
+        if denoiser is None:
+            denoiser = UNet2DConditionModel.from_pretrained(model_dir, subfolder=self.denoiser_folder,
+                                                            torch_dtype=torch.float32, variant=variant)
+        return denoiser
+
+    def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
+        """Tokenizers and text encoders beyond `tokenizer/` and `text_encoder/`, by FrozenComponents field
+        name; loaded after the VAE and the scheduler, unfrozen (the caller freezes and places them)."""
+        return {}
+
+    # --- encoding
+    def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents from a VAE posterior sample: SD's scaling (Flux and SD 3.x also
+        subtract the VAE's `shift_factor` first)."""
+        return posterior_sample * frozen.latent_scaling_factor
+
+    def encode_text(self, frozen: Any, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`text_outputs` from `tokenize`d ids: SD 1.x/2.x's last hidden state of the one encoder."""
+        encoder = frozen.text_encoder
+        return {"encoder_hidden_states": encoder(token_ids["input_ids"].to(encoder.device), return_dict=False)[0]}
+
+    def added_conditioning(self, frozen: Any, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
+                           latents: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The denoiser's conditioning beyond `encoder_hidden_states` (the UNet's `added_cond_kwargs`),
+        in the text encoder's device and dtype; None when the family has none."""
+        return None
+
+    # --- sampling and export
+    def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
+        """The family's text-to-image pipeline around the frozen components, `denoiser` and `scheduler`."""
+        raise NotImplementedError
+
+    # --- config
+    def check_config(self, cfg: "Config") -> None:
+        """Objective keys that do not apply to this family's objective stop the run with one line."""
+        from ds_diffusers.config.schema import Config as ConfigClass
+
+        if self.objective == "diffusion":
+            for key in FLOW_KEYS:
+                value = getattr(cfg, key)
+                if value != ConfigClass.model_fields[key].default:
+                    raise ConfigError(key, value, f"is a flow-matching setting (Flux, SD 3.x) and {self.title} trains with "
+                                      "ε or v prediction; remove it (snr_gamma weights this family's loss)")
+            return
+        for key in DIFFUSION_KEYS:
+            value = getattr(cfg, key)
+            if value is not None:
+                raise ConfigError(key, value, f"{self.title} is a flow-matching model (it learns noise − latents, "
+                                  "weighted by weighting_scheme); remove it")

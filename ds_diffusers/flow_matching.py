@@ -1,0 +1,81 @@
+"""The flow-matching (rectified-flow) objective of Flux and SD 3.x, as diffusers' DreamBooth scripts
+train them: a sigma drawn from the configured density over the scheduler's training sigmas, the
+noisy input (1 − σ)·latents + σ·noise, the target noise − latents, and the configured per-sample
+loss weighting. The density and the weighting are diffusers' own (`training_utils`), and the sigma
+table, with its shift, is `FlowMatchEulerDiscreteScheduler`'s.
+
+Random draws (noise, then the density's draw, the scripts' order) use the process's global torch
+RNG, as `objective.diffusion_loss` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+# diffusers' `--weighting_scheme` choices: logit_normal and mode shape the density of the sigmas
+# (unit weights); sigma_sqrt and cosmap weight the loss (uniform density); none does neither.
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """The config's flow-matching keys, with the family's default scheme filled in."""
+
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    @classmethod
+    def from_config(cls, cfg: Any, default_scheme: str) -> "FlowSettings":
+        scheme = cfg.weighting_scheme if cfg.weighting_scheme is not None else default_scheme
+        return cls(scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
+
+
+def training_scheduler(scheduler_config: dict[str, Any], shift: float | None) -> FlowMatchEulerDiscreteScheduler:
+    """The model's flow-matching scheduler, with `shift` (the `flow_shift` key) replacing its config's
+    when given. Its `sigmas` are the training sigmas, shifted unless the config shifts dynamically
+    (Flux: the shift then depends on the image size and applies at sampling only)."""
+    overrides = {} if shift is None else {"shift": shift}
+    return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
+
+
+def sample_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, settings: FlowSettings, batch_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) [B] for one batch: u from the density, then the scheduler's entry at
+    index ⌊u·N⌋, as the scripts pick them."""
+    u = compute_density_for_timestep_sampling(weighting_scheme=settings.weighting_scheme, batch_size=batch_size,
+                                              logit_mean=settings.logit_mean, logit_std=settings.logit_std,
+                                              mode_scale=settings.mode_scale)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    # u is 1.0 at the edge of the mode density; the scripts would index one past the table.
+    indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+    return scheduler.timesteps[indices].to(device), scheduler.sigmas[indices].to(device)
+
+
+def flow_matching_loss(
+    denoiser_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    latents: torch.Tensor,
+    settings: FlowSettings,
+    *,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Weighted mean-squared error of the denoiser's velocity, in fp32 whatever the compute dtype.
+    `denoiser_forward(noisy_latents, timesteps)` closes over the family's conditioning; `timesteps`
+    are the scheduler's (σ·N), which a family rescales if its denoiser expects σ."""
+    latents = latents.float()
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
+    timesteps, sigmas = sample_sigmas(scheduler, settings, latents.shape[0], latents.device)
+    sigmas = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+    noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
+    target = noise - latents
+    model_pred = denoiser_forward(noisy_latents.to(compute_dtype), timesteps)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=settings.weighting_scheme, sigmas=sigmas)
+    per_sample = (weighting.float() * (model_pred.float() - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
+    return per_sample.mean()
