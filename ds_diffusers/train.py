@@ -211,7 +211,7 @@ def run_loop(run: Run) -> None:
     samples_per_micro_batch = cfg.train_micro_batch_size_per_gpu * dist.world_size
     window_started = time.perf_counter()
     for epoch, batch in epoch_batches(run.loader, run.sampler, run.dataset, state.epoch, plan.num_epochs,
-                                      state.samples_in_epoch // dist.world_size):
+                                      state.samples_in_epoch):
         state.epoch = epoch
         if state.global_step >= plan.total_steps:
             break
