@@ -30,14 +30,17 @@ from typing import Any
 import torch
 
 from ds_diffusers.checkpoint_digests import DIGESTS_KEY, changed_file, own_file_digests, unrecorded_note
-from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_meta, read_rank_state
+from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_ema, read_meta, read_rank_state
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
+from ds_diffusers.engine.params import full_shape
+from ds_diffusers.engine.universal import load_universal, stage_0_optimizer_is_plain, write_universal
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.family import FAMILY_NAMES, model_family
-from ds_diffusers.train_state import RNG_KEY, TrainState
+from ds_diffusers.topology import TOPOLOGY_SETTINGS, UNIVERSAL_DIR, check_topology, requested_batch
+from ds_diffusers.train_state import RNG_KEY, TrainState, fresh_rng_state
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _DAMAGED = "is damaged (truncated, unreadable or changed since it was saved)"
@@ -221,30 +224,34 @@ def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainStat
     return position
 
 
-def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digests: dict[str, str]) -> None:
+def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digests: dict[str, str],
+                   requested: list[int]) -> None:
     global_step = position["global_step"]
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
-    meta = {**position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
+    meta = {**position, "world_size": dist.world_size, "requested_batch": requested, "config_hash": config_hash(cfg),
             "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
             "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve()), DIGESTS_KEY: digests}
     _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     _write_atomically(Path(cfg.checkpoint_dir) / LATEST, step_tag(global_step))
 
 
-def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None) -> Path:
+def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None,
+         requested: list[int] | None = None) -> Path:
     """All ranks must call this. `latest` moves only after every rank has written everything; a
     failed save removes its partial step folder and stops every rank with one message, and a save cut
-    short by a second Ctrl-C (see `preemption`) removes it before the KeyboardInterrupt goes on."""
+    short by a second Ctrl-C (see `preemption`) removes it before the KeyboardInterrupt goes on.
+    `requested`: the user's micro batch and accumulation (`topology.requested_batch`) when `cfg`'s
+    were adjusted to keep the global batch on another process count."""
     step_dir = Path(cfg.checkpoint_dir) / step_tag(state.global_step)
     try:
-        return _save(engine, cfg, dist, state, ema)
+        return _save(engine, cfg, dist, state, ema, requested or requested_batch(cfg))
     except KeyboardInterrupt:
         if dist.is_main and not (step_dir / META_FILE).is_file():  # complete once its metadata is out
             shutil.rmtree(step_dir, ignore_errors=True)
         raise
 
 
-def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> Path:
+def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any, requested: list[int]) -> Path:
     global_step = state.global_step
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     latest = Path(cfg.checkpoint_dir) / LATEST
@@ -262,7 +269,8 @@ def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any)
         shares = all_gather(digests)
         if dist.is_main and None not in shares:
             try:
-                _mark_complete(cfg, dist, position, {name: digest for share in shares for name, digest in share.items()})
+                _mark_complete(cfg, dist, position, {name: digest for share in shares for name, digest in share.items()},
+                               requested)
             except OSError as err:
                 error = _write_error(err, step_dir)
     if not all_ranks_ok(not error, dist.device):
@@ -279,12 +287,14 @@ def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any)
 
 def check_settings(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> None:
     """Raise on settings the checkpoint cannot be loaded with. Reads the metadata only: the resume
-    check calls it before any model is loaded, so a refusal costs seconds, not a model load."""
+    check calls it before any model is loaded, so a refusal costs seconds, not a model load. The
+    process count and ZeRO stage may differ (`topology`)."""
     current = resume_settings(cfg, world_size)
     for key, saved in meta.get("settings", {}).items():
-        if current.get(key) != saved:
+        if key not in TOPOLOGY_SETTINGS and current.get(key) != saved:
             raise ConfigError("resume_from_checkpoint", str(step_dir), f"the checkpoint was saved with {key} = {saved}, "
                               f"this run has {current.get(key)}; restore that setting, or start a new run in another checkpoint_dir")
+    check_topology(meta, cfg, current, step_dir)
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
@@ -299,6 +309,11 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     returns the checkpoint's metadata."""
     meta = read_meta(step_dir)
     meta["changed_keys"] = check_compatible(meta, cfg, dist.world_size, step_dir)
+    saved_stage = 0 if written_at_stage_0(step_dir) else int(meta["settings"]["zero_optimization.stage"])
+    if meta["world_size"] != dist.world_size or saved_stage != engine.zero_optimization_stage():
+        if saved_stage != 0 or stage_0_optimizer_is_plain(step_dir):
+            _load_other_topology(engine, cfg, dist, step_dir, meta, saved_stage, state, ema)
+            return meta
     if written_at_stage_0(step_dir) and engine.zero_optimization_stage() != 0:
         raise ConfigError("resume_from_checkpoint", str(step_dir), "it was written by a ZeRO-0 engine, which 16-bit runs "
                           f"no longer use (DeepSpeed's stage-0 fp16 path never scaled the loss); this run's engine is ZeRO-"
@@ -323,3 +338,46 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     if ema is not None:
         ema.load_state_dict(rank_state["ema"])
     return meta
+
+
+def _optimizer_order(engine: Any, cfg: Config) -> list[str]:
+    """The trainable parameters' names in the optimizer's group order (how a torch optimizer's state
+    dict numbers them)."""
+    from ds_diffusers.models import param_groups
+
+    name_of = {id(p): name for name, p in engine.module.named_parameters()}
+    return [name_of[id(p)] for group in param_groups(engine.module, cfg) for p in group["params"]]
+
+
+def _load_other_topology(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, meta: dict[str, Any],
+                         saved_stage: int, state: TrainState, ema: Any) -> None:
+    """All ranks. Rank 0 converts the step to DeepSpeed's universal form in a folder beside it (the
+    step itself is only read, so its digests still hold), every rank loads its share of it, and the
+    folder is removed. EMA shards are reassembled and cut for this topology; each rank's random
+    streams start from (seed, rank, step), as the saved ones belong to the saved ranks."""
+    universal_dir = step_dir.parent / UNIVERSAL_DIR / step_dir.name
+    error = ""
+    if dist.is_main:
+        try:
+            write_universal(step_dir, universal_dir, _optimizer_order(engine, cfg), cfg.gradient_clipping)
+        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as err:
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    ok = all_ranks_ok(not error, dist.device)
+    if ok:
+        try:
+            load_universal(engine, universal_dir)
+        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as err:
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ok = all_ranks_ok(not error, dist.device)
+    barrier()
+    if dist.is_main:
+        shutil.rmtree(universal_dir.parent, ignore_errors=True)
+    if not ok:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), "converting it for this topology (DeepSpeed's universal "
+                          f"checkpoint) failed: {error or 'on another rank, see its message'}; resume on the topology it "
+                          "was saved with, or export it with python -m ds_diffusers.export and start a new run from that")
+    if ema is not None:
+        shapes = {name: full_shape(p) for name, p in engine.module.named_parameters()}
+        ema.load_full(read_ema(step_dir, int(meta["world_size"]), saved_stage, shapes))
+    seed = int(cfg.seed) + dist.rank + 1_000_003 * int(meta["global_step"])
+    state.load_state_dict({**meta, RNG_KEY: fresh_rng_state(seed)})

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 def resume_or_fresh_start(cfg: Config, world_size: int) -> Path | None:
     """The step folder to resume from, or None for a fresh start that overwrites nothing it must not.
     Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created
-    and before any model is loaded, so settings the checkpoint cannot be resumed with (ZeRO stage,
-    LoRA, process count, ...) are refused at once."""
+    and before any model is loaded, so settings the checkpoint cannot be resumed with (LoRA, EMA, a
+    topology change it cannot convert, ...) are refused at once."""
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         check_fresh_start(cfg)
@@ -100,8 +100,10 @@ class CheckpointManager:
     engine: weights, optimizer, lr schedule), "train_state" (a `TrainState`) and, with use_ema,
     "ema". Every method is collective: call it on all ranks."""
 
-    def __init__(self, cfg: Config, dist: DistInfo, parts: dict[str, Any], total_steps: int) -> None:
+    def __init__(self, cfg: Config, dist: DistInfo, parts: dict[str, Any], total_steps: int,
+                 requested: list[int] | None = None) -> None:
         self.cfg = cfg
+        self.requested = requested  # the user's batch settings when cfg's were adjusted (`topology`)
         self.dist = dist
         self.parts = parts
         self.total_steps = total_steps
@@ -125,7 +127,8 @@ class CheckpointManager:
         step = self.state.global_step
         started = time.perf_counter()
         check_weights_before_writing(self.parts["engine"], self.dist.device, "checkpoint", step)
-        saved = checkpoint.save(self.parts["engine"], self.cfg, self.dist, self.state, self.parts.get("ema"))
+        saved = checkpoint.save(self.parts["engine"], self.cfg, self.dist, self.state, self.parts.get("ema"),
+                                self.requested)
         if self.dist.is_main:
             prune(self.cfg.checkpoint_dir, self.cfg.checkpoints_total_limit, protected=step)
         self.saved_at = step

@@ -29,6 +29,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def fresh_rng_state(seed: int) -> dict[str, Any]:
+    """The random states every stream of this process has right after seeding it with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return rng_state()
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     from deepspeed.accelerator import get_accelerator
 

@@ -1,0 +1,92 @@
+"""Resuming on another topology: a checkpoint saved on N processes (or at one ZeRO stage) continued
+on M processes (or at another stage). What may change, what the run keeps, and what it says.
+
+- The data position needs nothing: it is a cursor in the epoch's global order (`data.sampler`).
+- The global batch (micro batch x accumulation x processes) is kept: gradient_accumulation_steps
+  is scaled by N/M when that is a whole number, in one line; otherwise the resume is refused with
+  the fix. A run that sets train_micro_batch_size_per_gpu or gradient_accumulation_steps to other
+  values than the checkpoint's asked for another batch, and gets it (one line says so).
+- Weights, Adam state, lr schedule: `engine.universal` converts the step folder. Other optimizers'
+  state has no layout the conversion knows: refused in one line (resume on the saved topology).
+- EMA shards and RNG states are ours: the EMA is reassembled and cut for the new ranks
+  (`ShardedEMA.load_full`); each rank's random streams start anew from (seed, rank, step), since
+  the saved ones belong to ranks that no longer exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ds_diffusers.config.schema import Config
+from ds_diffusers.errors import ConfigError
+
+PROCESSES = "number of processes"
+STAGE = "zero_optimization.stage"
+TOPOLOGY_SETTINGS = (PROCESSES, STAGE)
+# Optimizers whose state is exp_avg, exp_avg_sq and step: what the universal form carries.
+ADAM_FAMILY = {"adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam"}
+# Under checkpoint_dir: where a step is converted before a resume on another topology (removed after it).
+UNIVERSAL_DIR = ".universal"
+
+
+def topology_of(settings: dict[str, Any]) -> str:
+    processes = settings[PROCESSES]
+    return f"{processes} process{'es' if processes != 1 else ''}, ZeRO-{settings[STAGE]}"
+
+
+def changed_topology(meta: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """"N processes, ZeRO-a -> M processes, ZeRO-b" when the run's topology differs from the
+    checkpoint's, else None."""
+    saved = meta.get("settings", {})
+    if all(saved.get(key, current[key]) == current[key] for key in TOPOLOGY_SETTINGS):
+        return None
+    return f"{topology_of({**current, **saved})} -> {topology_of(current)}"
+
+
+def check_topology(meta: dict[str, Any], cfg: Config, current: dict[str, Any], step_dir: Path) -> None:
+    """Refuse a topology change the conversion cannot make; nothing is loaded yet."""
+    change = changed_topology(meta, current)
+    if change is None:
+        return
+    if cfg.optimizer.type.lower().replace("_", "") not in ADAM_FAMILY:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), f"resuming on another topology ({change}) carries "
+                          f"the optimizer state of the Adam family only, not {cfg.optimizer.type}'s; resume on "
+                          f"{topology_of({**current, **meta['settings']})}, or export it with python -m "
+                          f"ds_diffusers.export --checkpoint {step_dir} --out DIR and start a new run from DIR")
+    rebatched(cfg, meta, current[PROCESSES], step_dir)
+
+
+def requested_batch(cfg: Config) -> list[int]:
+    """The micro batch and accumulation the user's config asks for, recorded in each checkpoint
+    (`requested_batch`), so that a later resume tells a batch the user changed from one this
+    module adjusted."""
+    return [cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps]
+
+
+def rebatched(cfg: Config, meta: dict[str, Any], world_size: int, step_dir: Path) -> tuple[Config, str | None]:
+    """The run's config with the checkpoint's global batch kept on `world_size` processes, and the
+    line that says what changed (None when nothing did). `cfg` is the user's config as given."""
+    saved = meta["training_config"]
+    saved_batch = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"] * int(meta["world_size"])
+    micro, accumulation = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    if requested_batch(cfg) != meta.get("requested_batch", [saved["train_micro_batch_size_per_gpu"],
+                                                            saved["gradient_accumulation_steps"]]):
+        batch = micro * accumulation * world_size
+        if batch == saved_batch:
+            return cfg, None
+        return cfg, (f"global batch {saved_batch} -> {batch} (train_micro_batch_size_per_gpu {micro} x "
+                     f"gradient_accumulation_steps {accumulation} x {world_size} process(es), as this run sets them)")
+    per_micro_step = micro * world_size
+    if saved_batch % per_micro_step:
+        raise ConfigError("gradient_accumulation_steps", accumulation, f"the checkpoint {step_dir} trained with a global "
+                          f"batch of {saved_batch}, which {world_size} process(es) of train_micro_batch_size_per_gpu "
+                          f"{micro} cannot make; set train_micro_batch_size_per_gpu and gradient_accumulation_steps for "
+                          "the global batch you want (the run then trains with it), or resume on a process count "
+                          "that divides it")
+    kept = saved_batch // per_micro_step
+    if kept == accumulation:
+        return cfg, None
+    line = (f"global batch {saved_batch} kept on {world_size} process(es): gradient_accumulation_steps "
+            f"{accumulation} -> {kept}")
+    return cfg.model_copy(update={"gradient_accumulation_steps": kept}), line
