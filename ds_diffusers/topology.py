@@ -54,6 +54,11 @@ def check_topology(meta: dict[str, Any], cfg: Config, current: dict[str, Any], s
                           f"the optimizer state of the Adam family only, not {cfg.optimizer.type}'s; resume on "
                           f"{topology_of({**current, **meta['settings']})}, or export it with python -m "
                           f"ds_diffusers.export --checkpoint {step_dir} --out DIR and start a new run from DIR")
+    if current[STAGE] == 3 and meta["settings"].get(STAGE) != 3 and cfg.optimizer.param_groups:
+        # DeepSpeed's ZeRO-3 universal loader gives every group the first group's hyperparameters.
+        raise ConfigError("optimizer.param_groups", [rule.match for rule in cfg.optimizer.param_groups],
+                          f"resuming on another topology ({change}) into ZeRO-3 would give every parameter group the "
+                          "first one's lr and weight decay; resume at the saved stage, or without optimizer.param_groups")
     rebatched(cfg, meta, current[PROCESSES], step_dir)
 
 

@@ -9,7 +9,8 @@ need, and this module writes the rest:
 - written from ZeRO-1/2/3 folders by `ds_to_universal` itself; from a stage-0 folder (one process in
   fp32, where DeepSpeed writes no ZeRO files and its converter has nothing to read) by
   `_write_from_stage_0`, out of the torch optimizer's state dict;
-- `optimizer_state.pt` carries both the keys the ZeRO-1/2 loader reads (`param_groups`, loss
+- each state file is `{"param": tensor}` (the ZeRO-3 converter writes bare tensors, which the
+  ZeRO-1/2 loader cannot read), and `optimizer_state.pt` carries both the keys the ZeRO-1/2 loader reads (`param_groups`, loss
   scaler, clip_grad, ds_version) and those the ZeRO-3 loader reads (`optimizer_state_dict` with
   `state[0].step` and `param_groups`): the converter writes one or the other, by the source's stage,
   so a ZeRO-2 folder could not otherwise load into ZeRO-3;
@@ -102,12 +103,22 @@ def _complete_optimizer_state(out_dir: Path, clip_grad: float) -> None:
     """Give `optimizer_state.pt` the keys both DeepSpeed loaders read, whichever wrote it."""
     import deepspeed
 
+    # The ZeRO-3 converter saves each state as a bare tensor, which the ZeRO-1/2 loader cannot index.
+    for state_file in (out_dir / ZERO_DIR).glob("*/*.pt"):
+        value = _load(state_file)
+        if state_file.name != "step.pt" and isinstance(value, torch.Tensor):
+            torch.save({"param": value}, state_file)
     path = out_dir / ZERO_DIR / OPTIMIZER_STATE
     state = _load(path)
     inner = state.get("optimizer_state_dict") or {}
     groups = state.get("param_groups") or inner.get("param_groups") or []
     groups = [{k: v for k, v in group.items() if k != "params"} for group in groups]
     step = _step_of(out_dir / ZERO_DIR)
+    if step is None:  # the ZeRO-3 converter keeps the step in the optimizer state only; the ZeRO-1/2 loader reads step.pt
+        step = next(iter((inner.get("state") or {}).values()), {}).get("step")
+        for param_dir in (out_dir / ZERO_DIR).iterdir():
+            if param_dir.is_dir() and step is not None:
+                torch.save(step, param_dir / "step.pt")
     state.update(param_groups=groups, optimizer_state_dict={"state": {0: {"step": step}}, "param_groups": groups})
     state.setdefault("clip_grad", clip_grad)
     state["ds_version"] = state.get("ds_version") or deepspeed.__version__
