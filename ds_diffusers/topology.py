@@ -24,8 +24,9 @@ from ds_diffusers.errors import ConfigError
 PROCESSES = "number of processes"
 STAGE = "zero_optimization.stage"
 TOPOLOGY_SETTINGS = (PROCESSES, STAGE)
-# Optimizers whose state is exp_avg, exp_avg_sq and step: what the universal form carries.
-ADAM_FAMILY = {"adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam"}
+# Optimizers whose whole state is exp_avg, exp_avg_sq and step: what the universal form carries
+# (DeepSpeed's Adam/AdamW, whichever kernel, and torch's).
+ADAM_FAMILY = {"adam", "adamw"}
 # Under checkpoint_dir: where a step is converted before a resume on another topology (removed after it).
 UNIVERSAL_DIR = ".universal"
 
@@ -49,7 +50,7 @@ def check_topology(meta: dict[str, Any], cfg: Config, current: dict[str, Any], s
     change = changed_topology(meta, current)
     if change is None:
         return
-    if cfg.optimizer.type.lower().replace("_", "") not in ADAM_FAMILY:
+    if cfg.optimizer.type.lower() not in ADAM_FAMILY:
         raise ConfigError("resume_from_checkpoint", str(step_dir), f"resuming on another topology ({change}) carries "
                           f"the optimizer state of the Adam family only, not {cfg.optimizer.type}'s; resume on "
                           f"{topology_of({**current, **meta['settings']})}, or export it with python -m "
