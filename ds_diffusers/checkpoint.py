@@ -351,11 +351,11 @@ def _optimizer_order(engine: Any, cfg: Config) -> list[str]:
 
 def _load_other_topology(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, meta: dict[str, Any],
                          saved_stage: int, state: TrainState, ema: Any) -> None:
-    """All ranks. Rank 0 converts the step to DeepSpeed's universal form in a folder beside it (the
-    step itself is only read, so its digests still hold), every rank loads its share of it, and the
+    """All ranks. Rank 0 converts the step to DeepSpeed's universal form in this run's checkpoint_dir
+    (the step itself is only read, so its digests still hold), every rank loads its share of it, and the
     folder is removed. EMA shards are reassembled and cut for this topology; each rank's random
     streams start from (seed, rank, step), as the saved ones belong to the saved ranks."""
-    universal_dir = step_dir.parent / UNIVERSAL_DIR / step_dir.name
+    universal_dir = Path(cfg.checkpoint_dir) / UNIVERSAL_DIR / step_dir.name  # this run's folder, which it has locked
     error = ""
     if dist.is_main:
         try:

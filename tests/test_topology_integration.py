@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_diffusers.checkpoint import damaged_file
 from tests.fault_injection import injected
 from tests.helpers import RESUME_COMMON, assert_ok, launch, losses, max_diff, run_cfg, tensors
 
@@ -94,7 +95,8 @@ def test_full_ema_resumes_2_to_1_exactly_and_1_to_2_trains_on(tiny_assets, tmp_p
         assert max_diff(tensors(moved / "model" / export), tensors(saved / "model" / export)) == 0.0, export
     before, after = universal_state(step_2, tmp_path / "u2"), universal_state(moved / "checkpoints" / "step_2", tmp_path / "u1")
     assert max_diff(before, after) == 0.0 and before["conv_in.weight/exp_avg_sq"].abs().max() > 0  # Adam state carried
-    assert not (saved / "checkpoints" / ".universal").exists()  # the conversion is removed; the step is untouched
+    assert not (moved / "checkpoints" / ".universal").exists()  # the conversion is removed
+    assert damaged_file(step_2) is None  # the saved step was only read: every recorded digest still holds
     # 1 -> 2 from that 1-process step, against a 2-process resume of the 2-process step: same samples per step
     run(tiny_assets, same, 2, *full, "max_train_steps=4", f"resume_from_checkpoint={step_2}", record=True)
     output = run(tiny_assets, grown, 2, *full, "max_train_steps=4",
