@@ -129,3 +129,18 @@ def test_lora_resumes_zero2_to_zero3_exactly(tiny_assets, tmp_path):
     after = universal_state(staged / "checkpoints" / "step_2", tmp_path / "u3")
     assert max_diff(before, after) == 0.0 and any("lora" in name for name in before)
     assert max(t.abs().max() for k, t in before.items() if k.endswith("exp_avg_sq")) > 0  # Adam state carried
+
+
+def test_sd15_full_ema_resumes_zero2_on_2_as_zero3_on_1_exactly(sd15_assets, tmp_path):
+    """The SD 1.5-shaped UNet: process count and stage change at once (ZeRO-3 on one process keeps
+    its stage and pads the partitions, which the EMA cut must skip)."""
+    from ds_diffusers.embedded.arch_sd import TEST_RESOLUTION
+
+    full = (f"resolution={TEST_RESOLUTION}", "train_micro_batch_size_per_gpu=4", "use_ema=true", "ema_decay=0.9")
+    saved, moved = tmp_path / "saved", tmp_path / "moved"
+    run(sd15_assets, saved, 2, *full, "zero_optimization.stage=2", "max_train_steps=1")
+    output = run(sd15_assets, moved, 1, *full, "zero_optimization.stage=3", "max_train_steps=1",
+                 f"resume_from_checkpoint={saved / 'checkpoints' / 'step_1'}")
+    assert "gradient_accumulation_steps 1 -> 2" in output
+    for export in (UNET, EMA):
+        assert max_diff(tensors(moved / "model" / export), tensors(saved / "model" / export)) == 0.0, export
