@@ -30,17 +30,16 @@ from typing import Any
 import torch
 
 from ds_diffusers.checkpoint_digests import DIGESTS_KEY, changed_file, own_file_digests, unrecorded_note
-from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_ema, read_meta, read_rank_state
+from ds_diffusers.checkpoint_reader import LATEST, META_FILE, rank_file, read_meta, read_rank_state
 from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
-from ds_diffusers.engine.params import full_shape
-from ds_diffusers.engine.universal import load_universal, stage_0_optimizer_is_plain, write_universal
+from ds_diffusers.engine.universal import stage_0_optimizer_is_plain
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.family import FAMILY_NAMES, model_family
-from ds_diffusers.topology import TOPOLOGY_SETTINGS, UNIVERSAL_DIR, check_topology, requested_batch
-from ds_diffusers.train_state import RNG_KEY, TrainState, fresh_rng_state
+from ds_diffusers.topology import TOPOLOGY_SETTINGS, changed_topology, check_topology, load_other_topology, requested_batch
+from ds_diffusers.train_state import RNG_KEY, TrainState
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _DAMAGED = "is damaged (truncated, unreadable or changed since it was saved)"
@@ -312,7 +311,9 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     saved_stage = 0 if written_at_stage_0(step_dir) else int(meta["settings"]["zero_optimization.stage"])
     if meta["world_size"] != dist.world_size or saved_stage != engine.zero_optimization_stage():
         if saved_stage != 0 or stage_0_optimizer_is_plain(step_dir):
-            _load_other_topology(engine, cfg, dist, step_dir, meta, saved_stage, state, ema)
+            load_other_topology(engine, cfg, dist, step_dir, meta, saved_stage, state, ema)
+            meta["topology_change"] = (changed_topology(meta, resume_settings(cfg, dist.world_size))
+                                       or f"ZeRO-{saved_stage} files -> a ZeRO-{engine.zero_optimization_stage()} engine")
             return meta
     if written_at_stage_0(step_dir) and engine.zero_optimization_stage() != 0:
         raise ConfigError("resume_from_checkpoint", str(step_dir), "it was written by a ZeRO-0 engine, which 16-bit runs "
@@ -339,45 +340,3 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
         ema.load_state_dict(rank_state["ema"])
     return meta
 
-
-def _optimizer_order(engine: Any, cfg: Config) -> list[str]:
-    """The trainable parameters' names in the optimizer's group order (how a torch optimizer's state
-    dict numbers them)."""
-    from ds_diffusers.models import param_groups
-
-    name_of = {id(p): name for name, p in engine.module.named_parameters()}
-    return [name_of[id(p)] for group in param_groups(engine.module, cfg) for p in group["params"]]
-
-
-def _load_other_topology(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, meta: dict[str, Any],
-                         saved_stage: int, state: TrainState, ema: Any) -> None:
-    """All ranks. Rank 0 converts the step to DeepSpeed's universal form in this run's checkpoint_dir
-    (the step itself is only read, so its digests still hold), every rank loads its share of it, and the
-    folder is removed. EMA shards are reassembled and cut for this topology; each rank's random
-    streams start from (seed, rank, step), as the saved ones belong to the saved ranks."""
-    universal_dir = Path(cfg.checkpoint_dir) / UNIVERSAL_DIR / step_dir.name  # this run's folder, which it has locked
-    error = ""
-    if dist.is_main:
-        try:
-            write_universal(step_dir, universal_dir, _optimizer_order(engine, cfg), cfg.gradient_clipping)
-        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as err:
-            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    ok = all_ranks_ok(not error, dist.device)
-    if ok:
-        try:
-            load_universal(engine, universal_dir)
-        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as err:
-            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ok = all_ranks_ok(not error, dist.device)
-    barrier()
-    if dist.is_main:
-        shutil.rmtree(universal_dir.parent, ignore_errors=True)
-    if not ok:
-        raise ConfigError("resume_from_checkpoint", str(step_dir), "converting it for this topology (DeepSpeed's universal "
-                          f"checkpoint) failed: {error or 'on another rank, see its message'}; resume on the topology it "
-                          "was saved with, or export it with python -m ds_diffusers.export and start a new run from that")
-    if ema is not None:
-        shapes = {name: full_shape(p) for name, p in engine.module.named_parameters()}
-        ema.load_full(read_ema(step_dir, int(meta["world_size"]), saved_stage, shapes))
-    seed = int(cfg.seed) + dist.rank + 1_000_003 * int(meta["global_step"])
-    state.load_state_dict({**meta, RNG_KEY: fresh_rng_state(seed)})

@@ -89,10 +89,12 @@ class Resumed:
     global_step: int
     load_s: float
     changed_keys: list[str]  # training settings that differ from the checkpoint's (allowed ones)
+    topology_change: str | None = None  # "2 processes, ZeRO-2 -> 1 process, ZeRO-2" when converted (`topology`)
 
     def message(self) -> str:
         changed = f"; changed since: {', '.join(self.changed_keys)}" if self.changed_keys else ""
-        return f"resumed from {self.step_dir} at step {self.global_step} in {self.load_s:.1f} s{changed}"
+        converted = f" (converted: {self.topology_change})" if self.topology_change else ""
+        return f"resumed from {self.step_dir} at step {self.global_step} in {self.load_s:.1f} s{converted}{changed}"
 
 
 class CheckpointManager:
@@ -121,7 +123,8 @@ class CheckpointManager:
     def load(self, step_dir: Path) -> Resumed:
         started = time.perf_counter()
         meta = checkpoint.load(self.parts["engine"], self.cfg, self.dist, step_dir, self.state, self.parts.get("ema"))
-        return Resumed(step_dir, self.state.global_step, time.perf_counter() - started, meta["changed_keys"])
+        return Resumed(step_dir, self.state.global_step, time.perf_counter() - started, meta["changed_keys"],
+                       meta.get("topology_change"))
 
     def save(self, logger: RunLogger) -> Path:
         step = self.state.global_step

@@ -15,11 +15,18 @@ on M processes (or at another stage). What may change, what the run keeps, and w
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+from ds_diffusers.checkpoint_reader import read_ema
 from ds_diffusers.config.schema import Config
+from ds_diffusers.distributed import DistInfo, all_ranks_ok, barrier
+from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
+from ds_diffusers.engine.params import full_shape
+from ds_diffusers.engine.universal import load_universal, write_universal
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.train_state import RNG_KEY, TrainState, fresh_rng_state
 
 PROCESSES = "number of processes"
 STAGE = "zero_optimization.stage"
@@ -96,3 +103,55 @@ def rebatched(cfg: Config, meta: dict[str, Any], world_size: int, step_dir: Path
     line = (f"global batch {saved_batch} kept on {world_size} process(es): gradient_accumulation_steps "
             f"{accumulation} -> {kept}")
     return cfg.model_copy(update={"gradient_accumulation_steps": kept}), line
+
+
+# DeepSpeed's converter and loaders assert and index as they go: any of these is a conversion that failed.
+_CONVERSION_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError, AssertionError)
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _optimizer_order(engine: Any, cfg: Config) -> list[str]:
+    """The trainable parameters' names in the optimizer's group order (how a torch optimizer's state
+    dict numbers them)."""
+    from ds_diffusers.models import param_groups
+
+    name_of = {id(p): name for name, p in engine.module.named_parameters()}
+    return [name_of[id(p)] for group in param_groups(engine.module, cfg) for p in group["params"]]
+
+
+def load_other_topology(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, meta: dict[str, Any],
+                         saved_stage: int, state: TrainState, ema: Any) -> None:
+    """All ranks. Rank 0 converts the step to DeepSpeed's universal form in this run's checkpoint_dir
+    (the step itself is only read, so its digests still hold), every rank loads its share of it, and the
+    folder is removed. EMA shards are reassembled and cut for this topology; each rank's random
+    streams start from (seed, rank, step), as the saved ones belong to the saved ranks."""
+    universal_dir = Path(cfg.checkpoint_dir) / UNIVERSAL_DIR / step_dir.name  # this run's folder, which it has locked
+    error = ""
+    if dist.is_main:
+        try:
+            write_universal(step_dir, universal_dir, _optimizer_order(engine, cfg), cfg.gradient_clipping)
+        except _CONVERSION_ERRORS as err:
+            error = _one_line(err)
+    ok = all_ranks_ok(not error, dist.device)
+    if ok:
+        try:
+            load_universal(engine, universal_dir)
+            release_checkpoint_files(engine)  # the folder is removed next: nothing may stay mapped from it
+        except _CONVERSION_ERRORS as err:
+            error = _one_line(err)
+        ok = all_ranks_ok(not error, dist.device)
+    barrier()
+    if dist.is_main:
+        shutil.rmtree(universal_dir.parent, ignore_errors=True)
+    if not ok:
+        raise ConfigError("resume_from_checkpoint", str(step_dir), "converting it for this topology (DeepSpeed's universal "
+                          f"checkpoint) failed: {error or 'on another rank, see its message'}; resume on the topology it "
+                          "was saved with, or export it with python -m ds_diffusers.export and start a new run from that")
+    if ema is not None:
+        shapes = {name: full_shape(p) for name, p in engine.module.named_parameters()}
+        ema.load_full(read_ema(step_dir, int(meta["world_size"]), saved_stage, shapes))
+    seed = int(cfg.seed) + dist.rank + 1_000_003 * int(meta["global_step"])
+    state.load_state_dict({**meta, RNG_KEY: fresh_rng_state(seed)})

@@ -92,6 +92,7 @@ def test_full_ema_resumes_2_to_1_exactly_and_1_to_2_trains_on(tiny_assets, tmp_p
     # 2 -> 1, no step trained: the 1-process save holds the 2-process step's state bit for bit
     output = run(tiny_assets, moved, 1, *full, "max_train_steps=2", f"resume_from_checkpoint={step_2}")
     assert "global batch 16 kept on 1 process(es): gradient_accumulation_steps 1 -> 2" in output
+    assert "(converted: 2 processes, ZeRO-2 -> 1 process, ZeRO-2)" in output
     for export in (UNET, EMA):
         assert max_diff(tensors(moved / "model" / export), tensors(saved / "model" / export)) == 0.0, export
     before, after = universal_state(step_2, tmp_path / "u2"), universal_state(moved / "checkpoints" / "step_2", tmp_path / "u1")
