@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from argparse import Namespace
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -40,14 +41,17 @@ ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load(path: Path, mapped: bool = False) -> Any:
+    """`mapped`: memory-mapped (never for a file this module rewrites: its pages would vanish)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mapped and zipfile.is_zipfile(path))
 
 
 def _model_states(step_dir: Path) -> dict[str, Any]:
     """Rank 0's model-states file: lr schedule, step counters, ds_version."""
     name = MODEL_STATES if (step_dir / MODEL_STATES).is_file() else ZERO3_MODEL_STATES
-    return _load(step_dir / name)
+    # Mapped: every rank asks whether a stage-0 step is convertible, and that file holds the whole
+    # model and Adam state (about 10 GB for SD 1.5); only what is used is read.
+    return _load(step_dir / name, mapped=True)
 
 
 def stage_0_optimizer_is_plain(step_dir: Path) -> bool:
