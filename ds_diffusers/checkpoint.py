@@ -35,8 +35,10 @@ from ds_diffusers.config.schema import Config
 from ds_diffusers.distributed import DistInfo, all_gather, all_ranks_ok, barrier
 from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
+from ds_diffusers.engine.universal import stage_0_optimizer_is_plain
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.families import FAMILY_NAMES, model_family
+from ds_diffusers.topology import TOPOLOGY_SETTINGS, changed_topology, check_topology, load_other_topology, requested_batch
 from ds_diffusers.train_state import RNG_KEY, TrainState
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -221,30 +223,34 @@ def _write_rank_files(engine: Any, cfg: Config, dist: DistInfo, state: TrainStat
     return position
 
 
-def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digests: dict[str, str]) -> None:
+def _mark_complete(cfg: Config, dist: DistInfo, position: dict[str, Any], digests: dict[str, str],
+                   requested: list[int]) -> None:
     global_step = position["global_step"]
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
-    meta = {**position, "world_size": dist.world_size, "config_hash": config_hash(cfg),
+    meta = {**position, "world_size": dist.world_size, "requested_batch": requested, "config_hash": config_hash(cfg),
             "training_config": training_config(cfg), "settings": resume_settings(cfg, dist.world_size),
             "pretrained_model_name_or_path": str(Path(cfg.pretrained_model_name_or_path).resolve()), DIGESTS_KEY: digests}
     _write_atomically(step_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     _write_atomically(Path(cfg.checkpoint_dir) / LATEST, step_tag(global_step))
 
 
-def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None) -> Path:
+def save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any = None,
+         requested: list[int] | None = None) -> Path:
     """All ranks must call this. `latest` moves only after every rank has written everything; a
     failed save removes its partial step folder and stops every rank with one message, and a save cut
-    short by a second Ctrl-C (see `preemption`) removes it before the KeyboardInterrupt goes on."""
+    short by a second Ctrl-C (see `preemption`) removes it before the KeyboardInterrupt goes on.
+    `requested`: the user's micro batch and accumulation (`topology.requested_batch`) when `cfg`'s
+    were adjusted to keep the global batch on another process count."""
     step_dir = Path(cfg.checkpoint_dir) / step_tag(state.global_step)
     try:
-        return _save(engine, cfg, dist, state, ema)
+        return _save(engine, cfg, dist, state, ema, requested or requested_batch(cfg))
     except KeyboardInterrupt:
         if dist.is_main and not (step_dir / META_FILE).is_file():  # complete once its metadata is out
             shutil.rmtree(step_dir, ignore_errors=True)
         raise
 
 
-def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any) -> Path:
+def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any, requested: list[int]) -> Path:
     global_step = state.global_step
     step_dir = Path(cfg.checkpoint_dir) / step_tag(global_step)
     latest = Path(cfg.checkpoint_dir) / LATEST
@@ -262,7 +268,8 @@ def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any)
         shares = all_gather(digests)
         if dist.is_main and None not in shares:
             try:
-                _mark_complete(cfg, dist, position, {name: digest for share in shares for name, digest in share.items()})
+                _mark_complete(cfg, dist, position, {name: digest for share in shares for name, digest in share.items()},
+                               requested)
             except OSError as err:
                 error = _write_error(err, step_dir)
     if not all_ranks_ok(not error, dist.device):
@@ -279,12 +286,14 @@ def _save(engine: Any, cfg: Config, dist: DistInfo, state: TrainState, ema: Any)
 
 def check_settings(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> None:
     """Raise on settings the checkpoint cannot be loaded with. Reads the metadata only: the resume
-    check calls it before any model is loaded, so a refusal costs seconds, not a model load."""
+    check calls it before any model is loaded, so a refusal costs seconds, not a model load. The
+    process count and ZeRO stage may differ (`topology`)."""
     current = resume_settings(cfg, world_size)
     for key, saved in meta.get("settings", {}).items():
-        if current.get(key) != saved:
+        if key not in TOPOLOGY_SETTINGS and current.get(key) != saved:
             raise ConfigError("resume_from_checkpoint", str(step_dir), f"the checkpoint was saved with {key} = {saved}, "
                               f"this run has {current.get(key)}; restore that setting, or start a new run in another checkpoint_dir")
+    check_topology(meta, cfg, current, step_dir)
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, step_dir: Path) -> list[str]:
@@ -299,6 +308,13 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     returns the checkpoint's metadata."""
     meta = read_meta(step_dir)
     meta["changed_keys"] = check_compatible(meta, cfg, dist.world_size, step_dir)
+    saved_stage = 0 if written_at_stage_0(step_dir) else int(meta["settings"]["zero_optimization.stage"])
+    if meta["world_size"] != dist.world_size or saved_stage != engine.zero_optimization_stage():
+        if saved_stage != 0 or stage_0_optimizer_is_plain(step_dir):
+            load_other_topology(engine, cfg, dist, step_dir, meta, saved_stage, state, ema)
+            meta["topology_change"] = (changed_topology(meta, resume_settings(cfg, dist.world_size))
+                                       or f"ZeRO-{saved_stage} files -> a ZeRO-{engine.zero_optimization_stage()} engine")
+            return meta
     if written_at_stage_0(step_dir) and engine.zero_optimization_stage() != 0:
         raise ConfigError("resume_from_checkpoint", str(step_dir), "it was written by a ZeRO-0 engine, which 16-bit runs "
                           f"no longer use (DeepSpeed's stage-0 fp16 path never scaled the loss); this run's engine is ZeRO-"
@@ -323,3 +339,4 @@ def load(engine: Any, cfg: Config, dist: DistInfo, step_dir: Path, state: TrainS
     if ema is not None:
         ema.load_state_dict(rank_state["ema"])
     return meta
+

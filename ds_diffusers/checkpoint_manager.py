@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 def resume_or_fresh_start(cfg: Config, world_size: int) -> Path | None:
     """The step folder to resume from, or None for a fresh start that overwrites nothing it must not.
     Reads files only (each checkpoint file is opened): rank 0 calls it, before any folder is created
-    and before any model is loaded, so settings the checkpoint cannot be resumed with (ZeRO stage,
-    LoRA, process count, ...) are refused at once."""
+    and before any model is loaded, so settings the checkpoint cannot be resumed with (LoRA, EMA, a
+    topology change it cannot convert, ...) are refused at once."""
     resume_from = checkpoint.resume_target(cfg)
     if resume_from is None:
         check_fresh_start(cfg)
@@ -89,10 +89,12 @@ class Resumed:
     global_step: int
     load_s: float
     changed_keys: list[str]  # training settings that differ from the checkpoint's (allowed ones)
+    topology_change: str | None = None  # "2 processes, ZeRO-2 -> 1 process, ZeRO-2" when converted (`topology`)
 
     def message(self) -> str:
         changed = f"; changed since: {', '.join(self.changed_keys)}" if self.changed_keys else ""
-        return f"resumed from {self.step_dir} at step {self.global_step} in {self.load_s:.1f} s{changed}"
+        converted = f" (converted: {self.topology_change})" if self.topology_change else ""
+        return f"resumed from {self.step_dir} at step {self.global_step} in {self.load_s:.1f} s{converted}{changed}"
 
 
 class CheckpointManager:
@@ -100,8 +102,10 @@ class CheckpointManager:
     engine: weights, optimizer, lr schedule), "train_state" (a `TrainState`) and, with use_ema,
     "ema". Every method is collective: call it on all ranks."""
 
-    def __init__(self, cfg: Config, dist: DistInfo, parts: dict[str, Any], total_steps: int) -> None:
+    def __init__(self, cfg: Config, dist: DistInfo, parts: dict[str, Any], total_steps: int,
+                 requested: list[int] | None = None) -> None:
         self.cfg = cfg
+        self.requested = requested  # the user's batch settings when cfg's were adjusted (`topology`)
         self.dist = dist
         self.parts = parts
         self.total_steps = total_steps
@@ -119,13 +123,15 @@ class CheckpointManager:
     def load(self, step_dir: Path) -> Resumed:
         started = time.perf_counter()
         meta = checkpoint.load(self.parts["engine"], self.cfg, self.dist, step_dir, self.state, self.parts.get("ema"))
-        return Resumed(step_dir, self.state.global_step, time.perf_counter() - started, meta["changed_keys"])
+        return Resumed(step_dir, self.state.global_step, time.perf_counter() - started, meta["changed_keys"],
+                       meta.get("topology_change"))
 
     def save(self, logger: RunLogger) -> Path:
         step = self.state.global_step
         started = time.perf_counter()
         check_weights_before_writing(self.parts["engine"], self.dist.device, "checkpoint", step)
-        saved = checkpoint.save(self.parts["engine"], self.cfg, self.dist, self.state, self.parts.get("ema"))
+        saved = checkpoint.save(self.parts["engine"], self.cfg, self.dist, self.state, self.parts.get("ema"),
+                                self.requested)
         if self.dist.is_main:
             prune(self.cfg.checkpoint_dir, self.cfg.checkpoints_total_limit, protected=step)
         self.saved_at = step

@@ -57,6 +57,17 @@ class ShardedEMA:
             raise ValueError("EMA state does not match the model's trainable parameters")
         torch._foreach_copy_(self.shadow, [saved.to(s.device) for saved, s in zip(state["shadow"], self.shadow)])
 
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """This rank's slices of full EMA tensors (by name): a checkpoint saved on another topology,
+        reassembled by `checkpoint_reader.read_ema`. A ZeRO-3 partition past the parameter's end
+        (padding) is zero."""
+        for index, name in enumerate(self.names):
+            flat, start, shadow = full[name].reshape(-1), self.starts[index], self.shadow[index]
+            length = max(0, min(shadow.numel(), flat.numel() - start))
+            shadow.zero_()
+            shadow[:length].copy_(flat[start:start + length].to(shadow.device))
+
     def gathered(self, rank: int) -> dict[str, torch.Tensor]:
         """All ranks must call this. Full fp32 EMA tensors on rank 0, an empty dict elsewhere."""
         del rank  # the masters know it

@@ -43,8 +43,8 @@ class RunPlan:
 
 def epoch_batches(loader: Any, sampler: Any, dataset: Any, start_epoch: int, num_epochs: int,
                   start_in_epoch: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) pairs from `start_epoch` on, skipping the `start_in_epoch` samples this rank
-    already consumed (resume); each epoch ends with (epoch, None)."""
+    """(epoch, batch) pairs from `start_epoch` on, skipping the first `start_in_epoch` samples of the
+    epoch's global order, consumed over all ranks before a resume; each epoch ends with (epoch, None)."""
     for epoch in range(start_epoch, num_epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)

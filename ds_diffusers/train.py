@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ds_diffusers import lock, preemption, validation
 from ds_diffusers.cadence import LogCadence, ValidationCadence
+from ds_diffusers.checkpoint_reader import read_meta
 from ds_diffusers.checkpoint_manager import CheckpointManager, clear_previous_run, resume_or_fresh_start
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args, to_deepspeed_config
 from ds_diffusers.config.checks import fused_adam_unavailable
@@ -45,7 +44,8 @@ from ds_diffusers.objective import diffusion_loss, encode_batch
 from ds_diffusers.quiet import quiet_known_notices
 from ds_diffusers.run_plan import RunPlan, epoch_batches
 from ds_diffusers.step_window import StepWindow, WindowStats
-from ds_diffusers.train_state import TrainState
+from ds_diffusers.topology import rebatched, requested_batch
+from ds_diffusers.train_state import TrainState, fresh_rng_state
 from ds_diffusers.validation_loss import HeldOutLoss
 
 
@@ -74,9 +74,7 @@ def kernel_description(cfg: Config, unet: torch.nn.Module, accelerator_name: str
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    fresh_rng_state(seed)
 
 
 @dataclass
@@ -114,6 +112,9 @@ def set_up(cfg: Config) -> Run:
         hf_dataset, checks, held_out = train_data.dataset, train_data.checks, train_data.held_out
         image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
     resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg, dist.world_size), dist.is_main))
+    requested, batch_line = requested_batch(cfg), None
+    if resume_from is not None:  # on another process count: the checkpoint's global batch is kept
+        cfg, batch_line = rebatched(cfg, read_meta(resume_from), dist.world_size, resume_from)
     # The folders are created here, with their locks, once every check of the input has passed.
     raise_on_every_rank(lock.lock_run_folders(cfg) if dist.is_main else None)
     if resume_from is None and dist.is_main:
@@ -170,7 +171,8 @@ def set_up(cfg: Config) -> Run:
     engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
     state = TrainState()
-    checkpoints = CheckpointManager(cfg, dist, {"engine": engine, "train_state": state, "ema": ema}, plan.total_steps)
+    checkpoints = CheckpointManager(cfg, dist, {"engine": engine, "train_state": state, "ema": ema}, plan.total_steps,
+                                    requested)
     resumed = checkpoints.load(resume_from) if resume_from is not None else None
     if resumed is None:
         seed_everything(cfg.seed + dist.rank)  # per-rank noise and timesteps from here on
@@ -178,6 +180,8 @@ def set_up(cfg: Config) -> Run:
     logger = RunLogger(cfg, is_main=dist.is_main, total_steps=plan.total_steps, initial_step=state.global_step, monitor=engine.monitor)
     if resumed is not None:
         logger.message(resumed.message())
+    if batch_line is not None:
+        logger.message(batch_line)
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
@@ -236,7 +240,7 @@ def run_loop(run: Run) -> None:
     samples_per_micro_batch = cfg.train_micro_batch_size_per_gpu * dist.world_size
     window_started = time.perf_counter()
     for epoch, batch in epoch_batches(run.loader, run.sampler, run.dataset, state.epoch, plan.num_epochs,
-                                      state.samples_in_epoch // dist.world_size):
+                                      state.samples_in_epoch):
         state.epoch = epoch
         if state.global_step >= plan.total_steps:
             break

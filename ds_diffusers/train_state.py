@@ -29,6 +29,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def fresh_rng_state(seed: int) -> dict[str, Any]:
+    """The random states every stream of this process has right after seeding it with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return rng_state()
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     from deepspeed.accelerator import get_accelerator
 
@@ -43,8 +51,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class TrainState:
     global_step: int = 0  # optimizer steps done
     epoch: int = 0
-    # Over all ranks. Each rank resumes `samples_in_epoch // world_size` samples into its shard, and
-    # accumulation windows are placed by this count, so a resumed run cuts them in the same places.
+    # Over all ranks: the cursor in the epoch's global order (`data.sampler`), independent of the
+    # world size. Accumulation windows are placed by this count, so a resumed run cuts them in the
+    # same places.
     samples_in_epoch: int = 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -147,10 +147,10 @@ def test_resume_mid_epoch_continues_the_same_schedule():
     sampler.set_epoch(5)
     whole = list(sampler)
     sampler.set_epoch(5)
-    sampler.set_start(3 * 2)  # this rank consumed 3 micro-batches
+    sampler.set_start(3 * 4)  # the cursor over both ranks: 3 global micro-batches of 2 x 2 consumed
     assert list(sampler) == whole[3:] and len(sampler) == len(whole) - 3
     with pytest.raises(ValueError):
-        sampler.set_start(3)  # not a whole micro-batch
+        sampler.set_start(6)  # not a whole global micro-batch
 
 
 def test_header_sizes_are_read_without_decoding_and_bad_images_refused_or_left_out(tmp_path, monkeypatch):

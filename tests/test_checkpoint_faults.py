@@ -201,17 +201,24 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_abandons(monkeypatch):
 
 
 def test_changed_settings_are_refused_before_any_model_loads(tmp_path, monkeypatch):
-    """`resume_or_fresh_start` is what `train.set_up` runs before it loads the models: a ZeRO 0 -> 3
-    resume must stop there, from the metadata alone, not after a 75 s model load."""
+    """`resume_or_fresh_start` is what `train.set_up` runs before it loads the models: a resume the
+    checkpoint cannot serve must stop there, from the metadata alone, not after a 75 s model load.
+    A topology change it can convert passes (the conversion happens at load)."""
     from ds_diffusers import checkpoint_manager
 
-    save(make_cfg(tmp_path, zero_optimization={"stage": 0}), 4)
+    save(make_cfg(tmp_path, zero_optimization={"stage": 0}), 4)  # the seed cfg: micro 1 x accumulation 32 x 1 process
     monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the refusal came at load time"))
-    changed = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 3})
+    changed = make_cfg(tmp_path, resume_from_checkpoint="latest", use_ema=True)
     with pytest.raises(ConfigError) as info:
         checkpoint_manager.resume_or_fresh_start(changed, 1)
-    assert "zero_optimization.stage = 0" in info.value.fix and "this run has 3" in info.value.fix
+    assert "use_ema = False" in info.value.fix and "this run has True" in info.value.fix
+    other_stage = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 3})
+    assert checkpoint_manager.resume_or_fresh_start(other_stage, 2) == tmp_path / "ckpt" / "step_4"
+    with pytest.raises(ConfigError, match="global batch of 32") as info:  # 32 on 3 processes of micro 1
+        checkpoint_manager.resume_or_fresh_start(other_stage, 3)
+    assert info.value.field == "gradient_accumulation_steps"
+    sgd = make_cfg(tmp_path, resume_from_checkpoint="latest", optimizer={"type": "SGD", "params": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match="Adam family only, not SGD's; resume on 1 process, ZeRO-0"):
+        checkpoint_manager.resume_or_fresh_start(sgd, 2)
     same = make_cfg(tmp_path, resume_from_checkpoint="latest", zero_optimization={"stage": 0})
-    with pytest.raises(ConfigError, match="number of processes = 1"):
-        checkpoint_manager.resume_or_fresh_start(same, 2)
     assert checkpoint_manager.resume_or_fresh_start(same, 1) == tmp_path / "ckpt" / "step_4"

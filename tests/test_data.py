@@ -397,12 +397,43 @@ def test_set_start_skips_exactly_the_consumed_samples():
     sampler = ShardedEpochSampler(20, 1, 2, seed=3)
     sampler.set_epoch(4)
     full = list(sampler)
-    sampler.set_start(7)
+    sampler.set_start(14)  # the cursor counts the samples of both ranks: 7 of this rank's
     assert list(sampler) == full[7:] and len(sampler) == 3
     sampler.set_epoch(5)
     assert len(list(sampler)) == 10
+    sampler.set_start(25)  # past the epoch's end: nothing left
+    assert list(sampler) == [] and len(sampler) == 0
     with pytest.raises(ValueError):
-        sampler.set_start(11)
+        sampler.set_start(-1)
+
+
+@pytest.mark.parametrize("saved_world, resumed_world", [(2, 1), (1, 2), (2, 3), (4, 2)])
+def test_resume_on_another_world_size_reads_every_sample_once(saved_world, resumed_world):
+    """Sample ids of an epoch split by a resume at a cursor on another world size: each sample of the
+    epoch's order is read once, none twice, none skipped but the tail every epoch drops."""
+    dataset_len, micro_batch, steps_before = 48, 4, 2
+    order = ShardedEpochSampler(dataset_len, 0, 1, seed=7)
+    order.set_epoch(3)
+    epoch_order = order.epoch_indices()
+    cursor = steps_before * micro_batch * saved_world  # whole optimizer steps of the saved run
+    before = []
+    for rank in range(saved_world):
+        sampler = ShardedEpochSampler(dataset_len, rank, saved_world, seed=7)
+        sampler.set_epoch(3)
+        before += list(sampler)[: cursor // saved_world]
+    after = []
+    for rank in range(resumed_world):
+        sampler = ShardedEpochSampler(dataset_len, rank, resumed_world, seed=7)
+        sampler.set_epoch(3)
+        sampler.set_start(cursor)
+        after += list(sampler)
+    assert sorted(before) == sorted(epoch_order[:cursor])
+    seen = before + after
+    assert len(seen) == len(set(seen))  # none twice
+    # none skipped: all positions up to the last full row of `resumed_world` (a tail of fewer samples
+    # than ranks is dropped, as at the end of every epoch)
+    end = cursor + (dataset_len - cursor) // resumed_world * resumed_world
+    assert sorted(seen) == sorted(epoch_order[:end]) and dataset_len - end < resumed_world
 
 
 def test_no_drop_last_pads_and_no_shuffle_is_in_order():

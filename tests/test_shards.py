@@ -90,8 +90,8 @@ def test_resume_on_fewer_processes_continues_the_same_global_sequence(tmp_path):
     samples_in_epoch = 3 * 2 * 2  # what the train state saves: over all ranks
     after = [n for batch in numbers(stream(tmp_path, 0, 1, batch=2), start=samples_in_epoch) for n in batch]
     assert before + after == straight
-    # Same topology: the tail of this rank's own sequence.
-    assert numbers(stream(tmp_path, 1, 2), start=4) == numbers(stream(tmp_path, 1, 2))[2:]
+    # Same topology: the tail of this rank's own sequence (8 samples over both ranks = 2 batches of 2 each).
+    assert numbers(stream(tmp_path, 1, 2), start=8) == numbers(stream(tmp_path, 1, 2))[2:]
 
 
 def test_a_new_epoch_or_resume_leaves_the_global_rng_alone(tmp_path):

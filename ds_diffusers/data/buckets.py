@@ -215,10 +215,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.start = 0
 
     def set_start(self, num_consumed: int) -> None:
-        """Skip the first `num_consumed` samples this rank already trained on in this epoch."""
-        if num_consumed % self.micro_batch_size or not 0 <= num_consumed <= self.batches_per_epoch * self.micro_batch_size:
-            raise ValueError(f"start {num_consumed} is not a whole number of this rank's micro-batches in the epoch")
-        self.start = num_consumed // self.micro_batch_size
+        """Skip the first `num_consumed` samples of the epoch's schedule, over all ranks (the cursor of
+        `data.sampler`'s contract). The schedule is cut in global micro-batches, so the cursor is a whole
+        number of them; a resume on another process count must keep the global micro-batch
+        (`topology.rebatched` refuses one that does not)."""
+        if num_consumed % self.global_batch or not 0 <= num_consumed <= self.batches_per_epoch * self.global_batch:
+            raise ValueError(f"start {num_consumed} is not a whole number of the epoch's global micro-batches "
+                             f"of {self.global_batch}")
+        self.start = num_consumed // self.global_batch
 
     def schedule(self) -> np.ndarray:
         """The whole epoch's global batches, the same on every rank."""

@@ -1,4 +1,18 @@
-"""Per-rank sharding of a per-epoch permutation, with an exact mid-epoch start for resume."""
+"""Per-rank sharding of a per-epoch permutation, with an exact mid-epoch start for resume.
+
+The contract every sampler of this project keeps (ShardedEpochSampler here, the bucket sampler in
+`buckets`), so that a run resumes on any number of processes:
+- an epoch's order is one global sequence of sample indices, a pure function of (seed, epoch)
+  (and of the dataset), never of the rank or the world size;
+- the data position is the cursor: how many samples of that sequence are consumed, over all ranks
+  (`TrainState.samples_in_epoch`); `set_start(cursor)` after `set_epoch`;
+- from the cursor on, the remaining positions are striped over the ranks: rank r of W takes
+  positions cursor + r, cursor + r + W, ... (the tail that does not fill a row of W is dropped, as
+  at the end of every epoch).
+Saved after whole optimizer steps, the cursor is a multiple of the global batch, so on the same
+world size this is exactly the shard a run that never stopped reads; on another world size the
+positions before the cursor are the ones trained on, and those after it are each read once.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +35,8 @@ class ShardedEpochSampler(Sampler[int]):
 
     Each epoch draws a permutation of range(dataset_len) from a generator seeded with
     (seed, epoch), truncates it to a multiple of world_size (or pads it by wrapping around
-    when drop_last=False) and gives rank r the slice [r::world_size], so ranks hold disjoint,
-    equal-length shards. `set_epoch` resets the start, so call `set_start` after it.
+    when drop_last=False) and gives rank r the slice [start + r::world_size] of it, so ranks hold
+    disjoint, equal-length shards. `set_epoch` resets the start, so call `set_start` after it.
     """
 
     def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int,
@@ -47,10 +61,11 @@ class ShardedEpochSampler(Sampler[int]):
         self.start = 0
 
     def set_start(self, num_consumed: int) -> None:
-        """Skip the first `num_consumed` samples this rank already trained on in this epoch."""
-        if not 0 <= num_consumed <= self.num_samples:
-            raise ValueError(f"start {num_consumed} is outside this rank's {self.num_samples} samples")
-        self.start = num_consumed
+        """Skip the first `num_consumed` positions of the epoch's global order, which the ranks of
+        this or an earlier run (of any world size) already trained on."""
+        if num_consumed < 0:
+            raise ValueError(f"start {num_consumed} is negative")
+        self.start = min(num_consumed, self.total_size)
 
     def epoch_indices(self) -> list[int]:
         """The whole (truncated or padded) permutation of this epoch, before sharding."""
@@ -67,7 +82,8 @@ class ShardedEpochSampler(Sampler[int]):
         return self.epoch_indices()[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.shard_indices()[self.start :])
+        remaining = self.epoch_indices()[self.start : self.start + len(self) * self.world_size]
+        return iter(remaining[self.rank :: self.world_size])
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return (self.total_size - self.start) // self.world_size

@@ -182,10 +182,13 @@ class ShardStream(IterableDataset):
         self._state[0], self._state[1] = epoch, 0
 
     def set_start(self, num_consumed: int) -> None:
-        """Skip the first `num_consumed` samples this process trained on in this epoch."""
-        if not 0 <= num_consumed <= self.num_samples:
-            raise ValueError(f"start {num_consumed} is outside this process's {self.num_samples} samples")
-        self._state[1] = num_consumed
+        """Skip the first `num_consumed` positions of the epoch's global order, consumed over all ranks
+        (the cursor of `data.sampler`'s contract; a whole number of rows of `world_size`). Position p is
+        process p mod W's item p // W, so every process skips `num_consumed // W` of its own."""
+        if num_consumed % self.world_size or not 0 <= num_consumed // self.world_size <= self.num_samples:
+            raise ValueError(f"start {num_consumed} is not a whole number of rows of {self.world_size} within "
+                             f"the epoch's {self.num_samples * self.world_size} samples")
+        self._state[1] = num_consumed // self.world_size
 
     def bad_rows(self) -> list[int]:
         return []  # an unreadable image stops the run (skip_bad_images is refused with shards)

@@ -13,6 +13,8 @@ are used only here, so a version bump has one place to audit and one test to run
     checkpoint_files  the fp32 masters out of DeepSpeed's checkpoint files, without an engine
     checkpoint_reads  DeepSpeed's checkpoint reads memory-mapped (`engine.checkpoint_engine.load`),
                       and the mapped files released after a resume
+    universal         a step folder in DeepSpeed's universal form, loaded into an engine of another
+                      process count or stage (`ds_to_universal`, `load_universal_checkpoint`)
 """
 
 # config.deepspeed imports the stage policy from here, and the policy reads config's types: loading

@@ -103,7 +103,7 @@ def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
             return WeightSource("tuned", baseline.unet_dir, (LoraFile(str(lora), 1.0),), baseline.variant)
     places = {"full": [full / "config.json", *_unet_places(full)], "lora": [lora]}
     raise _missing("sample.weights", "tuned", [place for kind in kinds for place in places[kind]],
-                   f"train first (python -m ds_diffusers.train --cfg ...) or set output_dir to the training run's output_dir")
+                   "train first (python -m ds_diffusers.train --cfg ...) or set output_dir to the training run's output_dir")
 
 
 def _ema(cfg: Config) -> WeightSource:

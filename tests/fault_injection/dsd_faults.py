@@ -11,6 +11,9 @@
                                step <step> is complete (a crash resumable from it)
     usr1_at_step:<step>        ds_diffusers.preemption.signalled: rank 0 sends itself SIGUSR1 at that
                                optimizer step, so the real handler takes it
+    record_samples:0           ds_diffusers.run_plan.epoch_batches: each rank appends the sample ids of
+                               every micro-batch it trains on to $DSD_RECORD_DIR/rank_<R>.jsonl (not a
+                               fault: a probe, for the resume tests' "no sample twice, none skipped")
 
 Imported both as the top-level `dsd_faults` (by sitecustomize, in a started process) and as
 `tests.fault_injection.dsd_faults` (in-process tests), so it imports nothing of its own folder.
@@ -103,6 +106,23 @@ def _patch_signalled(module: ModuleType, fault: str, step: int) -> None:
     module.signalled = signal_then_check
 
 
+def _patch_epoch_batches(module: ModuleType, fault: str, step: int) -> None:
+    epoch_batches = module.epoch_batches
+
+    @functools.wraps(epoch_batches)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        import json
+
+        record = Path(os.environ["DSD_RECORD_DIR"]) / f"rank_{_rank()}.jsonl"
+        for epoch, batch in epoch_batches(*args, **kwargs):
+            if batch is not None:
+                with open(record, "a") as handle:
+                    handle.write(json.dumps({"epoch": epoch, "ids": batch["index"].tolist()}) + "\n")
+            yield epoch, batch
+
+    module.epoch_batches = recorded
+
+
 # fault -> (module, the name in it that is patched, the patch). The names are all this seam relies on;
 # tests/test_checkpoint_faults.py checks that they still exist.
 PATCHES: dict[str, tuple[str, str, Callable[[ModuleType, str, int], None]]] = {
@@ -112,6 +132,7 @@ PATCHES: dict[str, tuple[str, str, Callable[[ModuleType, str, int], None]]] = {
     "sigint_twice_during_save": ("deepspeed.runtime.engine", "DeepSpeedEngine.save_checkpoint", _patch_engine),
     "kill_after_save": ("ds_diffusers.checkpoint", "save", _patch_checkpoint_save),
     "usr1_at_step": ("ds_diffusers.preemption", "signalled", _patch_signalled),
+    "record_samples": ("ds_diffusers.run_plan", "epoch_batches", _patch_epoch_batches),
 }
 
 
