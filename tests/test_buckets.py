@@ -312,6 +312,8 @@ def test_latent_cache_stores_each_bucket_at_its_shape_with_the_real_sizes(sdxl_m
         assert torch.equal(got["crop_top_left"], want["crop_top_left"])
         flipped.add(torch.equal(got["latent_parameters"], latent_cache.parameters(row, True)))
     assert flipped == {True, False}  # seed 5 flips some samples and not others: both orientations checked
+    index = np.load(latent_cache.index_path)  # each row's bucket and real size, as the plan and the headers say
+    assert index[:, 0].tolist() == plan.bucket_of_row.tolist() and [tuple(r) for r in index[:, 3:5].tolist()] == sizes
     prepare_caches(cfg, dataset, "image", "text", frozen, single, log=lines.append, buckets=plan)
     assert lines[-1].startswith(f"latents cache: reusing {len(plan.buckets)} bucket(s)")
     assert len(list((tmp_path / "cache").glob("latents-buckets-*/latents-*/meta.json"))) == len(plan.buckets)

@@ -11,13 +11,15 @@ import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
-from ds_diffusers.data.cache import latent_key
+from ds_diffusers.data.cache import INDEX_COLUMNS, build_index, index_path, indexed_latent_cache, latent_key, shard_name
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.models import load_frozen_components
 from tests.helpers import SINGLE, assert_ok, in_memory_dataset, launch, losses, rank_output, run_cfg
@@ -314,3 +316,36 @@ def test_channels_last_latents_get_the_same_noise_as_contiguous_ones():
         diffusion_loss(unet_forward, frozen, latents.contiguous(memory_format=layout), torch.zeros(2, 3, 8),
                        compute_dtype=torch.float32, input_perturbation=0.1)
     assert torch.equal(seen[0], seen[1])
+
+
+def test_the_latent_index_names_each_rows_bucket_shard_offset_and_conditioning(tmp_path):
+    """Two buckets written by 2 and 1 processes: every dataset row is found through the index, its
+    crop record comes from the index, and a part rebuilt with another shard count gets a new index."""
+    parts, rows_of_part = [], [np.array([4, 0, 3]), np.array([1, 2])]
+    for part, (rows, num_shards) in enumerate(zip(rows_of_part, (2, 1))):
+        folder = tmp_path / f"bucket-{part}"
+        folder.mkdir()
+        for shard in range(num_shards):
+            mine = rows[shard::num_shards]  # item i of the part is in shard i mod num_shards
+            save_file({"parameters": torch.tensor(mine, dtype=torch.float32)[:, None].repeat(1, 3),
+                       "original_size_resized_width": torch.tensor([[100 + r, 200 + r, 300 + r] for r in mine]),
+                       "crop_top_left": torch.tensor([[r, 2 * r] for r in mine])}, str(folder / shard_name(shard, num_shards)))
+        parts.append((folder, {"num_shards": num_shards}))
+    index = build_index(parts, rows_of_part, 5)
+    assert index.shape == (5, len(INDEX_COLUMNS)) and index.dtype == np.int32
+    assert index[:, :3].tolist() == [[0, 1, 0], [1, 0, 0], [1, 0, 1], [0, 0, 1], [0, 0, 0]]
+    assert index[3, 3:].tolist() == [103, 203, 303, 3, 6]
+    cache = indexed_latent_cache(tmp_path, parts, rows_of_part, 5, [64, 32], SINGLE, SimpleNamespace(cache_dir=str(tmp_path)))
+    assert cache.index_path == index_path(tmp_path, parts, 5) and np.array_equal(np.load(cache.index_path), index)
+    assert [int(cache.parameters(row, flipped=False)[0]) for row in range(5)] == [0, 1, 2, 3, 4]
+    record = cache.crop(2, flipped=False)
+    assert record.original_size == (102, 202) and record.crop_top_left == (2, 4) and record.crop_width == 32
+    assert index_path(tmp_path, [parts[0], (parts[1][0], {"num_shards": 2})], 5) != cache.index_path
+    plain = tmp_path / "sd"  # a family that records no crop: -1, and asking for one is an error
+    plain.mkdir()
+    save_file({"parameters": torch.zeros(2, 3)}, str(plain / shard_name(0, 1)))
+    cache = indexed_latent_cache(plain, [(plain, {"num_shards": 1})], [np.array([1, 0])], 2, [64], SINGLE,
+                                 SimpleNamespace(cache_dir=str(tmp_path)))
+    assert cache.index[:, :3].tolist() == [[0, 0, 1], [0, 0, 0]] and (cache.index[:, 3:] == -1).all()
+    with pytest.raises(ValueError, match="holds no crop records"):
+        cache.crop(0, flipped=False)

@@ -13,6 +13,13 @@ mirrored image is encoded too. With aspect-ratio buckets each bucket's images ha
 folder (one latent shape per file), nested in a `latents-buckets-<key>` folder whose key also
 covers every row's bucket. Text: one hidden-state tensor per distinct caption; the caption is
 still drawn per sample, so rows with several captions stay random.
+
+The latent cache's index (`index-<key>.npy`, beside `meta.json`, or in the buckets folder) has one
+row per dataset row: its bucket, shard file and row in that file, and the conditioning the
+transforms recorded (original height and width, resized width, crop top and left; -1 where the
+family records none). Rank 0 derives it from the published shards and writes it once; the reader
+looks every sample up in it (memory-mapped: the ranks of a node share one page-cache copy), so the
+cache is read the same way whatever process count wrote it or reads it.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from ds_diffusers.models import FrozenComponents, tokenize, vae_folder
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CAPTIONS_FILE = "captions.json"
+# The latent index's columns, one int32 row per dataset row.
+INDEX_COLUMNS = ("bucket", "shard", "offset", "original_height", "original_width", "resized_width", "crop_top", "crop_left")
 
 
 @dataclass(frozen=True)
@@ -108,11 +117,13 @@ class ShardedStore:
         return {**self.__dict__, "_handles": {}}  # open handles do not cross process boundaries
 
     def get(self, name: str, item: int) -> torch.Tensor:
-        shard = item % self.num_shards
+        return self.get_at(name, item % self.num_shards, item // self.num_shards)
+
+    def get_at(self, name: str, shard: int, offset: int) -> torch.Tensor:
+        """Row `offset` of tensor `name` in shard file `shard`."""
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.folder / shard_name(shard, self.num_shards)), framework="pt")
-        row = item // self.num_shards
-        return self._handles[shard].get_slice(name)[row:row + 1][0]
+        return self._handles[shard].get_slice(name)[offset:offset + 1][0]
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -120,40 +131,78 @@ def shard_name(shard: int, num_shards: int) -> str:
 
 
 class LatentCache:
-    """Per dataset row: the VAE posterior parameters [2C, h, w], mirrored too when random_flip; for
-    SDXL also the original size and the crop's top-left (both ways round)."""
+    """Per dataset row, looked up in the cache's index: the VAE posterior parameters [2C, h, w]
+    (mirrored too when random_flip) from its bucket's shard, and for SDXL the original size and the
+    crop's top-left (both ways round) from the index itself."""
 
-    def __init__(self, store: ShardedStore, crop_width: int = 0) -> None:
-        self.store = store
-        self.crop_width = crop_width
+    def __init__(self, stores: list[ShardedStore], index_path: Path, crop_widths: list[int]) -> None:
+        self.stores = stores
+        self.index_path = index_path
+        self.crop_widths = crop_widths
+        self._index: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_index": None}  # each process maps the file itself
+
+    @property
+    def index(self) -> np.ndarray:
+        if self._index is None:
+            self._index = np.load(self.index_path, mmap_mode="r")
+        return self._index
 
     def parameters(self, row: int, flipped: bool) -> torch.Tensor:
-        return self.store.get("flipped" if flipped else "parameters", row)
+        bucket, shard, offset = (int(value) for value in self.index[row, :3])
+        return self.stores[bucket].get_at("flipped" if flipped else "parameters", shard, offset)
 
     def crop(self, row: int, flipped: bool) -> CropRecord:
-        height, width, resized_width = (int(v) for v in self.store.get("original_size_resized_width", row))
-        top, left = (int(v) for v in self.store.get("crop_top_left", row))
-        record = CropRecord((height, width), (top, left), resized_width, self.crop_width)
+        bucket, _, _, height, width, resized_width, top, left = (int(value) for value in self.index[row])
+        if height < 0:
+            raise ValueError(f"the latent cache {self.index_path.parent} holds no crop records (its family records none)")
+        record = CropRecord((height, width), (top, left), resized_width, self.crop_widths[bucket])
         return record.mirrored() if flipped else record
 
 
-class BucketLatentCache:
-    """`LatentCache` by dataset row with aspect-ratio buckets: bucket b's cache holds its rows in
-    ascending order."""
+def build_index(parts: list[tuple[Path, dict[str, Any]]], rows_of_part: list[np.ndarray], num_rows: int) -> np.ndarray:
+    """The index of INDEX_COLUMNS for `num_rows` dataset rows, from published cache folders: part p
+    holds `rows_of_part[p]` in that order, item i in shard i mod (its shard count) at row i // it.
+    Reads only the small crop-record tensors of each shard."""
+    index = np.full((num_rows, len(INDEX_COLUMNS)), -1, dtype=np.int32)
+    for part, ((folder, meta), rows) in enumerate(zip(parts, rows_of_part)):
+        num_shards, items = meta["num_shards"], np.arange(len(rows))
+        index[rows, 0], index[rows, 1], index[rows, 2] = part, items % num_shards, items // num_shards
+        for shard in range(num_shards):
+            with safe_open(str(folder / shard_name(shard, num_shards)), framework="pt") as handle:
+                if "crop_top_left" not in handle.keys():
+                    break
+                mine = rows[shard::num_shards]
+                index[mine, 3:6] = handle.get_tensor("original_size_resized_width").numpy()
+                index[mine, 6:8] = handle.get_tensor("crop_top_left").numpy()
+    return index
 
-    def __init__(self, caches: list[LatentCache], plan: BucketPlan) -> None:
-        self.caches = caches
-        self.plan = plan
-        self.position = np.zeros(len(plan.bucket_of_row), dtype=np.int64)
-        for bucket in range(len(plan.buckets)):
-            rows = np.flatnonzero(plan.bucket_of_row == bucket)
-            self.position[rows] = np.arange(len(rows))
 
-    def parameters(self, row: int, flipped: bool) -> torch.Tensor:
-        return self.caches[int(self.plan.bucket_of_row[row])].parameters(int(self.position[row]), flipped)
+def index_path(root: Path, parts: list[tuple[Path, dict[str, Any]]], num_rows: int) -> Path:
+    """Named by what the index is derived from (each part's folder and shard count), so a part
+    rebuilt by another process count gets a new index rather than a stale one."""
+    layout = json.dumps([num_rows, [[folder.name, meta["num_shards"]] for folder, meta in parts]])
+    return root / f"index-{hashlib.blake2b(layout.encode(), digest_size=8).hexdigest()}.npy"
 
-    def crop(self, row: int, flipped: bool) -> CropRecord:
-        return self.caches[int(self.plan.bucket_of_row[row])].crop(int(self.position[row]), flipped)
+
+def indexed_latent_cache(root: Path, parts: list[tuple[Path, dict[str, Any]]], rows_of_part: list[np.ndarray],
+                         num_rows: int, crop_widths: list[int], dist: DistInfo, cfg: Config) -> LatentCache:
+    """All ranks must call this. Rank 0 writes the index when there is none yet (a private file
+    renamed into place); every rank then maps it."""
+    path = index_path(root, parts, num_rows)
+    if dist.is_main and not path.is_file():
+        partial = root / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+        with open(partial, "wb") as file:
+            np.save(file, build_index(parts, rows_of_part, num_rows))
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    barrier()
+    if not all_ranks_ok(path.is_file(), dist.device):
+        raise ConfigError("cache_dir", cfg.cache_dir, f"rank {dist.rank} cannot read {path} that rank 0 wrote; put "
+                          "cache_dir on a filesystem every node shares")
+    return LatentCache([ShardedStore(folder, meta["num_shards"]) for folder, meta in parts], path, crop_widths)
 
 
 class TextCache:
@@ -286,7 +335,7 @@ def _publish(partial: Path, folder: Path, key: CacheKey, num_items: int, num_sha
 
 
 def prepare_bucket_latent_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str, frozen: FrozenComponents,
-                                 dist: DistInfo, plan: BucketPlan, log: Callable[[str], None] = print) -> BucketLatentCache:
+                                 dist: DistInfo, plan: BucketPlan, log: Callable[[str], None] = print) -> LatentCache:
     """All ranks must call this. One latent cache per bucket, nested in a folder named by the usual
     key plus every row's bucket, each built on a miss, else reused."""
     started = time.perf_counter()
@@ -295,7 +344,7 @@ def prepare_bucket_latent_caches(cfg: Config, hf_dataset: datasets.Dataset, imag
     assignment = hashlib.blake2b(plan.bucket_of_row.tobytes() + json.dumps(shapes).encode(), digest_size=8).hexdigest()
     root = CacheKey("latents-buckets", {**base.parts, "assignment": assignment}).folder(cfg.cache_dir)
     nested = cfg.model_copy(update={"cache_dir": str(root)})
-    caches, encoded = [], []
+    parts, rows_of_part, encoded = [], [], []
     for bucket, shape in enumerate(plan.buckets):
         rows = np.flatnonzero(plan.bucket_of_row == bucket).tolist()
         key = CacheKey("latents", {**base.parts, "bucket": [shape.height, shape.width], "assignment": assignment})
@@ -303,17 +352,20 @@ def prepare_bucket_latent_caches(cfg: Config, hf_dataset: datasets.Dataset, imag
                                       lambda items, rows=rows: encode_latent_parameters(frozen, hf_dataset, image_column,
                                                                                         [rows[i] for i in items], cfg, plan),
                                       log=lambda line: encoded.append("encoded" in line))
-        caches.append(LatentCache(ShardedStore(folder, meta["num_shards"]), shape.width))
+        parts.append((folder, meta))
+        rows_of_part.append(np.asarray(rows, dtype=np.int64))
+    latent_cache = indexed_latent_cache(root, parts, rows_of_part, len(plan.bucket_of_row),
+                                        [shape.width for shape in plan.buckets], dist, cfg)
     if dist.is_main:
         what = f"encoded {sum(encoded)} of {len(plan.buckets)} bucket(s) in {time.perf_counter() - started:.1f} s" if any(encoded) \
             else f"reusing {len(plan.buckets)} bucket(s)"
         log(f"latents cache: {what} in {root}")
-    return BucketLatentCache(caches, plan)
+    return latent_cache
 
 
 def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
                    frozen: FrozenComponents, dist: DistInfo, log: Callable[[str], None] = print,
-                   buckets: BucketPlan | None = None) -> tuple[LatentCache | BucketLatentCache | None, TextCache | None]:
+                   buckets: BucketPlan | None = None) -> tuple[LatentCache | None, TextCache | None]:
     """All ranks must call this. The caches the config asks for, built on a miss, else reused."""
     latent_cache = text_cache = None
     if cfg.cache_latents and buckets is not None:
@@ -322,7 +374,8 @@ def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str,
         folder, meta = build_or_reuse(
             lambda: latent_key(cfg, hf_dataset, image_column), cfg, dist, len(hf_dataset),
             lambda rows: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg), log=log)
-        latent_cache = LatentCache(ShardedStore(folder, meta["num_shards"]), cfg.resolution)
+        latent_cache = indexed_latent_cache(folder, [(folder, meta)], [np.arange(len(hf_dataset))], len(hf_dataset),
+                                            [cfg.resolution], dist, cfg)
     if cfg.cache_text_embeddings:
         captions = distinct_captions(hf_dataset, caption_column)
         folder, meta = build_or_reuse(
