@@ -139,7 +139,8 @@ def set_up(cfg: Config) -> Run:
     # 16-bit: the optimizer's fp32 masters start from the checkpoint's values, not rounded ones.
     starting_values = None
     if weight_dtype != torch.float32 and resume_from is None:
-        unet_files = unet_weight_files(cfg.pretrained_model_name_or_path, cfg.variant) if loaded_partitioned else None
+        denoiser_folder = family_named(frozen.family).denoiser_folder
+        unet_files = unet_weight_files(cfg.pretrained_model_name_or_path, cfg.variant, denoiser_folder) if loaded_partitioned else None
         starting_values = StartingValues.capture(unet, unet_files)
     cast_trainable_like_partitioned(unet, weight_dtype)
     groups = param_groups(unet, cfg)

@@ -134,16 +134,25 @@ def test_flux_transformer_ships_sharded_and_the_partitioned_load_reads_its_index
     assert len(set(files.values())) >= 2 and all(path.is_file() for path in files.values())
 
 
-@pytest.mark.xfail(strict=True, reason="engine/zero_load.py load_unet_partitioned reads only `<model>/unet/` and "
-                   "builds UNet2DConditionModel; a transformer/ folder returns None (ordinary load)")
 def test_flux_transformer_loads_partitioned_under_zero3(flux_dir, one_rank):
+    """The sharded transformer built inside zero.Init: every parameter partitioned, and gathered it
+    equals `from_pretrained` tensor by tensor."""
+    from diffusers import FluxTransformer2DModel
+
     from ds_diffusers.config import to_deepspeed_config, validate_dict
-    from ds_diffusers.engine.zero_load import load_unet_partitioned
+    from ds_diffusers.engine import gathered
+    from ds_diffusers.engine.zero_load import load_partitioned
 
     cfg = validate_dict({"pretrained_model_name_or_path": str(flux_dir), "dataset_dir": ".",
                          "zero_optimization": {"stage": 3}})
-    model = load_unet_partitioned(str(flux_dir), to_deepspeed_config(cfg, world_size=1), rank=0)
-    assert type(model).__name__ == "FluxTransformer2DModel"
+    model = load_partitioned(str(flux_dir), "transformer", FluxTransformer2DModel,
+                             to_deepspeed_config(cfg, world_size=1), rank=0)
+    assert isinstance(model, FluxTransformer2DModel)
+    assert all(hasattr(param, "ds_id") for param in model.parameters())
+    reference = FluxTransformer2DModel.from_pretrained(flux_dir / "transformer").state_dict()
+    params = dict(model.named_parameters())
+    with gathered(list(params.values())):
+        assert all(torch.equal(param.data, reference[name]) for name, param in params.items())
 
 
 def _memory_table():

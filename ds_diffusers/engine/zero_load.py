@@ -1,4 +1,5 @@
-"""Load the UNet for ZeRO-3 without a full copy per rank (run on all ranks).
+"""Load the denoiser (a UNet, or a transformer such as Flux's) for ZeRO-3 without a full copy per
+rank (run on all ranks).
 
 Loading the UNet normally and letting `deepspeed.initialize` partition it makes every rank hold the
 whole fp32 UNet first (3.4 GB for SD 1.5) on top of what ZeRO-3 then allocates. diffusers' `from_pretrained` fails inside
@@ -47,9 +48,9 @@ def weight_files(unet_dir: Path, variant: str | None = None) -> dict[str, Path] 
     return None
 
 
-def unet_weight_files(model_dir: str, variant: str | None = None) -> dict[str, Path] | None:
-    """`weight_files` of a model folder's `unet/`."""
-    return weight_files(Path(model_dir) / "unet", variant)
+def unet_weight_files(model_dir: str, variant: str | None = None, subfolder: str = "unet") -> dict[str, Path] | None:
+    """`weight_files` of a model folder's denoiser folder (`unet/`, or `transformer/`)."""
+    return weight_files(Path(model_dir) / subfolder, variant)
 
 
 class _Reader:
@@ -70,22 +71,31 @@ class _Reader:
 
 
 def load_unet_partitioned(model_dir: str, ds_config: dict, rank: int, variant: str | None = None) -> UNet2DConditionModel | None:
-    """The UNet built inside `deepspeed.zero.Init(ds_config)` with the checkpoint's weights, every
-    parameter already partitioned; None when the weights are not in a layout read here. All ranks."""
-    import deepspeed
+    """`load_partitioned` of a model folder's `unet/`."""
     from diffusers import UNet2DConditionModel
 
-    unet_dir = Path(model_dir) / "unet"
-    files = weight_files(unet_dir, variant)
+    return load_partitioned(model_dir, "unet", UNet2DConditionModel, ds_config, rank, variant)
+
+
+def load_partitioned(model_dir: str, subfolder: str, model_class: type, ds_config: dict, rank: int,
+                     variant: str | None = None) -> torch.nn.Module | None:
+    """`model_class` (a diffusers model: UNet2DConditionModel, FluxTransformer2DModel, ...) built from
+    `model_dir/subfolder` inside `deepspeed.zero.Init(ds_config)` with the checkpoint's weights (one
+    file or a sharded index), every parameter already partitioned; None when the weights are not in
+    a layout read here. All ranks."""
+    import deepspeed
+
+    folder = Path(model_dir) / subfolder
+    files = weight_files(folder, variant)
     if files is None:
         return None
-    config = UNet2DConditionModel.load_config(str(unet_dir))
+    config = model_class.load_config(str(folder))
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        unet = UNet2DConditionModel.from_config(config)
-    if set(unet.state_dict()) != set(files):
+        model = model_class.from_config(config)
+    if set(model.state_dict()) != set(files):
         return None  # e.g. names from before a diffusers rename: the ordinary loader converts them
     reader = _Reader(files)
-    for module_name, module in unet.named_modules():
+    for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         params = dict(module.named_parameters(recurse=False))
         # Buffers are never partitioned: every rank fills its own.
@@ -99,4 +109,4 @@ def load_unet_partitioned(model_dir: str, ds_config: dict, rank: int, variant: s
             if rank == 0:
                 for name, param in params.items():
                     reader.copy_into(param, prefix + name)
-    return unet
+    return model

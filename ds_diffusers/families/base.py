@@ -57,6 +57,7 @@ class ModelFamily:
     # The flow objective's density and weighting when `weighting_scheme` is null (diffusers' example's default).
     default_weighting_scheme: ClassVar[str] = "none"
     denoiser_folder: ClassVar[str] = "unet"
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers model class in denoiser_folder
     # The modules a LoRA adapts by default (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -67,14 +68,17 @@ class ModelFamily:
     def load_denoiser(self, model_dir: str, zero3_config: dict | None, rank: int, variant: str | None) -> torch.nn.Module:
         """fp32 weights on the host. With `zero3_config` (all ranks) the denoiser is partitioned while
         it loads (`engine.zero_load`), so no rank holds all of it."""
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
-        from ds_diffusers.engine.zero_load import load_unet_partitioned
+        from ds_diffusers.engine.zero_load import load_partitioned
 
-        denoiser = load_unet_partitioned(model_dir, zero3_config, rank, variant) if zero3_config is not None else None
+        model_class = getattr(diffusers, self.denoiser_class)
+        denoiser = None
+        if zero3_config is not None:
+            denoiser = load_partitioned(model_dir, self.denoiser_folder, model_class, zero3_config, rank, variant)
         if denoiser is None:
-            denoiser = UNet2DConditionModel.from_pretrained(model_dir, subfolder=self.denoiser_folder,
-                                                            torch_dtype=torch.float32, variant=variant)
+            denoiser = model_class.from_pretrained(model_dir, subfolder=self.denoiser_folder, torch_dtype=torch.float32,
+                                                   variant=variant)
         return denoiser
 
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
