@@ -123,7 +123,12 @@ class CheckpointManager:
     def load(self, step_dir: Path) -> Resumed:
         started = time.perf_counter()
         meta = checkpoint.load(self.parts["engine"], self.cfg, self.dist, step_dir, self.state, self.parts.get("ema"))
-        return Resumed(step_dir, self.state.global_step, time.perf_counter() - started, meta["changed_keys"],
+        changed = list(meta["changed_keys"])
+        if self.state.data_order_was is not None:
+            changed.append(f"the training data ({self.state.data_order_was} -> {self.state.data_order}: the epoch's order "
+                           "is another one, so from the saved position on its samples may repeat or be missed until the "
+                           "epoch ends)")
+        return Resumed(step_dir, self.state.global_step, time.perf_counter() - started, changed,
                        meta.get("topology_change"))
 
     def save(self, logger: RunLogger) -> Path:

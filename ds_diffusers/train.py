@@ -150,6 +150,7 @@ def set_up(cfg: Config) -> Run:
     if hf_dataset is None:  # WebDataset shards: the stream is the loop's sampler and dataset both
         loader, sampler = build_shard_loader(shard_data, cfg, frozen, dist, num_workers, pin_memory=accelerator_name != "cpu")
         dataset, num_rows, batches_per_epoch = sampler, shard_data.num_rows, None
+        data_order = shard_data.plan.order_key
     else:
         buckets = checks.buckets
         latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
@@ -163,6 +164,7 @@ def set_up(cfg: Config) -> Run:
             tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop, buckets=buckets,
         )
         num_rows, batches_per_epoch = len(hf_dataset), sampler.batches_per_epoch if buckets else None
+        data_order = f"{num_rows} rows" + (f", bucket assignment {buckets.assignment_digest}" if buckets else "")
     plan = RunPlan.from_config(cfg, num_rows, dist.world_size, batches_per_epoch)
     held_out_loss = None
     if held_out is not None:
@@ -171,7 +173,7 @@ def set_up(cfg: Config) -> Run:
 
     engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
-    state = TrainState()
+    state = TrainState(data_order=data_order)
     checkpoints = CheckpointManager(cfg, dist, {"engine": engine, "train_state": state, "ema": ema}, plan.total_steps,
                                     requested)
     resumed = checkpoints.load(resume_from) if resume_from is not None else None

@@ -55,14 +55,21 @@ class TrainState:
     # world size. Accumulation windows are placed by this count, so a resumed run cuts them in the
     # same places.
     samples_in_epoch: int = 0
+    # What the epoch order depends on besides (seed, epoch): the dataset's row count, or the shard
+    # list. Saved with the position, so that a resume onto other data says the cursor now points into
+    # another order (`data_order_was` holds the checkpoint's, when it differs).
+    data_order: str = ""
+    data_order_was: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The position and this process's random states as they are now."""
         return {"global_step": self.global_step, "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
-                RNG_KEY: rng_state()}
+                "data_order": self.data_order, RNG_KEY: rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the position and this process's random states; keys other than those of
-        `state_dict` are ignored (a checkpoint's metadata holds more)."""
+        `state_dict` are ignored (a checkpoint's metadata holds more). `data_order` stays this run's."""
         self.global_step, self.epoch, self.samples_in_epoch = (int(state[key]) for key in POSITION_KEYS)
+        saved_order = state.get("data_order")  # absent in checkpoints from before it was kept
+        self.data_order_was = saved_order if saved_order and self.data_order and saved_order != self.data_order else None
         set_rng_state(state[RNG_KEY])

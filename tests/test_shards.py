@@ -182,3 +182,12 @@ def test_missing_shard_folder_and_options_shards_do_not_take(tmp_path):
         error = error_of(with_changes(dataset_format="webdataset", **{field: value}))
         assert error.field == field and "not with dataset_format: webdataset" in error.fix
     assert error_of(with_changes(dataset_format="tfrecord")).field == "dataset_format"
+
+
+def test_the_order_key_names_the_shard_list_and_partitions(tmp_path):
+    write_numbered_shards(tmp_path / "a")
+    key = build_plan(str(tmp_path / "a"), 4, seed=3).order_key
+    assert key.startswith(f"{len(SHARD_SIZES)} shards of {sum(SHARD_SIZES)} samples (list ") and key.endswith("in 4 partitions")
+    assert build_plan(str(tmp_path / "a"), 2, seed=3).order_key != key
+    write_numbered_shards(tmp_path / "b", sizes=[*SHARD_SIZES[:-1], SHARD_SIZES[-1] + 1])
+    assert build_plan(str(tmp_path / "b"), 4, seed=3).order_key != key

@@ -50,3 +50,26 @@ def test_checkpoint_keeps_the_position_in_the_metadata_and_the_rng_per_rank(tmp_
     meta = checkpoint.load(ResumableEngine(), cfg, DIST, step_dir, state)
     assert (state.global_step, state.epoch, state.samples_in_epoch) == (4, 1, 16) and meta["changed_keys"] == []
     assert draws() == expected
+
+
+def test_a_resume_onto_other_training_data_says_the_order_changed(tmp_path):
+    """The data order's key is saved with the position; a run whose data give another order says so
+    in its resume line, one with the same data (or a checkpoint from before the key) says nothing."""
+    from ds_diffusers.checkpoint_manager import CheckpointManager
+
+    cfg = make_cfg(tmp_path)
+    step_dir = checkpoint.save(ResumableEngine(), cfg, DIST, TrainState(global_step=4, samples_in_epoch=16, data_order="96 rows"))
+    assert json.loads((step_dir / checkpoint.META_FILE).read_text())["data_order"] == "96 rows"
+
+    def resume_line(data_order: str) -> str:
+        state = TrainState(data_order=data_order)
+        parts = {"engine": ResumableEngine(), "train_state": state, "ema": None}
+        line = CheckpointManager(cfg, DIST, parts, total_steps=10).load(step_dir).message()
+        assert state.data_order == data_order and state.samples_in_epoch == 16
+        return line
+
+    assert "training data" not in resume_line("96 rows")
+    assert "changed since: the training data (96 rows -> 120 rows: the epoch's order is another one" in resume_line("120 rows")
+    old = TrainState()
+    old.load_state_dict({"global_step": 1, "epoch": 0, "samples_in_epoch": 0, "rng": TrainState().state_dict()["rng"]})
+    assert old.data_order_was is None

@@ -114,6 +114,13 @@ class BucketPlan:
         height, width = (int(v) for v in self.sizes[row])
         return (height, width) if height > 0 else None
 
+    @property
+    def assignment_digest(self) -> str:
+        """A hash of every row's bucket and the bucket shapes: what the schedule and the bucketed
+        latent cache depend on besides the seed."""
+        shapes = [[bucket.height, bucket.width] for bucket in self.buckets]
+        return hashlib.blake2b(self.bucket_of_row.tobytes() + json.dumps(shapes).encode(), digest_size=8).hexdigest()
+
     def counts(self) -> list[int]:
         return np.bincount(self.bucket_of_row[self.bucket_of_row >= 0], minlength=len(self.buckets)).tolist()
 

@@ -340,8 +340,7 @@ def prepare_bucket_latent_caches(cfg: Config, hf_dataset: datasets.Dataset, imag
     key plus every row's bucket, each built on a miss, else reused."""
     started = time.perf_counter()
     base = broadcast_from_main(latent_key(cfg, hf_dataset, image_column) if dist.is_main else None)
-    shapes = [[bucket.height, bucket.width] for bucket in plan.buckets]
-    assignment = hashlib.blake2b(plan.bucket_of_row.tobytes() + json.dumps(shapes).encode(), digest_size=8).hexdigest()
+    assignment = plan.assignment_digest
     root = CacheKey("latents-buckets", {**base.parts, "assignment": assignment}).folder(cfg.cache_dir)
     nested = cfg.model_copy(update={"cache_dir": str(root)})
     parts, rows_of_part, encoded = [], [], []

@@ -19,6 +19,8 @@ the same sequence of samples from the same global position.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -95,6 +97,13 @@ class ShardPlan:
     counts: tuple[int, ...]
     partitions: int
     seed: int
+
+    @property
+    def order_key(self) -> str:
+        """What the order depends on besides (seed, epoch), in words: a resume onto other shards says so."""
+        listing = json.dumps([[Path(shard).name, count] for shard, count in zip(self.shards, self.counts)])
+        digest = hashlib.blake2b(listing.encode(), digest_size=6).hexdigest()
+        return f"{len(self.shards)} shards of {sum(self.counts)} samples (list {digest}) in {self.partitions} partitions"
 
     def partition_shards(self, partition: int) -> list[int]:
         return list(range(partition, len(self.shards), self.partitions))
