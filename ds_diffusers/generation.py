@@ -58,8 +58,14 @@ def generate_images(
     or a float numpy array (N, H, W, 3) in [0, 1] with `output_type="np"`."""
     generators = image_generators(seed, prompt_index, num_images)
     latents = starting_latents(generators, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor)
+    prompts: dict[str, Any] = {"prompt": [prompt] * num_images}
+    if clip_skip and not hasattr(pipe.text_encoder, "text_model") and not hasattr(pipe, "text_encoder_2"):
+        # diffusers' SD pipeline applies clip_skip through `text_encoder.text_model`, which transformers
+        # 5 removed (CLIPTextModel now holds its layers itself): the same embeddings, computed here.
+        prompts = {"prompt_embeds": clip_skip_embeddings(pipe, prompt, clip_skip).expand(num_images, -1, -1)}
+        clip_skip = None
     result = pipe(
-        [prompt] * num_images,
+        **prompts,
         negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
         height=resolution, width=resolution,
         latents=latents.to(pipe.vae.device, pipe.unet.dtype),
@@ -71,3 +77,15 @@ def generate_images(
         output_type=output_type,
     )
     return result.images
+
+
+@torch.no_grad()
+def clip_skip_embeddings(pipe: "StableDiffusionPipeline", prompt: str, clip_skip: int) -> torch.Tensor:
+    """What `StableDiffusionPipeline.encode_prompt` computes for `clip_skip`: the hidden states
+    `clip_skip` layers before the last, through the encoder's final layer norm ([1, tokens, width])."""
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt").to(encoder.device)
+    attention_mask = tokens.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
+    hidden = encoder(tokens.input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    return encoder.final_layer_norm(hidden).to(dtype=encoder.dtype)

@@ -260,3 +260,27 @@ def test_prompts_split_across_ranks_cover_each_prompt_once(tiny_assets, trained)
     for world_size in (1, 2, 3, 8):
         shares = [plan.prompt_indices(rank, world_size) for rank in range(world_size)]
         assert sorted(p for share in shares for p in share) == list(range(7))
+
+
+def test_clip_skip_samples_with_the_embeddings_of_a_shorter_encoder(tiny_assets):
+    """diffusers' SD pipeline reads `text_encoder.text_model`, which transformers 5 removed, so
+    clip_skip crashed there; our embeddings must equal an encoder with its last layer cut off."""
+    import copy
+
+    from ds_diffusers.generation import build_pipeline, clip_skip_embeddings, generate_images
+    from ds_diffusers.models import load_frozen_components
+    from ds_diffusers.sampling.pipeline import load_unet
+
+    cpu = torch.device("cpu")
+    frozen = load_frozen_components(str(tiny_assets.model_dir), cpu, torch.float32, None)
+    pipe = build_pipeline(frozen, load_unet(str(tiny_assets.model_dir / "unet"), cpu, torch.float32))
+    shorter = copy.deepcopy(frozen.text_encoder)
+    del shorter.encoder.layers[-1]  # 2 layers -> 1: its output is the full encoder's clip_skip=1
+    ids = frozen.tokenizer(PROMPTS[0], padding="max_length", max_length=frozen.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(clip_skip_embeddings(pipe, PROMPTS[0], 1), shorter(ids).last_hidden_state)
+    common = dict(prompt_index=0, seed=3, num_images=1, resolution=32, num_inference_steps=2, guidance_scale=5.0,
+                  output_type="np")
+    skipped = generate_images(pipe, PROMPTS[0], clip_skip=1, **common)
+    assert skipped.shape == (1, 32, 32, 3) and not np.array_equal(skipped, generate_images(pipe, PROMPTS[0], **common))
