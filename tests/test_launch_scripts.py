@@ -188,6 +188,14 @@ def test_tasks_on_node():
     assert result.stdout.split() == ["2", "2", "2", "1"]
 
 
+def test_tasks_in_job_come_from_this_runs_allocation():
+    # A requeued job's SLURM_NTASKS can be its first run's (2 nodes) on a 1-node run.
+    result = bash(". scripts/lib/slurm.sh; dsd_tasks_in_job", {"SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_NTASKS": "2"})
+    assert result.stdout.split() == ["7"]
+    result = bash(". scripts/lib/slurm.sh; dsd_tasks_in_job", {"SLURM_TASKS_PER_NODE": "1", "SLURM_NTASKS": "2"})
+    assert result.stdout.split() == ["1"]
+
+
 @pytest.mark.parametrize("job_id", [1, 11999, 12000, 4_294_967_295])
 def test_master_port_below_ephemeral_range(job_id):
     port = int(bash(f". scripts/lib/slurm.sh; dsd_master_port {job_id}").stdout)

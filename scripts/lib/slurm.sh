@@ -44,7 +44,7 @@ dsd_rendezvous() {
   MASTER_PORT="${DSD_MASTER_PORT:-$(dsd_master_port "$SLURM_JOB_ID")}"
   export MASTER_ADDR MASTER_PORT
   dsd_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_JOB_NUM_NODES} node(s)" \
-    "[$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd' ')], ${SLURM_NTASKS} task(s)," \
+    "[$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd' ')], $(dsd_tasks_in_job) task(s)," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT"
   # What reaches NCCL (interface, debug level) is the first thing to check when ranks hang at start.
   local nccl
@@ -52,11 +52,11 @@ dsd_rendezvous() {
   [[ -z "$nccl" ]] || dsd_log "NCCL settings: $nccl"
 }
 
-# Tasks of this job on node NODE (default: this task's node), from e.g. SLURM_TASKS_PER_NODE="2(x3),1".
-dsd_tasks_on_node() {
-  local spec="${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}"
-  local node="${1:-${SLURM_STEP_NODEID:-${SLURM_NODEID:-0}}}" item count repeat
-  local -a items
+# One count per node of this allocation, from e.g. SLURM_TASKS_PER_NODE="2(x3),1" -> "2 2 2 1".
+# Inside a task the step's own layout (SLURM_STEP_TASKS_PER_NODE) wins.
+dsd_tasks_per_node() {
+  local spec="${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}" item count repeat
+  local -a items counts=()
   IFS=, read -ra items <<<"$spec"
   for item in "${items[@]}"; do
     count="${item%%(*}"
@@ -65,13 +65,27 @@ dsd_tasks_on_node() {
       repeat="${item#*(x}"
       repeat="${repeat%)}"
     fi
-    if ((node < repeat)); then
-      echo "$count"
-      return
-    fi
-    node=$((node - repeat))
+    for ((; repeat > 0; repeat--)); do counts+=("$count"); done
   done
-  echo 1
+  echo "${counts[*]}"
+}
+
+# Tasks of this job on node NODE (default: this task's node).
+dsd_tasks_on_node() {
+  local node="${1:-${SLURM_STEP_NODEID:-${SLURM_NODEID:-0}}}"
+  local -a counts
+  read -ra counts <<<"$(dsd_tasks_per_node)"
+  echo "${counts[node]:-1}"
+}
+
+# Tasks of this run's allocation on all its nodes. Not SLURM_NTASKS: a requeued job starts again with
+# the environment it was submitted with, so after a requeue onto fewer nodes SLURM_NTASKS can still
+# be the submitted count (Slurm 22.05, a 2-node job shrunk to 1 node while pending: SLURM_NTASKS=2,
+# SLURM_TASKS_PER_NODE=1, and a plain srun starts 2 tasks on the one node).
+dsd_tasks_in_job() {
+  local count total=0
+  for count in $(dsd_tasks_per_node); do total=$((total + count)); done
+  echo "$total"
 }
 
 # One task drives one GPU, so the GPUs the job got on a node (--gres=gpu:N, --gpus-per-node,
@@ -138,7 +152,10 @@ dsd_srun() {
   # in a collective until the process-group timeout. --label prefixes each line with its rank.
   # srun's stderr still goes to the job log; a copy of its task-exit lines goes to $exits (the
   # filter ignores USR1: were it killed, srun would die of SIGPIPE on its next error line).
-  srun --kill-on-bad-exit=1 --label "${cpus[@]}" bash "$PWD/scripts/lib/slurm_task.sh" "$@" \
+  # --nodes/--ntasks: this run's allocation, which a requeued job may have got smaller or larger
+  # than its first run's; srun would otherwise take SLURM_NTASKS, which can be stale (dsd_tasks_in_job).
+  srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$(dsd_tasks_in_job)" --kill-on-bad-exit=1 --label "${cpus[@]}" \
+    bash "$PWD/scripts/lib/slurm_task.sh" "$@" \
     2> >(trap '' USR1; tee >(grep -E "$DSD_TASK_EXIT_LINE" >"$exits"; echo "$DSD_TASK_EXIT_END" >>"$exits") >&2) &
   DSD_SRUN_PID=$!
   wait "$DSD_SRUN_PID" || rc=$?

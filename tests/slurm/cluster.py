@@ -12,6 +12,7 @@ By hand:  python -m tests.slurm.cluster /tmp/dsd-cluster   # starts it, prints t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ds_diffusers.distributed import free_port
@@ -134,6 +136,17 @@ class LocalCluster:
     def wait_nodes_idle(self, timeout_s: float = 60) -> None:
         poll("both nodes idle", lambda: all(self.node_states().get(n) == "idle" for n in NODES), timeout_s,
              on_timeout=lambda: f"sinfo: {self.node_states()}\n{self.logs()}")
+
+    @contextlib.contextmanager
+    def drained(self, node: str) -> Iterator[None]:
+        """`node` takes no new job inside the block (a running one goes on); it is given back, idle,
+        at the end whatever happens, so later tests see both nodes."""
+        self.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=dsd-test")
+        try:
+            yield
+        finally:
+            self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+            self.wait_nodes_idle()
 
     def job_state(self, job_id: str) -> str:
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout

@@ -110,6 +110,51 @@ def test_crash_requeues_and_resumes_from_latest(slurm_cluster, tiny_assets, subm
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
 
 
+def test_requeue_onto_fewer_nodes_resumes_on_fewer_processes(slurm_cluster, tiny_assets, submitter, tmp_path):
+    """The job trains on 2 nodes and rank 0 dies after the checkpoint of step 3. The second node is
+    drained meanwhile, so the requeued job waits for nodes until it is shrunk to 1 node (as its user
+    or an admin would); the second run converts the 2-process checkpoint, keeps the global batch on
+    1 process and finishes. (A node range cannot be used: Slurm fixes a `--nodes=1-2
+    --ntasks-per-node=1` job's task count at 1 on submission and never gives it 2 nodes; docs/slurm.md.)"""
+    steps, name = 6, "dsd-shrink"
+    cfg = write_tiny_cfg(tiny_assets, tmp_path, max_train_steps=steps, save_interval=3)
+    submitter.env.update(fault_injection.environment("kill_after_save:3"))
+    proc = submitter.start(TRAIN, name, TWO_NODES, [str(cfg)])
+    job_id = submitter.job_id(name)
+    poll("the first run started", lambda: slurm_cluster.job_state(job_id).startswith("RUNNING"), timeout_s=60)
+
+    def requeued() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"sbatch returned ({proc.returncode}) before a requeue:\n{submitter.job_log(name)[-3000:]}")
+        return slurm_cluster.job_state(job_id) == "PENDING restarts=1"
+
+    with slurm_cluster.drained(NODES[1]):
+        try:
+            poll("the job requeued after the crash", requeued, timeout_s=240,
+                 on_timeout=lambda: submitter.job_log(name)[-3000:])
+            slurm_cluster.run("scontrol", "update", f"jobid={job_id}", "NumNodes=1", "NumTasks=1")
+            job = submitter.finish(proc, name, timeout_s=300)
+        finally:
+            if proc.poll() is None:  # a poll failed: the job must not start on the node given back
+                slurm_cluster.run("scancel", job_id, check=False)
+                proc.wait(60)
+
+    assert job.returncode == 0, job.explain()
+    assert f"(restart 0): 2 node(s) [{' '.join(NODES)}], 2 task(s)" in job.log, job.explain()
+    assert re.search(r"tasks failed with exit code \d+ \(a crash\); restart 1 of DSD_MAX_RESTARTS=3; requeueing job",
+                     job.log), job.explain()
+    assert f"(restart 1): 1 node(s) [{NODES[0]}], 1 task(s)" in job.log, job.explain()
+    assert job.ranks() == {(0, 2), (1, 2), (0, 1)}, job.explain()
+    assert re.search(r"0: resumed from \S+/step_3 at step 3 in \S+ s \(converted: 2 processes, ZeRO-2 -> 1 process, "
+                     r"ZeRO-2\)", job.log), job.explain()
+    assert "global batch 16 kept on 1 process(es): gradient_accumulation_steps 1 -> 2" in job.log, job.explain()
+    assert f"done: {steps} steps" in job.log, job.explain()
+    assert metrics_steps(tmp_path / "model") == list(range(1, steps + 1))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
+    assert not (tmp_path / "checkpoints" / ".universal").exists()
+    assert_unet_trained(tmp_path / "model", tiny_assets.model_dir)
+
+
 TASK_SCRIPT = """
 if [[ "${SLURM_RESTART_COUNT:-0}" != 0 ]]; then
   echo "task $RANK/$WORLD_SIZE local $LOCAL_RANK/$LOCAL_SIZE on $SLURMD_NODENAME master $MASTER_ADDR:$MASTER_PORT resumed, setup=${SITE_SETUP:-missing}"
