@@ -145,3 +145,25 @@ def test_sd15_full_ema_resumes_zero2_on_2_as_zero3_on_1_exactly(sd15_assets, tmp
     assert "gradient_accumulation_steps 1 -> 2" in output
     for export in (UNET, EMA):
         assert max_diff(tensors(moved / "model" / export), tensors(saved / "model" / export)) == 0.0, export
+
+
+def test_sd15_lora_resumes_on_1_as_zero3_on_2_exactly(sd15_assets, tmp_path):
+    """The SD 1.5-shaped UNet with LoRA: one process (fp32 ZeRO-2 runs as stage 0, whose files our
+    own universal writer converts) resumed on two under ZeRO-3, accumulation halved."""
+    from ds_diffusers.embedded.arch_sd import TEST_RESOLUTION
+
+    lora = (f"resolution={TEST_RESOLUTION}", "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=2",
+            "use_lora.action=true", "optimizer.params.lr=0.01")
+    saved, moved = tmp_path / "saved", tmp_path / "moved"
+    run(sd15_assets, saved, 1, *lora, "zero_optimization.stage=2", "max_train_steps=1")
+    step_1 = saved / "checkpoints" / "step_1"
+    output = run(sd15_assets, moved, 2, *lora, "zero_optimization.stage=3", "max_train_steps=1",
+                 f"resume_from_checkpoint={step_1}")
+    assert "global batch 4 kept on 2 process(es): gradient_accumulation_steps 2 -> 1" in output
+    assert "(converted: 1 process" in output and "ZeRO-3)" in output
+    adapters = tensors(saved / "model" / "pytorch_lora_weights.safetensors")
+    assert max_diff(tensors(moved / "model" / "pytorch_lora_weights.safetensors"), adapters) == 0.0
+    before = universal_state(step_1, tmp_path / "u1")
+    after = universal_state(moved / "checkpoints" / "step_1", tmp_path / "u2")
+    assert max_diff(before, after) == 0.0 and all("lora" in name for name in before)
+    assert max(t.abs().max() for k, t in before.items() if k.endswith("exp_avg_sq")) > 0  # Adam state carried
