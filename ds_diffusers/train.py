@@ -149,7 +149,7 @@ def set_up(cfg: Config) -> Run:
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
     if hf_dataset is None:  # WebDataset shards: the stream is the loop's sampler and dataset both
         loader, sampler = build_shard_loader(shard_data, cfg, frozen, dist, num_workers, pin_memory=accelerator_name != "cpu")
-        dataset, num_rows, batches_per_epoch = sampler, shard_data.num_rows, None
+        dataset, num_rows, batches_per_epoch, buckets = sampler, shard_data.num_rows, None, None
         data_order = shard_data.plan.order_key
     else:
         buckets = checks.buckets
