@@ -26,8 +26,8 @@ from ds_diffusers.config.checks import fused_adam_unavailable
 from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.config.show import add_print_options, print_deepspeed_config
-from ds_diffusers.data import build_train_dataloader, default_num_workers, prepare_caches, prepare_train_data, to_device
-from ds_diffusers.data.shard_dataset import build_shard_loader, prepare_shard_data
+from ds_diffusers.data import to_device
+from ds_diffusers.data.train_input import build_input, check_input
 from ds_diffusers.distributed import (DistInfo, StoppedOnEveryRank, barrier, broadcast_from_main, in_turn, init_distributed,
                                       raise_on_every_rank, shutdown_distributed)
 from ds_diffusers.ema import ShardedEMA
@@ -104,13 +104,7 @@ def set_up(cfg: Config) -> Run:
     dist = init_distributed()
     # Rank 0 loads and checks the data (the others load it after: data/prepare.py), then the
     # checkpoint to resume from (each of its files is opened); nothing is written until both pass.
-    held_out = None
-    if cfg.dataset_format == "webdataset":
-        shard_data, hf_dataset, missing_images = prepare_shard_data(cfg, dist), None, []
-    else:
-        train_data = prepare_train_data(cfg, dist)
-        hf_dataset, checks, held_out = train_data.dataset, train_data.checks, train_data.held_out
-        image_column, caption_column, missing_images = checks.image_column, checks.caption_column, checks.missing_images
+    checked = check_input(cfg, dist)
     resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg, dist.world_size), dist.is_main))
     requested, batch_line = requested_batch(cfg), None
     if resume_from is not None:  # on another process count: the checkpoint's global batch is kept
@@ -146,34 +140,17 @@ def set_up(cfg: Config) -> Run:
     groups = param_groups(unet, cfg)
     num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
-    num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
-    if hf_dataset is None:  # WebDataset shards: the stream is the loop's sampler and dataset both
-        loader, sampler = build_shard_loader(shard_data, cfg, frozen, dist, num_workers, pin_memory=accelerator_name != "cpu")
-        dataset, num_rows, batches_per_epoch, buckets = sampler, shard_data.num_rows, None, None
-        data_order = shard_data.plan.order_key
-    else:
-        buckets = checks.buckets
-        latent_cache, text_cache = prepare_caches(cfg, hf_dataset, image_column, caption_column, frozen, dist, buckets=buckets)
-        loader, sampler, dataset = build_train_dataloader(
-            hf_dataset, image_column, caption_column, frozen.tokenizer,
-            resolution=max(cfg.bucket_resolutions or [cfg.resolution]) if buckets else cfg.resolution,
-            center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed,
-            micro_batch_size=cfg.train_micro_batch_size_per_gpu, num_workers=num_workers, rank=dist.rank,
-            world_size=dist.world_size, latent_cache=latent_cache, text_cache=text_cache, pin_memory=accelerator_name != "cpu",
-            skip_bad_images=cfg.skip_bad_images, known_bad_rows=missing_images, caption_dropout=cfg.caption_dropout,
-            tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop, buckets=buckets,
-        )
-        num_rows, batches_per_epoch = len(hf_dataset), sampler.batches_per_epoch if buckets else None
-        data_order = f"{num_rows} rows" + (f", bucket assignment {buckets.assignment_digest}" if buckets else "")
-    plan = RunPlan.from_config(cfg, num_rows, dist.world_size, batches_per_epoch)
+    data = build_input(checked, cfg, frozen, dist, pin_memory=accelerator_name != "cpu")
+    plan = RunPlan.from_config(cfg, data.num_rows, dist.world_size, data.batches_per_epoch)
     held_out_loss = None
-    if held_out is not None:
-        held_out_loss = HeldOutLoss(held_out, image_column, caption_column, frozen, dist, resolution=cfg.resolution,
-                                    seed=cfg.seed, num_timesteps=cfg.validation_loss_timesteps)
+    if checked.rows is not None and checked.rows.held_out is not None:
+        checks = checked.rows.checks
+        held_out_loss = HeldOutLoss(checked.rows.held_out, checks.image_column, checks.caption_column, frozen, dist,
+                                    resolution=cfg.resolution, seed=cfg.seed, num_timesteps=cfg.validation_loss_timesteps)
 
     engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
-    state = TrainState(data_order=data_order)
+    state = TrainState(data_order=data.data_order)
     checkpoints = CheckpointManager(cfg, dist, {"engine": engine, "train_state": state, "ema": ema}, plan.total_steps,
                                     requested)
     resumed = checkpoints.load(resume_from) if resume_from is not None else None
@@ -188,19 +165,20 @@ def set_up(cfg: Config) -> Run:
     if fused_adam_problem is not None and "fused" in ds_config["optimizer"]["params"]:
         logger.message(f"optimizer: torch.optim.AdamW(fused=True) instead of DeepSpeed's fused Adam ({fused_adam_problem}; "
                        "prebuild it with DS_BUILD_FUSED_ADAM=1 pip install deepspeed)")
-    if buckets is not None:
-        logger.message(buckets.histogram())
+    if data.buckets is not None:
+        logger.message(data.buckets.histogram())
     if held_out_loss is not None:
         logger.message(f"validation loss on {len(held_out_loss)} held-out row(s) (validation_split, never trained on) at "
                        f"{cfg.validation_loss_timesteps} fixed timestep(s)")
-    if missing_images:
-        logger.message(f"skipping {len(missing_images)} row(s) whose image file is missing (skip_bad_images), first: row {missing_images[0]}")
+    if checked.missing_images:
+        logger.message(f"skipping {len(checked.missing_images)} row(s) whose image file is missing (skip_bad_images), "
+                       f"first: row {checked.missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
                    f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config, loaded_partitioned)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
-                   f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {num_workers} loader worker(s)")
-    return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=loader,
-               sampler=sampler, dataset=dataset, state=state, checkpoints=checkpoints, logger=logger,
+                   f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {data.num_workers} loader worker(s)")
+    return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=data.loader,
+               sampler=data.sampler, dataset=data.dataset, state=state, checkpoints=checkpoints, logger=logger,
                held_out_loss=held_out_loss)
 
 
