@@ -146,3 +146,23 @@ def test_keys_flux_cannot_honour_are_refused_in_one_line(flux_model, key, value)
     with pytest.raises(ConfigError) as info:
         detect_family(flux_model).check_config(cfg)
     assert info.value.field == key and "FLUX.1" in info.value.fix
+
+
+def test_sampling_checks_a_flux_lora_against_the_transformer(flux_model, tmp_path):
+    from ds_diffusers.export import write_lora
+    from ds_diffusers.families.flux import FLUX
+    from ds_diffusers.sampling.lora_targets import check_lora_targets as check_lora_file_targets
+
+    cfg = validate_dict(with_changes(pretrained_model_name_or_path=str(flux_model), use_lora={"action": True, "rank": 4}))
+    transformer = build_unet(cfg)
+    adapters = {name: param.detach() for name, param in transformer.named_parameters() if param.requires_grad}
+    lora_file = write_lora(transformer, adapters, tmp_path / "lora", FLUX)
+    check_lora_file_targets("sample.loras[0].path", lora_file, str(flux_model / "transformer"))
+    # The same file on a transformer 2x wider: the adapters' widths no longer fit.
+    config = json.loads((flux_model / "transformer" / "config.json").read_text())
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    (wider / "config.json").write_text(json.dumps({**config, "attention_head_dim": 32}))
+    with pytest.raises(ConfigError) as info:
+        check_lora_file_targets("sample.loras[0].path", lora_file, str(wider))
+    assert "transformer." in info.value.fix and "width" in info.value.fix

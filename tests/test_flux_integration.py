@@ -2,18 +2,22 @@
 under ZeRO-2 (saved at step 2 of 3, resumed, equal losses and adapters; the LoRA file loads in
 FluxPipeline.load_lora_weights and changes its images) and a full fine-tune under ZeRO-3, the
 transformer loaded partitioned from its shards, with a validation grid (the export loads in
-FluxPipeline.from_pretrained and differs from the base)."""
+FluxPipeline.from_pretrained, differs from the base, and `python -m ds_diffusers.sample` draws it
+beside the baseline)."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_ok, launch, losses
+from tests.helpers import REPO, assert_ok, launch, losses
 
 pytestmark = pytest.mark.multiprocess
 
@@ -79,3 +83,16 @@ def test_full_zero3_loads_partitioned_validates_and_exports_a_flux_pipeline(flux
     # Trained (every weight moved by Adam) but from the base weights, not zero.Init's random ones.
     assert 0 < max(changes) < 0.05 and sum(change > 0 for change in changes) > len(changes) // 2
     assert generate(pipe).std() > 0
+
+    # scripts/test_text_to_image.sh's entrypoint: baseline against the exported transformer, same noise.
+    samples = tmp_path / "samples"
+    sample_args = [*flux_cfg(flux_model, tiny_assets.dataset_dir, tmp_path), "sample.prompts=[\"a red circle\"]",
+                   "sample.weights=[\"baseline\", \"tuned\"]", "sample.num_inference_steps=2",
+                   "sample.num_images_per_prompt=1", f"sample.output_dir={samples}"]
+    sampled = subprocess.run([sys.executable, "-m", "ds_diffusers.sample", "--cfg", "cfg/default.json", "--set", *sample_args],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0, sampled.stdout[-3000:] + sampled.stderr[-3000:]
+    assert "flow-matching Euler" in sampled.stdout
+    manifest = json.loads((samples / "manifest.json").read_text())
+    pngs = {image["weight"]: (samples / image["file"]).read_bytes() for image in manifest["images"]}
+    assert set(pngs) == {"baseline", "tuned"} and pngs["baseline"] != pngs["tuned"]
