@@ -18,7 +18,7 @@ from ds_diffusers.families.flux import (FLUX_LORA_TARGETS, TRAINING_GUIDANCE, la
                                         unpack_latents)
 from ds_diffusers.models import build_unet, load_frozen_components, tokenize
 from ds_diffusers.objective import encode_batch
-from tests.helpers import with_changes
+from tests.helpers import REPO, with_changes
 
 CAPTIONS = ["a red circle", "a small blue square on black"]
 
@@ -166,3 +166,49 @@ def test_sampling_checks_a_flux_lora_against_the_transformer(flux_model, tmp_pat
     with pytest.raises(ConfigError) as info:
         check_lora_file_targets("sample.loras[0].path", lora_file, str(wider))
     assert "transformer." in info.value.fix and "width" in info.value.fix
+
+
+@pytest.mark.parametrize("preset", ["flux_lora.json", "flux_full.json"])
+def test_presets_name_flux_dev_and_pass_the_family_checks(flux_model, preset):
+    from ds_diffusers.config import load_config
+
+    cfg = load_config(REPO / "cfg" / preset)
+    assert cfg.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev" and cfg.resolution == 1024
+    assert cfg.bf16.enabled and cfg.gradient_checkpointing and cfg.prediction_type is None and cfg.snr_gamma is None
+    on_test_model = load_config(REPO / "cfg" / preset, [f"pretrained_model_name_or_path={flux_model}"])
+    detect_family(flux_model).check_config(on_test_model)
+    if cfg.use_lora.action:
+        assert cfg.use_lora.target_modules is None and cfg.zero_optimization.stage == 2
+        check_lora_targets(on_test_model)
+    else:
+        assert cfg.zero_optimization.stage == 3
+    with pytest.raises(ConfigError) as info:
+        detect_family(flux_model).check_config(load_config(REPO / "cfg" / preset, [f"pretrained_model_name_or_path={flux_model}",
+                                                                                   "resolution=1000"]))
+    assert info.value.field == "resolution" and "992 or 1008" in info.value.fix
+
+
+def test_caches_hold_the_t5_sequence_and_the_clip_pooled_vector(flux_model, tiny_assets, tmp_path, frozen):
+    from ds_diffusers.config import load_config
+    from ds_diffusers.data import CaptionedImageDataset, load_train_dataset, prepare_caches
+    from ds_diffusers.distributed import DistInfo
+
+    cfg = load_config(REPO / "cfg/default.json", [
+        f"pretrained_model_name_or_path={flux_model}", f"dataset_dir={tiny_assets.dataset_dir}", f"cache_dir={tmp_path}",
+        "resolution=64", "train_micro_batch_size_per_gpu=4", "cache_latents=true", "cache_text_embeddings=true"])
+    hf_dataset = load_train_dataset(cfg.dataset_dir, imagefolder=False).select(range(4))
+    single = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    latent_cache, text_cache = prepare_caches(cfg, hf_dataset, "image", "text", frozen, single, log=lambda _: None)
+    common = dict(hf_dataset=hf_dataset, image_column="image", caption_column="text", tokenizer=frozen.tokenizer,
+                  resolution=64, center_crop=True, random_flip=False, seed=3, tokenizer_2=frozen.tokenizer_2)
+    plain, cached = CaptionedImageDataset(**common), CaptionedImageDataset(**common, latent_cache=latent_cache, text_cache=text_cache)
+    for index in range(4):
+        want, got = plain[index], cached[index]
+        assert set(got) == {"index", "latent_parameters", "encoder_hidden_states", "pooled_projections"}
+        want_text = frozen.encode_text({name: want[name][None] for name in ("input_ids", "input_ids_2")})
+        torch.testing.assert_close(got["encoder_hidden_states"], want_text["encoder_hidden_states"][0])
+        torch.testing.assert_close(got["pooled_projections"], want_text["pooled_projections"][0])
+        assert got["encoder_hidden_states"].shape == (512, 64) and got["latent_parameters"].shape == (32, 8, 8)
+    # The key hashes T5's folders: a cache built for another second encoder is not reused.
+    key = json.loads(next(tmp_path.glob("text-*/meta.json")).read_text())["key"]
+    assert "text_encoder_2" in json.dumps(key) and "tokenizer_2" in json.dumps(key)

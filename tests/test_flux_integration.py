@@ -1,5 +1,6 @@
 """FLUX.1 through the real `deepspeed` launcher on the FLUX.1 [dev]-shaped test model, 1 process: LoRA
-under ZeRO-2 (saved at step 2 of 3, resumed, equal losses and adapters; the LoRA file loads in
+under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal losses and adapters to the
+uncached straight run; the LoRA file loads in
 FluxPipeline.load_lora_weights and changes its images) and a full fine-tune under ZeRO-3, the
 transformer loaded partitioned from its shards, with a validation grid (the export loads in
 FluxPipeline.from_pretrained, differs from the base, and `python -m ds_diffusers.sample` draws it
@@ -39,8 +40,9 @@ def test_lora_zero2_resumes_exactly_and_loads_in_flux_pipeline(flux_model, tiny_
             "zero_optimization.stage=2")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert_ok(launch(flux_cfg(flux_model, tiny_assets.dataset_dir, straight, *lora, "save_interval=2")))
-    result = launch(flux_cfg(flux_model, tiny_assets.dataset_dir, resumed, *lora,
-                             f"resume_from_checkpoint={straight / 'checkpoints' / 'step_2'}"))
+    # Resumed from the encoder caches (built at its start): the same numbers as the uncached straight run.
+    result = launch(flux_cfg(flux_model, tiny_assets.dataset_dir, resumed, *lora, "cache_latents=true",
+                             "cache_text_embeddings=true", f"resume_from_checkpoint={straight / 'checkpoints' / 'step_2'}"))
     assert_ok(result)
     assert "resumed from" in result.stdout + result.stderr
     history = losses(straight / "model")

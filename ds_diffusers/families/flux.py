@@ -7,11 +7,15 @@ training, `TRAINING_GUIDANCE`."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ds_diffusers.errors import ConfigError
 from ds_diffusers.families.base import ModelFamily
+
+if TYPE_CHECKING:
+    from ds_diffusers.config.schema import Config
 
 FLUX_TEXT_PARTS = ("text_encoder_2", "tokenizer_2")
 # The guidance value a guidance-distilled [dev] transformer is conditioned on in training: diffusers'
@@ -59,6 +63,14 @@ class Flux(ModelFamily):
     denoiser_folder = "transformer"
     denoiser_class = "FluxTransformer2DModel"
     lora_targets = FLUX_LORA_TARGETS
+
+    def check_config(self, cfg: "Config") -> None:
+        super().check_config(cfg)
+        # Latents are 1/8 of the image and packed 2×2, as FluxPipeline requires of its height and width.
+        if cfg.resolution % 16:
+            lower = cfg.resolution // 16 * 16
+            raise ConfigError("resolution", cfg.resolution, f"FLUX.1 packs 2×2 latents of 1/8 the image: use a multiple "
+                              f"of 16 ({lower} or {lower + 16})")
 
     def load_noise_scheduler(self, model_dir: str) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
