@@ -3,8 +3,8 @@ under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal loss
 uncached straight run; the LoRA file loads in
 FluxPipeline.load_lora_weights and changes its images) and a full fine-tune under ZeRO-3, the
 transformer loaded partitioned from its shards, with a validation grid (the export loads in
-FluxPipeline.from_pretrained, differs from the base, and `python -m ds_diffusers.sample` draws it
-beside the baseline)."""
+FluxPipeline.from_pretrained, differs from the base, equals the offline export of the last checkpoint,
+and `python -m ds_diffusers.sample` draws it beside the baseline)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,13 @@ def test_full_zero3_loads_partitioned_validates_and_exports_a_flux_pipeline(flux
     # Trained (every weight moved by Adam) but from the base weights, not zero.Init's random ones.
     assert 0 < max(changes) < 0.05 and sum(change > 0 for change in changes) > len(changes) // 2
     assert generate(pipe).std() > 0
+
+    # The offline export of the last ZeRO-3 checkpoint writes the same transformer, byte for byte.
+    offline = subprocess.run([sys.executable, "-m", "ds_diffusers.export", "--checkpoint", str(tmp_path / "checkpoints"),
+                              "--out", str(tmp_path / "offline")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert offline.returncode == 0, offline.stdout[-3000:] + offline.stderr[-3000:]
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "offline" / weights).read_bytes() == (tmp_path / "model" / weights).read_bytes()
 
     # scripts/test_text_to_image.sh's entrypoint: baseline against the exported transformer, same noise.
     samples = tmp_path / "samples"
