@@ -27,7 +27,8 @@ def flux_cfg(model_dir: Path, dataset_dir: Path, run_dir: Path, *overrides: str)
     return [f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"output_dir={run_dir / 'model'}",
             f"checkpoint_dir={run_dir / 'checkpoints'}", f"cache_dir={run_dir / 'cache'}", "resolution=64",
             "train_micro_batch_size_per_gpu=4", "validation_steps=0", "save_interval=0", "lr_warmup_steps=1",
-            "log_every_n_steps=1", "scheduler.params={}", "max_train_steps=3", *overrides]
+            "log_every_n_steps=1", "scheduler.params={}", "max_train_steps=3",
+            "max_train_samples=16", *overrides]  # 16 rows: the resumed run's caches encode only those
 
 
 def generate(pipe):
