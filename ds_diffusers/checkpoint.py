@@ -37,7 +37,7 @@ from ds_diffusers.engine.checkpoint_files import written_at_stage_0
 from ds_diffusers.engine.checkpoint_reads import release_checkpoint_files
 from ds_diffusers.engine.universal import stage_0_optimizer_is_plain
 from ds_diffusers.errors import ConfigError, TrainingError
-from ds_diffusers.families import FAMILY_NAMES, model_family
+from ds_diffusers.families import FAMILY_NAMES, detect_family, model_family
 from ds_diffusers.topology import TOPOLOGY_SETTINGS, changed_topology, check_topology, load_other_topology, requested_batch
 from ds_diffusers.train_state import RNG_KEY, TrainState
 
@@ -58,18 +58,20 @@ def step_tag(global_step: int) -> str:
 
 
 def _unet_config_hash(cfg: Config) -> str:
-    config_file = Path(cfg.pretrained_model_name_or_path) / "unet" / "config.json"
+    """The denoiser's config (`unet/`, or the family's folder), under the key name checkpoints keep."""
+    config_file = Path(cfg.pretrained_model_name_or_path) / detect_family(cfg.pretrained_model_name_or_path).denoiser_folder / "config.json"
     return hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
 
 
 def resume_settings(cfg: Config, world_size: int) -> dict[str, Any]:
     """What a checkpoint can only be resumed with; a difference is an error, not a shape mismatch."""
+    family = detect_family(cfg.pretrained_model_name_or_path)
     return {
-        "model family": model_family(cfg.pretrained_model_name_or_path),
+        "model family": family.name,
         "unet architecture (unet/config.json)": _unet_config_hash(cfg),
         "use_lora.action": cfg.use_lora.action,
         "use_lora.rank": cfg.use_lora.rank if cfg.use_lora.action else None,
-        "use_lora.target_modules": sorted(cfg.use_lora.target_modules) if cfg.use_lora.action else None,
+        "use_lora.target_modules": sorted(family.lora_target_modules(cfg.use_lora.target_modules)) if cfg.use_lora.action else None,
         "use_ema": cfg.use_ema,
         "zero_optimization.stage": cfg.zero_optimization.stage,
         "number of processes": world_size,

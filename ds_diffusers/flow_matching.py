@@ -37,6 +37,14 @@ class FlowSettings:
         return cls(scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
 
 
+@dataclass(frozen=True)
+class FlowObjective:
+    """What a flow family's run draws its sigmas from: the training scheduler and the density settings."""
+
+    scheduler: FlowMatchEulerDiscreteScheduler
+    settings: FlowSettings
+
+
 def training_scheduler(scheduler_config: dict[str, Any], shift: float | None) -> FlowMatchEulerDiscreteScheduler:
     """The model's flow-matching scheduler, with `shift` (the `flow_shift` key) replacing its config's
     when given. Its `sigmas` are the training sigmas, shifted unless the config shifts dynamically

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ds_diffusers.data.seeding import seeded_generator
-from ds_diffusers.families import family_named
+from ds_diffusers.families import family_named, family_of_pipeline
 from ds_diffusers.models import FrozenComponents
 
 if TYPE_CHECKING:
@@ -22,11 +22,10 @@ if TYPE_CHECKING:
 
 def build_pipeline(frozen: FrozenComponents, unet: torch.nn.Module) -> "StableDiffusionPipeline | StableDiffusionXLPipeline":
     """The family's text-to-image pipeline around these components (`ModelFamily.build_pipeline`; SDXL:
-    both encoders, `text_time`), with DPM-Solver++ built from the model's own scheduler config."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    scheduler = DPMSolverMultistepScheduler.from_config(frozen.noise_scheduler.config)
-    return family_named(frozen.family).build_pipeline(frozen, unet, scheduler)
+    both encoders, `text_time`), with the family's sampler built from the model's own scheduler config
+    (DPM-Solver++; FLUX.1: flow-matching Euler)."""
+    family = family_named(frozen.family)
+    return family.build_pipeline(frozen, unet, family.sampling_scheduler(frozen.noise_scheduler.config))
 
 
 def image_generators(seed: int, prompt_index: int, num_images: int) -> list[torch.Generator]:
@@ -56,8 +55,9 @@ def generate_images(
 ) -> Any:
     """`num_images` images of `prompt`, image i from the (seed, prompt_index, i) generator: PIL images,
     or a float numpy array (N, H, W, 3) in [0, 1] with `output_type="np"`."""
+    family = family_of_pipeline(pipe)
     generators = image_generators(seed, prompt_index, num_images)
-    latents = starting_latents(generators, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor)
+    latents = starting_latents(generators, family.latent_channels(pipe), resolution // pipe.vae_scale_factor)
     prompts: dict[str, Any] = {"prompt": [prompt] * num_images}
     if clip_skip and not hasattr(pipe.text_encoder, "text_model") and not hasattr(pipe, "text_encoder_2"):
         # diffusers' SD pipeline applies clip_skip through `text_encoder.text_model`, which transformers
@@ -66,15 +66,13 @@ def generate_images(
         clip_skip = None
     result = pipe(
         **prompts,
-        negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
         height=resolution, width=resolution,
-        latents=latents.to(pipe.vae.device, pipe.unet.dtype),
         # The same generators go on to drive the ancestral samplers' per-step noise.
         generator=generators,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        clip_skip=clip_skip,
         output_type=output_type,
+        **family.pipeline_inputs(pipe, latents, [negative_prompt] * num_images if negative_prompt else None, clip_skip),
     )
     return result.images
 

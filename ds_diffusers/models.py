@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from ds_diffusers.config.schema import Config, LoraCfg
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.families import detect_family, family_named, model_index
+from ds_diffusers.families import ModelFamily, detect_family, family_named, model_index
 from ds_diffusers.engine.params import is_zero3_param
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,10 +30,11 @@ class FrozenComponents:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
-    noise_scheduler: DDPMScheduler
-    # SDXL only: the second (OpenCLIP bigG-shaped) encoder, whose pooled projection conditions the UNet.
-    tokenizer_2: CLIPTokenizer | None = None
-    text_encoder_2: CLIPTextModelWithProjection | None = None
+    noise_scheduler: DDPMScheduler  # a FlowMatchEulerDiscreteScheduler for a flow family
+    # SDXL: the second (OpenCLIP bigG-shaped) encoder, whose pooled projection conditions the UNet;
+    # FLUX.1: T5, whose sequence conditions the transformer.
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
     family: str = "sd"  # the `families.FAMILIES` name
     # model_index.json's SDXL pipeline option: an empty negative prompt is a zero embedding, not "".
     force_zeros_for_empty_prompt: bool = True
@@ -102,7 +103,7 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
     vae_dir = vae_folder(model_dir, vae_path)
     vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family.upcasts_vae else dtype
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)
-    noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    noise_scheduler = family.load_noise_scheduler(model_dir)
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
         noise_scheduler.register_to_config(prediction_type=prediction_type)
@@ -127,7 +128,8 @@ def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict |
     return unet
 
 
-def lora_config(lora: LoraCfg) -> Any:
+def lora_config(lora: LoraCfg, target_modules: list[str] | None = None) -> Any:
+    """`target_modules`: the resolved list (`ModelFamily.lora_target_modules`); the configured one by default."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -135,15 +137,15 @@ def lora_config(lora: LoraCfg) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         init_lora_weights=lora.init,
-        target_modules=list(lora.target_modules),
+        target_modules=list(target_modules or lora.target_modules or ModelFamily.lora_targets),
     )
 
 
-def add_lora(unet: UNet2DConditionModel, lora: LoraCfg) -> None:
+def add_lora(unet: UNet2DConditionModel, lora: LoraCfg, target_modules: list[str] | None = None) -> None:
     """Freeze the base UNet and attach peft adapters; only their parameters stay trainable."""
     unet.requires_grad_(False)
     try:
-        unet.add_adapter(lora_config(lora))
+        unet.add_adapter(lora_config(lora, target_modules))
     except ValueError as err:
         raise ConfigError("use_lora.target_modules", lora.target_modules, f"peft could not attach adapters ({err}); "
                           "name modules of the UNet, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]") from None
@@ -166,7 +168,8 @@ def build_unet(cfg: Config, zero3_config: dict | None = None, rank: int = 0) -> 
     with torch.random.fork_rng(devices=[]):
         unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank, cfg.variant)
     if cfg.use_lora.action:
-        add_lora(unet, cfg.use_lora)
+        family = detect_family(cfg.pretrained_model_name_or_path)
+        add_lora(unet, cfg.use_lora, family.lora_target_modules(cfg.use_lora.target_modules))
     return unet
 
 

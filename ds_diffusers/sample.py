@@ -23,6 +23,7 @@ from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.families import detect_family
 from ds_diffusers.models import DTYPES, load_frozen_components
 from ds_diffusers.sampling.generate import generate_prompt_images
 from ds_diffusers.sampling.outputs import check_complete, gather_records, write_grid, write_image, write_manifest
@@ -61,9 +62,11 @@ def sample(cfg: Config, plan: SamplePlan, sources: list[WeightSource], run_info:
     dist: DistInfo = init_distributed()
     dtype = sampling_dtype(cfg)
     my_prompts = plan.prompt_indices(dist.rank, dist.world_size)
+    # A flow family samples with its own sampler (sampling/pipeline.py), whatever sample.scheduler says.
+    sampler = "flow-matching Euler" if detect_family(cfg.pretrained_model_name_or_path).objective == "flow" else plan.scheduler
     if dist.is_main:
         print(f"ds-diffusers: sampling {len(plan.prompts)} prompt(s) x {plan.num_images_per_prompt} image(s) x "
-              f"{', '.join(plan.weights)} ({plan.scheduler}, {plan.num_inference_steps} steps, {plan.resolution} px, "
+              f"{', '.join(plan.weights)} ({sampler}, {plan.num_inference_steps} steps, {plan.resolution} px, "
               f"{str(dtype).removeprefix('torch.')}) on {dist.world_size} process(es) -> {plan.output_dir}", flush=True)
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, dtype, cfg.prediction_type, cfg.vae_path,
                                     cfg.variant)

@@ -36,6 +36,7 @@ from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mma
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.families import family_named
+from ds_diffusers.flow_matching import FlowObjective, FlowSettings, flow_matching_loss, training_scheduler
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
@@ -95,6 +96,7 @@ class Run:
     checkpoints: CheckpointManager
     logger: RunLogger
     held_out_loss: HeldOutLoss | None = None
+    flow: FlowObjective | None = None  # a flow family's training scheduler and density (None: ε / v)
 
 
 def set_up(cfg: Config) -> Run:
@@ -124,6 +126,7 @@ def set_up(cfg: Config) -> Run:
     weight_dtype = DTYPES[cfg.weight_dtype_name]
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type,
                                     cfg.vae_path, cfg.variant)
+    family = family_named(frozen.family)
     fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
     ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
                                     fused_adam_ok=fused_adam_problem is None)
@@ -133,8 +136,8 @@ def set_up(cfg: Config) -> Run:
     # 16-bit: the optimizer's fp32 masters start from the checkpoint's values, not rounded ones.
     starting_values = None
     if weight_dtype != torch.float32 and resume_from is None:
-        denoiser_folder = family_named(frozen.family).denoiser_folder
-        unet_files = unet_weight_files(cfg.pretrained_model_name_or_path, cfg.variant, denoiser_folder) if loaded_partitioned else None
+        unet_files = (unet_weight_files(cfg.pretrained_model_name_or_path, cfg.variant, family.denoiser_folder)
+                      if loaded_partitioned else None)
         starting_values = StartingValues.capture(unet, unet_files)
     cast_trainable_like_partitioned(unet, weight_dtype)
     groups = param_groups(unet, cfg)
@@ -174,12 +177,16 @@ def set_up(cfg: Config) -> Run:
         logger.message(f"skipping {len(checked.missing_images)} row(s) whose image file is missing (skip_bad_images), "
                        f"first: row {checked.missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
-                   f"({'LoRA' if cfg.use_lora.action else 'full UNet'}), {zero_description(cfg, ds_config, loaded_partitioned)}, "
+                   f"({'LoRA' if cfg.use_lora.action else 'full ' + family.denoiser_folder}), {zero_description(cfg, ds_config, loaded_partitioned)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {data.num_workers} loader worker(s)")
+    flow = None
+    if family.objective == "flow":
+        flow = FlowObjective(training_scheduler(frozen.noise_scheduler.config, cfg.flow_shift),
+                             FlowSettings.from_config(cfg, family.default_weighting_scheme))
     return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=data.loader,
                sampler=data.sampler, dataset=data.dataset, state=state, checkpoints=checkpoints, logger=logger,
-               held_out_loss=held_out_loss)
+               held_out_loss=held_out_loss, flow=flow)
 
 
 def build_engine(cfg: Config, dist: DistInfo, unet: torch.nn.Module, groups: list[dict], ds_config: dict,
@@ -284,6 +291,12 @@ def unet_forward_of(run: Run):
 def micro_batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     cfg = run.cfg
     encoded = encode_batch(run.frozen, to_device(batch, run.dist.device))
+    if run.flow is not None:
+        family = family_named(run.frozen.family)
+        denoiser_forward = family.flow_forward(run.engine, run.engine.module.config, encoded.encoder_hidden_states,
+                                               encoded.added_cond_kwargs)
+        return flow_matching_loss(denoiser_forward, run.flow.scheduler, encoded.latents, run.flow.settings,
+                                  compute_dtype=DTYPES[cfg.weight_dtype_name])
     return diffusion_loss(unet_forward_of(run), run.frozen, encoded.latents, encoded.encoder_hidden_states,
                           compute_dtype=DTYPES[cfg.weight_dtype_name], noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
                           input_perturbation=cfg.input_perturbation, added_cond_kwargs=encoded.added_cond_kwargs)

@@ -129,6 +129,16 @@ def sdxl_model(tmp_path_factory) -> Path:
     return build_sdxl_model(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def flux_model(tmp_path_factory) -> Path:
+    """A FLUX.1 [dev]-shaped model at test size (`embedded.arch_flux`: the real block structure, sharded transformer)."""
+    from ds_diffusers.embedded.arch_flux import build_flux
+
+    model_dir: Path = tmp_path_factory.mktemp("flux") / "tiny-flux-dev"
+    build_flux(model_dir, "dev")
+    return model_dir
+
+
 def _bytes_to_unicode() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = [256 + n for n in range(256 - len(printable))]

@@ -57,9 +57,11 @@ class LoraCfg(Block):
                          "`pytorch_lora_weights.safetensors` (with its rank and alpha as metadata).")
     rank: int = Field(4, ge=1, description="LoRA rank.")
     alpha: float = Field(4.0, gt=0, description="LoRA alpha; the adapter's scale is alpha / rank.")
-    target_modules: list[str] = Field(["to_k", "to_q", "to_v", "to_out.0"], description="UNet modules that get adapters "
-                                      "(peft `target_modules`: a module's whole name or its dotted suffix). Each entry must "
-                                      "match a module of this UNet, checked before any work with the closest name suggested.")
+    target_modules: Optional[list[str]] = Field(
+        None, description="Denoiser modules that get adapters (peft `target_modules`: a module's whole name or its dotted "
+        "suffix). null = the model family's: `[\"to_k\", \"to_q\", \"to_v\", \"to_out.0\"]` for SD 1.x/2.x and SDXL, "
+        "FLUX.1's attention projections (`attn.to_q/k/v`, `attn.to_out.0`, `attn.add_q/k/v_proj`, `attn.to_add_out`). "
+        "Each entry must match a module of this denoiser, checked before any work with the closest name suggested.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     init: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = Field(
         True, description="peft `init_lora_weights`: true (B = 0, so training starts from the base model), false "

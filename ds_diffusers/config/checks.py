@@ -206,11 +206,14 @@ def check_model_dir(value: str, variant: str | None = None) -> None:
         raise ConfigError("pretrained_model_name_or_path", value,
                           "no such folder; point it at a local diffusers model folder (with model_index.json), "
                           "e.g. a downloaded stable-diffusion-v1-5, or run `python -m ds_diffusers.embedded` for the tiny default")
-    missing = [sub for sub in _MODEL_PARTS if not (path / sub).is_dir()]
+    # The denoiser's folder is the family's (`unet/`, FLUX.1's `transformer/`).
+    denoiser_folder = detect_family(path).denoiser_folder
+    parts = {(denoiser_folder if sub == "unet" else sub): config_name for sub, config_name in _MODEL_PARTS.items()}
+    missing = [sub for sub in parts if not (path / sub).is_dir()]
     if missing:
         raise ConfigError("pretrained_model_name_or_path", value,
                           f"not a diffusers model folder (no {', '.join(missing)} subfolder); use the folder that holds model_index.json")
-    for sub, config_name in _MODEL_PARTS.items():
+    for sub, config_name in parts.items():
         if config_name is not None:
             config_file = path / sub / config_name
             try:
@@ -218,7 +221,7 @@ def check_model_dir(value: str, variant: str | None = None) -> None:
             except (OSError, ValueError) as err:
                 reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
                 raise ConfigError("pretrained_model_name_or_path", value, f"{config_file} is {reason}; download or copy the model again")
-        if sub in ("unet", "vae", "text_encoder"):
+        if sub in (denoiser_folder, "vae", "text_encoder"):
             _check_weights(path / sub, variant)
     if not any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise ConfigError("pretrained_model_name_or_path", value, f"{path / 'tokenizer'} holds no vocab.json or tokenizer.json; "
@@ -256,19 +259,22 @@ def _check_file_target(value: str, field: str) -> None:
 
 
 def check_lora_targets(cfg: Config) -> None:
-    """Every `use_lora.target_modules` entry names a module of this UNet, matched as peft matches a
-    name (the whole name or its dotted suffix); the UNet is built from its config on the meta device
-    (no weights read). peft itself only fails when nothing at all matches."""
+    """Every `use_lora.target_modules` entry (null: the family's default) names a module of this
+    denoiser, matched as peft matches a name (the whole name or its dotted suffix); the denoiser is
+    built from its config on the meta device (no weights read). peft itself only fails when nothing
+    at all matches."""
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
-    unet_config = UNet2DConditionModel.load_config(cfg.pretrained_model_name_or_path, subfolder="unet")
+    family = detect_family(cfg.pretrained_model_name_or_path)
+    model_class = getattr(diffusers, family.denoiser_class)
+    denoiser_config = model_class.load_config(cfg.pretrained_model_name_or_path, subfolder=family.denoiser_folder)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = model_class.from_config(denoiser_config)
     names = [name for name, _ in unet.named_modules() if name]
-    if not cfg.use_lora.target_modules:
+    if cfg.use_lora.target_modules is not None and not cfg.use_lora.target_modules:
         raise ConfigError("use_lora.target_modules", [], "name at least one UNet module, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]")
-    for target in cfg.use_lora.target_modules:
+    for target in family.lora_target_modules(cfg.use_lora.target_modules):
         if not any(name == target or name.endswith(f".{target}") for name in names):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "attn" in name} | {"to_out.0"})
             close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.6)

@@ -17,7 +17,8 @@ from ds_diffusers.checkpoint_reader import read_ema, read_meta, resolve_step_dir
 from ds_diffusers.config import validate_dict
 from ds_diffusers.engine.checkpoint_files import checkpoint_engine_stage, read_fp32_state
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.export.write import EMA_DIR, UNET_DIR, cast_for_export, copy_frozen_components, write_lora, write_unet
+from ds_diffusers.export.write import cast_for_export, copy_frozen_components, ema_folder, write_lora, write_unet
+from ds_diffusers.families import detect_family
 from ds_diffusers.models import build_unet, param_groups
 
 
@@ -41,7 +42,8 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     train_cfg = meta["training_config"]
     cfg = validate_dict({**train_cfg, "pretrained_model_name_or_path": meta["pretrained_model_name_or_path"], "dataset_dir": "."})
     base_dir = Path(cfg.pretrained_model_name_or_path)
-    if not (base_dir / UNET_DIR).is_dir():
+    family = detect_family(base_dir)
+    if not (base_dir / family.denoiser_folder).is_dir():
         raise ConfigError("--checkpoint", str(step_dir), f"its base model {base_dir} is gone; the export needs its frozen "
                           "components and UNet config")
     is_lora = cfg.use_lora.action
@@ -57,12 +59,13 @@ def export_checkpoint(checkpoint: str, out: str, export_dtype: str | None = None
     if is_lora:
         trainable = {name for name, param in unet.named_parameters() if param.requires_grad}
         adapters = {name: tensor for name, tensor in state.items() if name in trainable}
-        return write_lora(unet, cast_for_export(adapters, export_dtype), out_dir)
+        return write_lora(unet, cast_for_export(adapters, export_dtype), out_dir, family)
     full = {**unet.state_dict(), **state}
-    path = write_unet(unet.to_json_string(), cast_for_export(full, export_dtype), out_dir)
+    path = write_unet(unet.to_json_string(), cast_for_export(full, export_dtype), out_dir, subfolder=family.denoiser_folder)
     if cfg.use_ema:
         ema = read_ema(step_dir, meta["world_size"], stage, shapes)
-        write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir, subfolder=EMA_DIR)
+        write_unet(unet.to_json_string(), cast_for_export({**full, **ema}, export_dtype), out_dir,
+                   subfolder=ema_folder(family.denoiser_folder))
     copy_frozen_components(base_dir, out_dir, Path(cfg.vae_path) if cfg.vae_path else None, cfg.variant)
     return path
 

@@ -1,9 +1,10 @@
 """Gathered weights -> a diffusers folder that the standard loaders read.
 
-Full fine-tune: `output_dir/unet/` (safetensors) plus the frozen components copied byte-for-byte
-from the base model, so `StableDiffusionPipeline.from_pretrained(output_dir)` (or
-`StableDiffusionXLPipeline`, for an SDXL base) loads the pipeline.
-LoRA: `output_dir/pytorch_lora_weights.safetensors`, read by `pipe.load_lora_weights(output_dir)`.
+Full fine-tune: `output_dir/unet/` (the family's denoiser folder: FLUX.1's `transformer/`) plus the
+frozen components copied byte-for-byte from the base model, so the family's pipeline
+(`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `FluxPipeline`) `from_pretrained(output_dir)` loads it.
+LoRA: `output_dir/pytorch_lora_weights.safetensors` in the family's key names (`ModelFamily.save_lora_weights`),
+read by `pipe.load_lora_weights(output_dir)`.
 
 Trained weights come from the fp32 masters (`engine.MasterWeights`), not the 16-bit compute copy,
 then are cast to `export_dtype` (fp32 by default), so the end-of-run export and the offline export of
@@ -23,6 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from ds_diffusers.engine import MasterWeights, gathered, is_zero3_param
+from ds_diffusers.families import ModelFamily, detect_family
+from ds_diffusers.families.sd import SD
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -114,21 +117,25 @@ def copy_frozen_components(base_dir: Path, out_dir: Path, vae_dir: Path | None =
     shutil.copy2(base_dir / "model_index.json", out_dir / "model_index.json")
 
 
-def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], out_dir: Path) -> Path:
-    """Rank 0 only. `trainable_state` holds the gathered adapter tensors under peft's names."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+def ema_folder(denoiser_folder: str) -> str:
+    """Where the EMA weights go beside the denoiser's folder (`unet_ema/`, `transformer_ema/`)."""
+    return EMA_DIR if denoiser_folder == UNET_DIR else f"{denoiser_folder}_ema"
+
+
+def write_lora(unet: torch.nn.Module, trainable_state: dict[str, torch.Tensor], out_dir: Path,
+               family: ModelFamily | None = None) -> Path:
+    """Rank 0 only. `trainable_state` holds the gathered adapter tensors under peft's names; `family`
+    (SD's by default) names them as its pipeline's `load_lora_weights` reads them."""
     from peft.utils import get_peft_model_state_dict
 
-    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=trainable_state))
+    lora_state = get_peft_model_state_dict(unet, state_dict=trainable_state)
     lora_state = {name: tensor.contiguous() for name, tensor in lora_state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / ".lora.partial"
     shutil.rmtree(partial, ignore_errors=True)
     # The adapter config travels as metadata so the loader uses our alpha, not alpha = rank.
     metadata = unet.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state, safe_serialization=True,
-                                              unet_lora_adapter_metadata=metadata)
+    (family or SD).save_lora_weights(partial, lora_state, metadata)
     final = out_dir / LORA_WEIGHTS
     os.replace(partial / LORA_WEIGHTS, final)
     shutil.rmtree(partial)
@@ -155,10 +162,13 @@ def export_model(engine: Any, *, is_lora: bool, base_dir: str, out_dir: str, ran
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    family = detect_family(base_dir)
     if is_lora:
-        return write_lora(unet, cast_for_export(state, export_dtype), out)
-    path = write_unet(unet.to_json_string(), cast_for_export(state, export_dtype), out)
+        return write_lora(unet, cast_for_export(state, export_dtype), out, family)
+    folder = family.denoiser_folder
+    path = write_unet(unet.to_json_string(), cast_for_export(state, export_dtype), out, subfolder=folder)
     if ema_weights is not None:
-        write_unet(unet.to_json_string(), cast_for_export({**state, **ema_weights}, export_dtype), out, subfolder=EMA_DIR)
+        write_unet(unet.to_json_string(), cast_for_export({**state, **ema_weights}, export_dtype), out,
+                   subfolder=ema_folder(folder))
     copy_frozen_components(Path(base_dir), out, Path(vae_dir) if vae_dir else None, variant)
     return path

@@ -58,11 +58,15 @@ class ModelFamily:
     default_weighting_scheme: ClassVar[str] = "none"
     denoiser_folder: ClassVar[str] = "unet"
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers model class in denoiser_folder
-    # The modules a LoRA adapts by default (peft `target_modules`).
+    # The modules a LoRA adapts when `use_lora.target_modules` is null (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
     def detects(self, index: dict[str, Any]) -> bool:
         return index.get("_class_name") in self.pipeline_classes
+
+    def lora_target_modules(self, configured: list[str] | None) -> list[str]:
+        """`use_lora.target_modules` as configured, or this family's default when it is null."""
+        return list(configured) if configured is not None else list(self.lora_targets)
 
     # --- loading
     def load_denoiser(self, model_dir: str, zero3_config: dict | None, rank: int, variant: str | None) -> torch.nn.Module:
@@ -80,6 +84,12 @@ class ModelFamily:
             denoiser = model_class.from_pretrained(model_dir, subfolder=self.denoiser_folder, torch_dtype=torch.float32,
                                                    variant=variant)
         return denoiser
+
+    def load_noise_scheduler(self, model_dir: str) -> Any:
+        """The training noise scheduler from `scheduler/`: DDPM for the ε/v families."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
         """Tokenizers and text encoders beyond `tokenizer/` and `text_encoder/`, by FrozenComponents field
@@ -103,10 +113,41 @@ class ModelFamily:
         in the text encoder's device and dtype; None when the family has none."""
         return None
 
+    def flow_forward(self, denoiser: Any, denoiser_config: Any, encoder_hidden_states: torch.Tensor,
+                     added_cond_kwargs: dict[str, torch.Tensor] | None) -> Any:
+        """A flow family's `denoiser_forward(noisy_latents, timesteps)` for `flow_matching_loss`: latents
+        [B, C, H, W] in, the velocity in the same shape out, the family's conditioning closed over."""
+        raise NotImplementedError(f"{self.title} does not train with the flow objective")
+
     # --- sampling and export
+    def save_lora_weights(self, out_dir: Any, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        """Write `pytorch_lora_weights.safetensors` from peft-named adapter tensors, in the key names the
+        family's pipeline `load_lora_weights` reads; `metadata` (the adapter config) keeps alpha."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=convert_state_dict_to_diffusers(lora_state),
+                                                  safe_serialization=True, unet_lora_adapter_metadata=metadata)
+
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         """The family's text-to-image pipeline around the frozen components, `denoiser` and `scheduler`."""
         raise NotImplementedError
+
+    def sampling_scheduler(self, scheduler_config: Any) -> Any:
+        """The default sampler of validation images: DPM-Solver++ from the model's scheduler config."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(scheduler_config)
+
+    def latent_channels(self, pipe: Any) -> int:
+        """Channels of the (unpacked) latents the pipeline's denoiser starts from."""
+        return getattr(pipe, self.denoiser_folder).config.in_channels
+
+    def pipeline_inputs(self, pipe: Any, latents: torch.Tensor, negative_prompts: list[str] | None,
+                        clip_skip: int | None) -> dict[str, Any]:
+        """The pipeline call's starting latents (from [N, C, h, w] noise) and the options it takes."""
+        return {"latents": latents.to(pipe.vae.device, pipe.unet.dtype), "negative_prompt": negative_prompts,
+                "clip_skip": clip_skip}
 
     # --- config
     def check_config(self, cfg: "Config") -> None:
@@ -125,3 +166,9 @@ class ModelFamily:
             if value is not None:
                 raise ConfigError(key, value, f"{self.title} is a flow-matching model (it learns noise − latents, "
                                   "weighted by weighting_scheme); remove it")
+        # validation_loss.py computes the ε / v loss at fixed timesteps; its flow form is not written yet.
+        for key in ("validation_split", "validation_dataset_dir"):
+            value = getattr(cfg, key)
+            if value:
+                raise ConfigError(key, value, f"the held-out validation loss is computed for ε / v models only, not yet "
+                                  f"for {self.title}; remove it (validation images still run)")

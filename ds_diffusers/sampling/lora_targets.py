@@ -15,8 +15,9 @@ from pathlib import Path
 
 from ds_diffusers.errors import ConfigError
 
-# unet.<module>.<lora_A|lora_B|lora.down|lora.up>[.<adapter>].<weight|bias>: peft and diffusers' formats.
-_DIFFUSERS_KEY = re.compile(r"^unet\.(?P<module>.+?)\.(?P<role>lora_A|lora_B|lora\.down|lora\.up)(\.[^.]+)?\.(weight|bias)$")
+# unet.<module>.<lora_A|lora_B|lora.down|lora.up>[.<adapter>].<weight|bias>: peft and diffusers' formats
+# (`transformer.` for a transformer denoiser, FLUX.1's).
+_DIFFUSERS_KEY = re.compile(r"^(unet|transformer)\.(?P<module>.+?)\.(?P<role>lora_A|lora_B|lora\.down|lora\.up)(\.[^.]+)?\.(weight|bias)$")
 # lora_unet_<module with _ for .>.<lora_down|lora_up>.weight: kohya's format with diffusers' module names.
 _KOHYA_KEY = re.compile(r"^lora_unet_(?P<module>[^.]+)\.(?P<role>lora_down|lora_up)\.weight$")
 # kohya keys named after the original (SGM) blocks: diffusers renames those itself, so no module map fits.

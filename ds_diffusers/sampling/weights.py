@@ -1,9 +1,9 @@
 """Where each requested weight comes from, checked on disk before any model is loaded.
 
-baseline  the base model's `unet/` (`pretrained_model_name_or_path`)
+baseline  the base model's `unet/` (`pretrained_model_name_or_path`; FLUX.1: `transformer/`, the family's folder)
 tuned     what training exported to `output_dir`: `unet/` (full fine-tune) or
           `pytorch_lora_weights.safetensors` (LoRA run) on the base UNet
-ema       `output_dir/unet_ema/` (a `use_ema` run)
+ema       `output_dir/unet_ema/` (a `use_ema` run; FLUX.1: `transformer_ema/`)
 lora      the base UNet plus peft adapters: the `sample.loras` files, or the training run's LoRA
           file, each adapter weighted by its `weight` times `sample.lora_scale`
 """
@@ -18,11 +18,15 @@ from pathlib import Path
 from ds_diffusers.config.schema import Config
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.export import LORA_WEIGHTS
+from ds_diffusers.export.write import ema_folder
+from ds_diffusers.families import detect_family
 from ds_diffusers.sampling.lora_targets import check_lora_targets
 from ds_diffusers.sampling.plan import LoraFile, SamplePlan
 
-# What `save_pretrained` writes (safetensors) and what older exports hold (bin).
-_UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# What `save_pretrained` writes (safetensors, or its shard index: FLUX.1's transformer ships sharded) and
+# what older exports hold (bin).
+_UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                      "diffusion_pytorch_model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,12 @@ def _missing(field: str, value: object, places: list[Path], fix: str) -> ConfigE
     return ConfigError(field, value, f"no weight file found; looked in {', '.join(str(place) for place in places)}; {fix}")
 
 
+def _denoiser_folder(cfg: Config) -> str:
+    return detect_family(cfg.pretrained_model_name_or_path).denoiser_folder
+
+
 def _baseline(cfg: Config) -> WeightSource:
-    unet_dir = Path(cfg.pretrained_model_name_or_path) / "unet"
+    unet_dir = Path(cfg.pretrained_model_name_or_path) / _denoiser_folder(cfg)
     if not _has_unet(unet_dir, cfg.variant):
         raise _missing("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
                        [unet_dir / "config.json", *_unet_places(unet_dir, cfg.variant)],
@@ -92,7 +100,7 @@ def _baseline(cfg: Config) -> WeightSource:
 
 def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
     out = Path(cfg.output_dir)
-    full, lora = out / "unet", out / LORA_WEIGHTS
+    full, lora = out / _denoiser_folder(cfg), out / LORA_WEIGHTS
     # Look first where this cfg's training run exports, then at the other kind of export.
     kinds = ["lora", "full"] if cfg.use_lora.action else ["full", "lora"]
     for kind in kinds:
@@ -107,7 +115,7 @@ def _tuned(cfg: Config, baseline: WeightSource) -> WeightSource:
 
 
 def _ema(cfg: Config) -> WeightSource:
-    unet_dir = Path(cfg.output_dir) / "unet_ema"
+    unet_dir = Path(cfg.output_dir) / ema_folder(_denoiser_folder(cfg))
     if not _has_unet(unet_dir):
         raise _missing("sample.weights", "ema", [unet_dir / "config.json", *_unet_places(unet_dir)],
                        "train with use_ema true (full fine-tune), or remove ema from sample.weights")
@@ -149,7 +157,7 @@ def check_lora_fits(field: str, lora_file: Path, unet_dir: str) -> None:
     """A LoRA made for another family (SD 1.5's 768-wide text vs SDXL's 2048) would fail deep inside
     peft with a shape mismatch; say which file and which models instead."""
     width = _lora_context_width(lora_file)
-    expected = json.loads((Path(unet_dir) / "config.json").read_text())["cross_attention_dim"]
+    expected = json.loads((Path(unet_dir) / "config.json").read_text()).get("cross_attention_dim")  # a UNet's
     if width is not None and width != expected:
         kinds = {768: " (SD 1.x)", 1024: " (SD 2.x)", 2048: " (SDXL)"}
         raise ConfigError(field, str(lora_file), f"this LoRA was trained on a UNet with {width}-wide text conditioning"
