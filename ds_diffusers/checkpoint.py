@@ -173,7 +173,7 @@ def check_family(cfg: Config, step_dir: Path) -> None:
     saved = read_meta(step_dir).get("settings", {}).get("model family")
     current = model_family(cfg.pretrained_model_name_or_path)
     if saved is not None and saved != current:
-        raise ConfigError("resume_from_checkpoint", str(step_dir), f"this checkpoint trained a {FAMILY_NAMES[saved]} UNet "
+        raise ConfigError("resume_from_checkpoint", str(step_dir), f"this checkpoint trained a {FAMILY_NAMES[saved]} model "
                           f"but pretrained_model_name_or_path={cfg.pretrained_model_name_or_path} is {FAMILY_NAMES[current]}; "
                           "point pretrained_model_name_or_path at the model the checkpoint came from, or start a new run in "
                           "another checkpoint_dir")

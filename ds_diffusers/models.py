@@ -148,10 +148,10 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraCfg, target_modules: list[str
         unet.add_adapter(lora_config(lora, target_modules))
     except ValueError as err:
         raise ConfigError("use_lora.target_modules", lora.target_modules, f"peft could not attach adapters ({err}); "
-                          "name modules of the UNet, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]") from None
+                          "name modules of the denoiser, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]") from None
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
-        raise ConfigError("use_lora.target_modules", lora.target_modules, "matched no UNet module; use e.g. [\"to_q\", \"to_k\", \"to_v\"]")
+        raise ConfigError("use_lora.target_modules", lora.target_modules, "matched no module of the denoiser; use e.g. [\"to_q\", \"to_k\", \"to_v\"]")
     # Adapters train in fp32 master precision; DeepSpeed casts the compute copy.
     for param in trainable:
         param.data = param.data.float()
@@ -203,7 +203,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
     for slot, params in enumerate(buckets):
         if slot > 0 and not params:
             raise ConfigError(f"optimizer.param_groups[{slot - 1}].match", rules[slot - 1].match,
-                              "matches no trainable parameter name; check the pattern against the UNet's parameter names")
+                              "matches no trainable parameter name; check the pattern against the denoiser's parameter names")
         if not params:
             continue
         group: dict[str, Any] = {"params": params}

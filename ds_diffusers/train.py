@@ -54,11 +54,11 @@ class Preempted(Exception):
     """The run saved a checkpoint and stopped on a signal; it is meant to be started again."""
 
 
-def zero_description(cfg: Config, ds_config: dict, loaded_partitioned: bool = False) -> str:
+def zero_description(cfg: Config, ds_config: dict, loaded_partitioned: bool = False, denoiser: str = "unet") -> str:
     engine_stage = ds_config["zero_optimization"]["stage"]
     if engine_stage == 3:
         # Users compare the peak memory per rank with DeepSpeed's estimate; say which load ran.
-        return "ZeRO-3 (UNet " + ("loaded partitioned)" if loaded_partitioned else "loaded whole on every rank, then partitioned)")
+        return f"ZeRO-3 ({denoiser} " + ("loaded partitioned)" if loaded_partitioned else "loaded whole on every rank, then partitioned)")
     if engine_stage == cfg.zero_optimization.stage:
         return f"ZeRO-{engine_stage}"
     if cfg.zero_optimization.stage == 0:
@@ -177,7 +177,8 @@ def set_up(cfg: Config) -> Run:
         logger.message(f"skipping {len(checked.missing_images)} row(s) whose image file is missing (skip_bad_images), "
                        f"first: row {checked.missing_images[0]}")
     logger.message(f"training {num_trainable:,} parameters "
-                   f"({'LoRA' if cfg.use_lora.action else 'full ' + family.denoiser_folder}), {zero_description(cfg, ds_config, loaded_partitioned)}, "
+                   f"({'LoRA' if cfg.use_lora.action else 'full ' + family.denoiser_folder}), "
+                   f"{zero_description(cfg, ds_config, loaded_partitioned, family.denoiser_folder)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {data.num_workers} loader worker(s)")
     flow = None

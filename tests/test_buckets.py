@@ -333,3 +333,22 @@ def test_rank_0_plans_the_buckets_while_it_checks_the_dataset(tmp_path):
     assert {str(bucket): count for bucket, count in zip(plan.buckets, plan.counts())} == {"192x96": 8, "96x192": 4, "128x128": 4}
     assert plan.original_size(0) == (100, 200) and len(list((tmp_path / "cache").glob("image-sizes-*.npy"))) == 1
     assert load_and_check(cfg.model_copy(update={"aspect_ratio_buckets": False}), world_size=2).checks.buckets is None
+
+
+def test_bucket_step_of_a_transformer_family_counts_its_patches(flux_model):
+    """FLUX.1 packs 2×2 latent patches (its config says patch_size 1): the multiple is the VAE's
+    factor × 2, read from transformer/, not unet/."""
+    import json
+
+    from ds_diffusers.config import load_config
+    from tests.helpers import REPO
+
+    vae_factor = 2 ** (len(json.loads((flux_model / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+
+    def cfg(step: int):
+        return load_config(REPO / "cfg/default.json", [f"pretrained_model_name_or_path={flux_model}", "aspect_ratio_buckets=true",
+                                                       f"bucket_step={step}", "resolution=64"])
+
+    check_bucket_step(cfg(vae_factor * 2))
+    with pytest.raises(ConfigError, match=f"multiple of {vae_factor * 2} \\(VAE factor {vae_factor} × transformer 2\\)"):
+        check_bucket_step(cfg(vae_factor))

@@ -98,7 +98,7 @@ def test_full_two_process_zero3_loads_partitioned_and_resumes_exactly(sdxl_model
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     first = launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, straight, *full, "save_interval=1"), procs=2)
     assert_ok(first)
-    assert "ZeRO-3 (UNet loaded partitioned)" in first.stdout + first.stderr
+    assert "ZeRO-3 (unet loaded partitioned)" in first.stdout + first.stderr
     assert_ok(launch(sdxl_cfg(sdxl_model, tiny_assets.dataset_dir, resumed, *full,
                               f"resume_from_checkpoint={straight / 'checkpoints' / 'step_1'}"), procs=2))
     assert losses(straight / "model")[1:] == pytest.approx(losses(resumed / "model"), abs=1e-6)

@@ -105,20 +105,24 @@ def _check_buckets(cfg: Config) -> None:
 
 
 def check_bucket_step(cfg: Config) -> None:
-    """`bucket_step` against the model: a multiple of the VAE's factor × the UNet's downsampling."""
+    """`bucket_step` against the model: a multiple of the VAE's factor × the denoiser's downsampling
+    (the family says what that is: a UNet's blocks, a transformer's patches)."""
     if not cfg.aspect_ratio_buckets:
         return
     model_dir = Path(cfg.pretrained_model_name_or_path)
     vae_dir = Path(cfg.vae_path) if cfg.vae_path else model_dir / "vae"
+    family = detect_family(model_dir)
     try:
-        vae_blocks = len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"])
-        unet_blocks = len(json.loads((model_dir / "unet" / "config.json").read_text())["block_out_channels"])
+        vae_factor = 2 ** (len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"]) - 1)
+        denoiser_config = json.loads((model_dir / family.denoiser_folder / "config.json").read_text())
+        denoiser_factor = family.denoiser_downsampling(denoiser_config)
     except (OSError, ValueError, KeyError, TypeError):
         return  # check_model_dir names an unreadable config
-    multiple = 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+    multiple = vae_factor * denoiser_factor
     if cfg.bucket_step % multiple:
-        raise ConfigError("bucket_step", cfg.bucket_step, f"this model's latents must divide by its UNet's downsampling: "
-                          f"use a multiple of {multiple} (VAE factor {2 ** (vae_blocks - 1)} × UNet {2 ** (unet_blocks - 1)})")
+        raise ConfigError("bucket_step", cfg.bucket_step, f"this model's latents must divide by its {family.denoiser_folder}'s "
+                          f"downsampling: use a multiple of {multiple} (VAE factor {vae_factor} × {family.denoiser_folder} "
+                          f"{denoiser_factor})")
 
 
 def _check_webdataset(cfg: Config) -> None:
@@ -273,13 +277,13 @@ def check_lora_targets(cfg: Config) -> None:
         unet = model_class.from_config(denoiser_config)
     names = [name for name, _ in unet.named_modules() if name]
     if cfg.use_lora.target_modules is not None and not cfg.use_lora.target_modules:
-        raise ConfigError("use_lora.target_modules", [], "name at least one UNet module, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]")
+        raise ConfigError("use_lora.target_modules", [], "name at least one module of the denoiser, e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]")
     for target in family.lora_target_modules(cfg.use_lora.target_modules):
         if not any(name == target or name.endswith(f".{target}") for name in names):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "attn" in name} | {"to_out.0"})
             close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else "use e.g. [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]"
-            raise ConfigError("use_lora.target_modules", target, f"matches no module of the UNet; {hint}")
+            raise ConfigError("use_lora.target_modules", target, f"matches no module of the {family.denoiser_folder}; {hint}")
 
 
 def check_environment(cfg: Config) -> None:

@@ -64,6 +64,14 @@ class ModelFamily:
     def detects(self, index: dict[str, Any]) -> bool:
         return index.get("_class_name") in self.pipeline_classes
 
+    def denoiser_downsampling(self, denoiser_config: dict[str, Any]) -> int:
+        """How many latent pixels one step of the denoiser's coarsest grid spans (a latent size must
+        divide by it): a UNet halves its input once per block after the first; a transformer takes
+        `patch_size` × `patch_size` patches."""
+        if "block_out_channels" in denoiser_config:
+            return 2 ** (len(denoiser_config["block_out_channels"]) - 1)
+        return int(denoiser_config.get("patch_size") or 1)
+
     def lora_target_modules(self, configured: list[str] | None) -> list[str]:
         """`use_lora.target_modules` as configured, or this family's default when it is null."""
         return list(configured) if configured is not None else list(self.lora_targets)

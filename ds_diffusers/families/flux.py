@@ -72,6 +72,9 @@ class Flux(ModelFamily):
             raise ConfigError("resolution", cfg.resolution, f"FLUX.1 packs 2×2 latents of 1/8 the image: use a multiple "
                               f"of 16 ({lower} or {lower + 16})")
 
+    def denoiser_downsampling(self, denoiser_config: dict[str, Any]) -> int:
+        return 2 * super().denoiser_downsampling(denoiser_config)  # patch_size 1, after 2×2 packing
+
     def load_noise_scheduler(self, model_dir: str) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
