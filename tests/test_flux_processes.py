@@ -4,13 +4,15 @@
   saved at step 2 of 3 and resumed on 2 processes, the resumed run's loss and exported transformer
   equal the straight run's; the EMA export (`transformer_ema/`) loads and is not the trained weights.
 - 2 processes, LoRA under ZeRO-2 (from both encoder caches) and ZeRO-3 (the base transformer
-  partitioned, the adapters trained): the LoRA file loads in `FluxPipeline.load_lora_weights`.
+  partitioned, the adapters trained): the LoRA file loads in `FluxPipeline.load_lora_weights`; the
+  ZeRO-3 one is sampled on 2 processes with two LoRA files combined, beside the baseline, into a grid.
 - 1 process, LoRA at ZeRO-0 (fp32) and ZeRO-1 (bf16): both train and export adapters under
   `transformer.`. (One process runs ZeRO-2 as ZeRO-1, so ZeRO-2 is run on two.)
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_ok, launch, losses, max_diff, tensors
+from tests.helpers import assert_ok, launch, losses, max_diff, read_manifest, run_sample, tensors
 from tests.test_flux_integration import flux_cfg
 
 pytestmark = pytest.mark.multiprocess
@@ -34,12 +36,16 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_full_zero3_offload_bf16_ema_resumes_exactly_on_two_processes(flux_model, tiny_assets, tmp_path):
     full = ("zero_optimization.stage=3", "zero_optimization.offload_optimizer.device=cpu", "bf16.enabled=true",
-            "use_ema=true", "ema_decay=0.5", "optimizer.params.lr=1e-3", "save_interval=2")
+            "use_ema=true", "ema_decay=0.5", "optimizer.params.lr=1e-3", "save_interval=2", "validation_steps=2",
+            "validation_use_ema=true", "num_validation_images=1", "validation_inference_steps=2",
+            "validation_prompts=[\"a red circle\"]")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     first = launch(flux_cfg(flux_model, tiny_assets.dataset_dir, straight, *full), procs=2)
     assert_ok(first)
     assert "full transformer" in first.stdout and "ZeRO-3 (transformer loaded partitioned)" in first.stdout
     assert "2 process(es)" in first.stdout
+    # A validation grid under ZeRO-3 on 2 processes, drawn with the EMA weights swapped in.
+    assert (straight / "model" / "validation" / "step_000002.png").stat().st_size > 0
     again = launch(flux_cfg(flux_model, tiny_assets.dataset_dir, resumed, *full,
                             f"resume_from_checkpoint={straight / 'checkpoints' / 'step_2'}"), procs=2)
     assert_ok(again)
@@ -73,6 +79,19 @@ def test_lora_on_two_processes_loads_in_flux_pipeline(flux_model, tiny_assets, t
     pipe = FluxPipeline.from_pretrained(flux_model)
     pipe.load_lora_weights(tmp_path / "model")
     assert len(pipe.transformer.peft_config["default_0"].target_modules) == 8
+    if stage == 3:
+        # Sampling on 2 processes with two LoRA files combined: a grid beside the baseline's images.
+        lora_file = tmp_path / "model" / "pytorch_lora_weights.safetensors"
+        loras = json.dumps([{"path": str(lora_file), "weight": 0.5}, {"path": str(tmp_path / "model"), "weight": 0.5}])
+        samples = tmp_path / "samples"
+        run_sample([f"pretrained_model_name_or_path={flux_model}", f"output_dir={tmp_path / 'model'}", "resolution=64",
+                    'sample.prompts=["a red circle"]', 'sample.weights=["baseline", "lora"]', f"sample.loras={loras}",
+                    "sample.num_inference_steps=2", "sample.num_images_per_prompt=1", f"sample.output_dir={samples}"],
+                   procs=2)
+        manifest = read_manifest(samples)
+        pngs = {image["weight"]: (samples / image["file"]).read_bytes() for image in manifest["images"]}
+        assert set(pngs) == {"baseline", "lora"} and pngs["baseline"] != pngs["lora"]
+        assert (samples / manifest["grid"]).stat().st_size > 0
 
 
 # One process: fp32 keeps a configured ZeRO-0; a 16-bit run needs a ZeRO optimizer (engine/stage.py), so
