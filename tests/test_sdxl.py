@@ -151,7 +151,7 @@ def test_resuming_another_familys_checkpoint_is_refused_before_anything_is_writt
     (tmp_path / "checkpoints" / checkpoint.LATEST).write_text("step_4")
     cfg = load_config(REPO / "cfg/default.json", [f"pretrained_model_name_or_path={sdxl_model}", f"dataset_dir={tiny_assets.dataset_dir}",
                                                    f"checkpoint_dir={tmp_path / 'checkpoints'}", "resume_from_checkpoint=latest"])
-    with pytest.raises(ConfigError, match="Stable Diffusion 1.x/2.x UNet but pretrained_model_name_or_path=.* is Stable Diffusion XL"):
+    with pytest.raises(ConfigError, match="Stable Diffusion 1.x/2.x model but pretrained_model_name_or_path=.* is Stable Diffusion XL"):
         checkpoint.resume_target(cfg)
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["checkpoints", "step_4", checkpoint.META_FILE, checkpoint.LATEST])
 
