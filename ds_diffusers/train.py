@@ -183,7 +183,8 @@ def set_up(cfg: Config) -> Run:
     flow = None
     if family.objective == "flow":
         flow = FlowObjective(training_scheduler(frozen.noise_scheduler.config, cfg.flow_shift),
-                             FlowSettings.from_config(cfg, family.default_weighting_scheme))
+                             FlowSettings.from_config(cfg, family.default_weighting_scheme,
+                                                     family.precondition_outputs))
     return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=data.loader,
                sampler=data.sampler, dataset=data.dataset, state=state, checkpoints=checkpoints, logger=logger,
                held_out_loss=held_out_loss, flow=flow)
