@@ -55,6 +55,13 @@ def training_scheduler(scheduler_config: dict[str, Any], shift: float | None) ->
     return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
 
 
+def flow_objective(cfg: Any, family: Any, scheduler_config: dict[str, Any]) -> FlowObjective:
+    """A flow family's run objective: its scheduler (with `flow_shift`), the config's density settings
+    with the family's `default_weighting_scheme`, and the family's `precondition_outputs`."""
+    return FlowObjective(training_scheduler(scheduler_config, cfg.flow_shift),
+                         FlowSettings.from_config(cfg, family.default_weighting_scheme, family.precondition_outputs))
+
+
 def sample_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, settings: FlowSettings, batch_size: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, sigmas) [B] for one batch: u from the density, then the scheduler's entry at

@@ -17,7 +17,7 @@ from ds_diffusers.config.checks import check_lora_targets
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.families import detect_family
 from ds_diffusers.families.sd3 import SD3, SD3_LORA_TARGETS, T5_SEQUENCE_LENGTH, has_t5
-from ds_diffusers.flow_matching import FlowSettings, flow_matching_loss, training_scheduler
+from ds_diffusers.flow_matching import FlowSettings, flow_matching_loss, flow_objective, training_scheduler
 from ds_diffusers.models import build_unet, load_frozen_components, tokenize
 from ds_diffusers.objective import encode_batch
 from tests.helpers import REPO, with_changes
@@ -167,10 +167,10 @@ def script_preconditioned_loss(model, latents, scheduler, generator_seed):
 
 
 def test_flow_loss_is_the_scripts_preconditioned_logit_normal_loss(frozen):
-    cfg = validate_dict(with_changes())
-    settings = FlowSettings.from_config(cfg, SD3.default_weighting_scheme, SD3.precondition_outputs)
+    # What the loop builds for an SD 3.5 run (train.set_up): the family's defaults, the model's scheduler.
+    objective = flow_objective(validate_dict(with_changes()), SD3, frozen.noise_scheduler.config)
+    scheduler, settings = objective.scheduler, objective.settings
     assert settings.weighting_scheme == "logit_normal" and settings.precondition_outputs
-    scheduler = training_scheduler(frozen.noise_scheduler.config, None)
     latents = torch.randn(4, 16, 8, 8)
     weight = torch.randn(16, 16)
 
