@@ -3,7 +3,7 @@ under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal loss
 uncached straight run; the LoRA file loads in StableDiffusion3Pipeline.load_lora_weights and changes its
 images) and a full fine-tune under ZeRO-3 with EMA, the transformer loaded partitioned, with a validation
 grid (the export and its `transformer_ema/` load in StableDiffusion3Pipeline.from_pretrained and differ
-from the base)."""
+from the base; `python -m ds_diffusers.sample` draws base, export and EMA with a negative prompt and clip skip)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import (assert_lora_loads_and_changes_images, assert_trained_from, full_transformer_run,
-                           lora_resumed_from_caches, sample_64px)
+                           lora_resumed_from_caches, read_manifest, run_sample, sample_64px, transformer_run_cfg)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -45,3 +45,14 @@ def test_full_zero3_with_ema_loads_partitioned_validates_and_exports_an_sd3_pipe
     assert ema.keys() == base.keys()
     assert any(not torch.equal(ema[name], tuned[name]) for name in base)
     assert any(not torch.equal(ema[name], base[name]) for name in base)
+
+    # `python -m ds_diffusers.sample`: base, export and EMA with the same noise, through the pipeline's negative
+    # prompt and clip skip (StableDiffusion3Pipeline takes both).
+    samples = tmp_path / "samples"
+    sampled = run_sample([*transformer_run_cfg(sd3_model, tiny_assets.dataset_dir, tmp_path), "sample.prompts=[\"a red circle\"]",
+                          "sample.weights=[\"baseline\", \"tuned\", \"ema\"]", "sample.num_inference_steps=2",
+                          "sample.num_images_per_prompt=1", "sample.negative_prompt=blurry", "sample.clip_skip=1",
+                          f"sample.output_dir={samples}"])
+    assert "flow-matching Euler" in sampled.stdout
+    pngs = {image["weight"]: (samples / image["file"]).read_bytes() for image in read_manifest(samples)["images"]}
+    assert set(pngs) == {"baseline", "tuned", "ema"} and pngs["baseline"] != pngs["tuned"]
