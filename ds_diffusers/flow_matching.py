@@ -1,7 +1,7 @@
 """The flow-matching (rectified-flow) objective of Flux and SD 3.x, as diffusers' DreamBooth scripts
 train them: a sigma drawn from the configured density over the scheduler's training sigmas, the
-noisy input (1 − σ)·latents + σ·noise, the target noise − latents, and the configured per-sample
-loss weighting. The density and the weighting are diffusers' own (`training_utils`), and the sigma
+noisy input (1 − σ)·latents + σ·noise, the target noise − latents (SD 3.x: the latents, against
+the preconditioned prediction x_σ − σ·v), and the configured per-sample loss weighting. The density and the weighting are diffusers' own (`training_utils`), and the sigma
 table, with its shift, is `FlowMatchEulerDiscreteScheduler`'s.
 
 Random draws (noise, then the density's draw, the scripts' order) use the process's global torch
@@ -30,11 +30,13 @@ class FlowSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    # The family's `precondition_outputs`: the loss compares x̂₀ = x_σ − σ·v with the latents.
+    precondition_outputs: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any, default_scheme: str) -> "FlowSettings":
+    def from_config(cls, cfg: Any, default_scheme: str, precondition_outputs: bool = False) -> "FlowSettings":
         scheme = cfg.weighting_scheme if cfg.weighting_scheme is not None else default_scheme
-        return cls(scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
+        return cls(scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, precondition_outputs)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ def training_scheduler(scheduler_config: dict[str, Any], shift: float | None) ->
     (Flux: the shift then depends on the image size and applies at sampling only)."""
     overrides = {} if shift is None else {"shift": shift}
     return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
+
+
+def flow_objective(cfg: Any, family: Any, scheduler_config: dict[str, Any]) -> FlowObjective:
+    """A flow family's run objective: its scheduler (with `flow_shift`), the config's density settings
+    with the family's `default_weighting_scheme`, and the family's `precondition_outputs`."""
+    return FlowObjective(training_scheduler(scheduler_config, cfg.flow_shift),
+                         FlowSettings.from_config(cfg, family.default_weighting_scheme, family.precondition_outputs))
 
 
 def sample_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, settings: FlowSettings, batch_size: int,
@@ -76,14 +85,19 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """Weighted mean-squared error of the denoiser's velocity, in fp32 whatever the compute dtype.
     `denoiser_forward(noisy_latents, timesteps)` closes over the family's conditioning; `timesteps`
-    are the scheduler's (σ·N), which a family rescales if its denoiser expects σ."""
+    are the scheduler's (σ·N), which a family rescales if its denoiser expects σ. With
+    `settings.precondition_outputs` (SD 3.x) the prediction becomes x_σ − σ·v and the target the
+    latents, as diffusers' SD3 scripts compute them (the same minimum, weighted by σ² per sample)."""
     latents = latents.float()
     noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     timesteps, sigmas = sample_sigmas(scheduler, settings, latents.shape[0], latents.device)
     sigmas = sigmas.view(-1, *([1] * (latents.ndim - 1)))
     noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
     target = noise - latents
-    model_pred = denoiser_forward(noisy_latents.to(compute_dtype), timesteps)
+    model_pred = denoiser_forward(noisy_latents.to(compute_dtype), timesteps).float()
+    if settings.precondition_outputs:
+        model_pred = model_pred * (-sigmas) + noisy_latents
+        target = latents
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=settings.weighting_scheme, sigmas=sigmas)
-    per_sample = (weighting.float() * (model_pred.float() - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
+    per_sample = (weighting.float() * (model_pred - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
     return per_sample.mean()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -35,6 +36,11 @@ class FrozenComponents:
     # FLUX.1: T5, whose sequence conditions the transformer.
     tokenizer_2: Any = None
     text_encoder_2: Any = None
+    # SD 3.x: T5 (None when model_index.json leaves it out, as StableDiffusion3Pipeline allows), and the
+    # width of the zeros that then stand in for its states (the transformer's `joint_attention_dim`).
+    tokenizer_3: Any = None
+    text_encoder_3: Any = None
+    joint_attention_dim: int | None = None
     family: str = "sd"  # the `families.FAMILIES` name
     # model_index.json's SDXL pipeline option: an empty negative prompt is a zero embedding, not "".
     force_zeros_for_empty_prompt: bool = True
@@ -50,8 +56,8 @@ class FrozenComponents:
     @property
     def tokenizers(self) -> dict[str, CLIPTokenizer]:
         """Batch key of each text encoder's token ids -> its tokenizer."""
-        return {name: tokenizer for name, tokenizer in (("input_ids", self.tokenizer), ("input_ids_2", self.tokenizer_2))
-                if tokenizer is not None}
+        named = (("input_ids", self.tokenizer), ("input_ids_2", self.tokenizer_2), ("input_ids_3", self.tokenizer_3))
+        return {name: tokenizer for name, tokenizer in named if tokenizer is not None}
 
     @torch.no_grad()
     def encode_text(self, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,7 +105,8 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
     """`variant` ("fp16": the `*.fp16.safetensors` files) applies to the model's own parts, not to `vae_path`."""
     family = detect_family(model_dir)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=variant)
+    text_encoder_class = getattr(transformers, family.text_encoder_class)
+    text_encoder = text_encoder_class.from_pretrained(model_dir, subfolder="text_encoder", variant=variant)
     vae_dir = vae_folder(model_dir, vae_path)
     vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family.upcasts_vae else dtype
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)

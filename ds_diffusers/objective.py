@@ -46,7 +46,7 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor], gener
     if "encoder_hidden_states" in batch:
         text = {name: batch[name] for name in family.text_outputs}
     else:
-        text = frozen.encode_text({name: batch[name] for name in ("input_ids", "input_ids_2") if name in batch})
+        text = frozen.encode_text({name: batch[name] for name in frozen.tokenizers if name in batch})
     text = {name: tensor.to(text_encoder.device, text_encoder.dtype) for name, tensor in text.items()}
     added = family.added_conditioning(frozen, batch, text, latents)
     return EncodedBatch(latents, text["encoder_hidden_states"], added)

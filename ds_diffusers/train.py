@@ -36,7 +36,7 @@ from ds_diffusers.engine import (StartingValues, full_numel, is_zero3_param, mma
 from ds_diffusers.errors import ConfigError, TrainingError
 from ds_diffusers.export import export_model
 from ds_diffusers.families import family_named
-from ds_diffusers.flow_matching import FlowObjective, FlowSettings, flow_matching_loss, training_scheduler
+from ds_diffusers.flow_matching import FlowObjective, flow_matching_loss, flow_objective
 from ds_diffusers.metrics import RunLogger
 from ds_diffusers.models import (DTYPES, FrozenComponents, attention_description, build_unet, cast_trainable_like_partitioned,
                                  load_frozen_components, param_groups, set_tf32)
@@ -181,10 +181,7 @@ def set_up(cfg: Config) -> Run:
                    f"{zero_description(cfg, ds_config, loaded_partitioned, family.denoiser_folder)}, "
                    f"{cfg.weight_dtype_name}, {dist.world_size} process(es), {plan.total_steps} steps; "
                    f"{kernel_description(cfg, engine.module, accelerator_name, tf32)}, {data.num_workers} loader worker(s)")
-    flow = None
-    if family.objective == "flow":
-        flow = FlowObjective(training_scheduler(frozen.noise_scheduler.config, cfg.flow_shift),
-                             FlowSettings.from_config(cfg, family.default_weighting_scheme))
+    flow = flow_objective(cfg, family, frozen.noise_scheduler.config) if family.objective == "flow" else None
     return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=data.loader,
                sampler=data.sampler, dataset=data.dataset, state=state, checkpoints=checkpoints, logger=logger,
                held_out_loss=held_out_loss, flow=flow)

@@ -139,6 +139,16 @@ def flux_model(tmp_path_factory) -> Path:
     return model_dir
 
 
+@pytest.fixture(scope="session")
+def sd3_model(tmp_path_factory) -> Path:
+    """An SD 3.5 Medium-shaped model at test size (`embedded.arch_sd3`: MMDiT-X dual-attention blocks, three text encoders)."""
+    from ds_diffusers.embedded.arch_sd3 import build_sd3
+
+    model_dir: Path = tmp_path_factory.mktemp("sd3") / "tiny-sd35-medium"
+    build_sd3(model_dir, "medium", size="test")
+    return model_dir
+
+
 def _bytes_to_unicode() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = [256 + n for n in range(256 - len(printable))]

@@ -4,6 +4,7 @@ Test files import from here and from conftest's fixtures, never from each other.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -213,6 +214,75 @@ def three_runs(tiny_assets, tmp_path: Path, *overrides: str, steps: int = RESUME
     assert_ok(result)
     assert f"resumed from {resumed / 'checkpoints' / f'step_{steps // 2}'}" in result.stdout + result.stderr
     return straight / "model", resumed / "model"
+
+
+# ---- the flow-matching transformer families (FLUX.1, SD 3.5) through the launcher, 1 process ----
+
+TRANSFORMER_LORA = ("use_lora.action=true", "use_lora.rank=4", "use_lora.alpha=8", "optimizer.params.lr=0.01",
+                    "zero_optimization.stage=2")
+
+
+def transformer_run_cfg(model_dir: Path, dataset_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """3 steps at 64 px on 16 rows (the resumed run's caches encode only those), no validation or saves."""
+    return [f"pretrained_model_name_or_path={model_dir}", f"dataset_dir={dataset_dir}", f"output_dir={run_dir / 'model'}",
+            f"checkpoint_dir={run_dir / 'checkpoints'}", f"cache_dir={run_dir / 'cache'}", "resolution=64",
+            "train_micro_batch_size_per_gpu=4", "validation_steps=0", "save_interval=0", "lr_warmup_steps=1",
+            "log_every_n_steps=1", "scheduler.params={}", "max_train_steps=3", "max_train_samples=16", *overrides]
+
+
+def lora_resumed_from_caches(model_dir: Path, dataset_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA run under ZeRO-2 saved at step 2 of 3, and a run resumed from that checkpoint with both encoder
+    caches (built at its start): asserts the same losses and adapters as the uncached straight run, and
+    returns the straight run's LoRA file's tensors (its output folder is `tmp_path / "straight" / "model"`)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(launch(transformer_run_cfg(model_dir, dataset_dir, straight, *TRANSFORMER_LORA, "save_interval=2")))
+    result = launch(transformer_run_cfg(model_dir, dataset_dir, resumed, *TRANSFORMER_LORA, "cache_latents=true",
+                                        "cache_text_embeddings=true",
+                                        f"resume_from_checkpoint={straight / 'checkpoints' / 'step_2'}"))
+    assert_ok(result)
+    assert "resumed from" in result.stdout + result.stderr
+    history = losses(straight / "model")
+    assert len(history) == 3 and all(math.isfinite(loss) for loss in history) and len(set(history)) == 3
+    assert losses(resumed / "model") == pytest.approx(history[2:], abs=1e-6)
+    weights = load_file(str(straight / "model" / "pytorch_lora_weights.safetensors"))
+    again = load_file(str(resumed / "model" / "pytorch_lora_weights.safetensors"))
+    assert weights.keys() == again.keys() and all(torch.allclose(weights[k], again[k], atol=1e-6) for k in weights)
+    return weights
+
+
+def assert_lora_loads_and_changes_images(pipe, lora_dir: Path, num_targets: int) -> None:
+    """The LoRA file loads in `pipe.load_lora_weights` with `num_targets` target modules and changes its images."""
+    before = sample_64px(pipe)
+    pipe.load_lora_weights(lora_dir)
+    assert len(pipe.transformer.peft_config["default_0"].target_modules) == num_targets
+    assert abs(sample_64px(pipe) - before).max() > 1e-4
+
+
+def full_transformer_run(model_dir: Path, dataset_dir: Path, run_dir: Path, *overrides: str) -> str:
+    """A full fine-tune under ZeRO-3 with a validation image at step 3: asserts the transformer loaded
+    partitioned, the image and three finite, distinct losses; returns the run's stdout."""
+    result = launch(transformer_run_cfg(model_dir, dataset_dir, run_dir, "zero_optimization.stage=3",
+                                        "optimizer.params.lr=1e-3", "validation_steps=3", "num_validation_images=1",
+                                        "validation_inference_steps=2", "validation_prompts=[\"a red circle\"]", *overrides))
+    assert_ok(result)
+    assert "full transformer" in result.stdout and "loaded partitioned" in result.stdout
+    assert (run_dir / "model" / "validation" / "step_000003.png").stat().st_size > 0
+    history = losses(run_dir / "model")
+    assert len(history) == 3 and all(math.isfinite(loss) for loss in history) and len(set(history)) == 3
+    return result.stdout
+
+
+def assert_trained_from(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> None:
+    """Trained (every weight moved by Adam) but from the base weights, not zero.Init's random ones."""
+    assert tuned.keys() == base.keys()
+    changes = [(tuned[name] - base[name]).abs().max().item() for name in base]
+    assert 0 < max(changes) < 0.05 and sum(change > 0 for change in changes) > len(changes) // 2
+
+
+def sample_64px(pipe):
+    """One 64 px image of "a red circle" in 2 steps from a fixed generator, as a numpy array."""
+    return pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
 
 
 # ---- sampling runs ----

@@ -112,4 +112,4 @@ def test_presets_validate(preset):
 def test_presets_cover_the_documented_set():
     names = {p.name for p in (REPO / "cfg").glob("*.json")}
     assert {"default.json", "sd15_full.json", "sd15_lora.json", "sd15_zero3_offload.json", "sd2_768.json",
-            "flux_lora.json", "flux_full.json"} <= names
+            "flux_lora.json", "flux_full.json", "sd35_lora.json", "sd35_full.json"} <= names

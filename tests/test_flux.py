@@ -49,7 +49,7 @@ def test_detection_reads_the_pipeline_class(tmp_path, flux_model):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert detect_family(tmp_path).name == "flux"
     (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
-    assert detect_family(tmp_path).name == "sd"  # not claimed by Flux: SD 3.x is not a family yet
+    assert detect_family(tmp_path).name == "sd3"  # not claimed by Flux
 
 
 def test_conditioning_equals_flux_pipeline_encode_prompt(frozen, pipeline):

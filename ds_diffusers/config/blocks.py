@@ -60,7 +60,8 @@ class LoraCfg(Block):
     target_modules: Optional[list[str]] = Field(
         None, description="Denoiser modules that get adapters (peft `target_modules`: a module's whole name or its dotted "
         "suffix). null = the model family's: `[\"to_k\", \"to_q\", \"to_v\", \"to_out.0\"]` for SD 1.x/2.x and SDXL, "
-        "FLUX.1's attention projections (`attn.to_q/k/v`, `attn.to_out.0`, `attn.add_q/k/v_proj`, `attn.to_add_out`). "
+        "FLUX.1's and SD 3.5's attention projections (`attn.to_q/k/v`, `attn.to_out.0`, `attn.add_q/k/v_proj`, "
+        "`attn.to_add_out`). "
         "Each entry must match a module of this denoiser, checked before any work with the closest name suggested.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     init: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = Field(

@@ -30,9 +30,9 @@ Kind = Literal["pipeline", "vae", "dataset"]
 _FIELDS: tuple[tuple[str, Kind], ...] = (("pretrained_model_name_or_path", "pipeline"), ("vae_path", "vae"),
                                           ("dataset_dir", "dataset"))
 # The parts of a diffusers pipeline repo the trainer and the sampler read (the denoiser is `unet/` or, for
-# FLUX.1, `transformer/`; not the safety checker, feature extractor or image encoder, never loaded).
-_WEIGHT_FOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
-_OTHER_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+# FLUX.1 and SD 3.x, `transformer/`; not the safety checker, feature extractor or image encoder, never loaded).
+_WEIGHT_FOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_OTHER_FOLDERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 # Weight files as diffusers and transformers name them: base name, optional variant, optional shard
 # number, format; their shard indexes carry the variant before `.json`.
 _WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>[A-Za-z0-9_]+))?"

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 class CaptionedImageDataset(Dataset):
     """Row `index` -> {"pixel_values", "input_ids", "index"}; with a latent cache "latent_parameters"
-    replaces "pixel_values", with a text cache "encoder_hidden_states" replaces "input_ids". SDXL adds
-    "input_ids_2" (or the cached "text_embeds") and, with `record_crop`, "original_size" and "crop_top_left".
+    replaces "pixel_values", with a text cache the family's `text_outputs` replace "input_ids". SDXL and
+    FLUX.1 add "input_ids_2", SD 3.x also "input_ids_3"; with `record_crop`, "original_size" and "crop_top_left".
     With `buckets` (aspect_ratio_buckets) a row is cropped to its bucket's shape, not resolution², and its
     original size is the one its header gave.
 
@@ -47,7 +47,7 @@ class CaptionedImageDataset(Dataset):
                  text_cache: Optional[TextCache] = None, skip_bad_images: bool = False,
                  known_bad_rows: Sequence[int] = (), caption_dropout: float = 0.0,
                  tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False,
-                 buckets: Optional[BucketPlan] = None) -> None:
+                 buckets: Optional[BucketPlan] = None, tokenizer_3: Optional[PreTrainedTokenizerBase] = None) -> None:
         # Decode only the columns needed: with cached latents the images are never read. Images are
         # decoded here rather than by `datasets`, so that a failure names its file and row.
         columns = [caption_column] if latent_cache else [image_column, caption_column]
@@ -58,7 +58,8 @@ class CaptionedImageDataset(Dataset):
         self.text_cache = text_cache
         self.image_column = image_column
         self.caption_column = caption_column
-        self.tokenizers = {"input_ids": tokenizer, **({"input_ids_2": tokenizer_2} if tokenizer_2 is not None else {})}
+        named = (("input_ids", tokenizer), ("input_ids_2", tokenizer_2), ("input_ids_3", tokenizer_3))
+        self.tokenizers = {name: named_tokenizer for name, named_tokenizer in named if named_tokenizer is not None}
         self.record_crop = record_crop  # SDXL: "original_size" and "crop_top_left" of each sample
         self.resolution = resolution
         self.buckets = buckets
@@ -146,7 +147,7 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                            skip_bad_images: bool = False, known_bad_rows: Sequence[int] = (),
                            caption_dropout: float = 0.0,
                            tokenizer_2: Optional[PreTrainedTokenizerBase] = None, record_crop: bool = False,
-                           buckets: Optional[BucketPlan] = None,
+                           buckets: Optional[BucketPlan] = None, tokenizer_3: Optional[PreTrainedTokenizerBase] = None,
                            ) -> tuple[DataLoader, ShardedEpochSampler | BucketBatchSampler, CaptionedImageDataset]:
     """This rank's DataLoader; call sampler.set_epoch and dataset.set_epoch before each epoch.
     `pin_memory` when batches go to an accelerator, so `to_device` can copy them asynchronously.
@@ -156,7 +157,7 @@ def build_train_dataloader(hf_dataset: datasets.Dataset, image_column: str, capt
                                     center_crop, random_flip, seed, latent_cache=latent_cache, text_cache=text_cache,
                                     skip_bad_images=skip_bad_images, known_bad_rows=known_bad_rows,
                                     caption_dropout=caption_dropout, tokenizer_2=tokenizer_2, record_crop=record_crop,
-                                    buckets=buckets)
+                                    buckets=buckets, tokenizer_3=tokenizer_3)
     if buckets is not None:
         sampler = BucketBatchSampler(buckets, micro_batch_size, rank, world_size, seed)
         batching = {"batch_sampler": sampler}

@@ -68,6 +68,7 @@ def build_input(checked: CheckedInput, cfg: Config, frozen: FrozenComponents, di
         world_size=dist.world_size, latent_cache=latent_cache, text_cache=text_cache, pin_memory=pin_memory,
         skip_bad_images=cfg.skip_bad_images, known_bad_rows=checks.missing_images, caption_dropout=cfg.caption_dropout,
         tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop, buckets=buckets,
+        tokenizer_3=frozen.tokenizer_3,
     )
     num_rows = len(hf_dataset)
     data_order = f"{num_rows} rows" + (f", bucket assignment {buckets.assignment_digest}" if buckets else "")

@@ -2,7 +2,8 @@
 
 Full fine-tune: `output_dir/unet/` (the family's denoiser folder: FLUX.1's `transformer/`) plus the
 frozen components copied byte-for-byte from the base model, so the family's pipeline
-(`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `FluxPipeline`) `from_pretrained(output_dir)` loads it.
+(`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `FluxPipeline`,
+`StableDiffusion3Pipeline`) `from_pretrained(output_dir)` loads it.
 LoRA: `output_dir/pytorch_lora_weights.safetensors` in the family's key names (`ModelFamily.save_lora_weights`),
 read by `pipe.load_lora_weights(output_dir)`.
 
@@ -34,7 +35,7 @@ EMA_DIR = "unet_ema"  # the EMA weights of a use_ema run, beside UNET_DIR
 # What an export writes into output_dir besides the frozen components.
 EXPORT_RESULTS = (UNET_DIR, EMA_DIR, LORA_WEIGHTS)
 FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker",
-                "text_encoder_2", "tokenizer_2", "image_encoder")
+                "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "image_encoder")
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -1,4 +1,4 @@
-"""Model families (SD 1.x/2.x, SDXL, FLUX.1): each one file describing how its folder is recognised, loaded,
+"""Model families (SD 1.x/2.x, SDXL, FLUX.1, SD 3.5): each one file describing how its folder is recognised, loaded,
 conditioned, trained and sampled (`base.ModelFamily`). Adding a family is adding a file here and
 listing it in FAMILIES (see docs/development.md, "Adding a model family")."""
 
@@ -9,10 +9,11 @@ from pathlib import Path
 from ds_diffusers.families.base import ModelFamily, model_index
 from ds_diffusers.families.flux import FLUX
 from ds_diffusers.families.sd import SD
+from ds_diffusers.families.sd3 import SD3
 from ds_diffusers.families.sdxl import SDXL, SDXL_PARTS
 
 # Detection order: the first family whose pipeline class model_index.json names; SD is the fallback.
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SDXL, FLUX, SD)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SDXL, FLUX, SD3, SD)}
 FALLBACK = SD
 FAMILY_NAMES = {name: family.title for name, family in FAMILIES.items()}
 
@@ -27,7 +28,7 @@ def detect_family(model_dir: str | Path) -> ModelFamily:
 
 
 def model_family(model_dir: str | Path) -> str:
-    """The name of `detect_family(model_dir)` ("sd", "sdxl", "flux"), as checkpoints record it."""
+    """The name of `detect_family(model_dir)` ("sd", "sdxl", "flux", "sd3"), as checkpoints record it."""
     return detect_family(model_dir).name
 
 

@@ -54,10 +54,15 @@ class ModelFamily:
     # Whether an fp16 run keeps a `force_upcast` VAE in fp32, as the family's pipeline does.
     upcasts_vae: ClassVar[bool] = False
     objective: ClassVar[Objective] = "diffusion"
+    # Whether the flow loss compares the preconditioned prediction x̂₀ = x_σ − σ·v with the latents (EDM's
+    # preconditioning, diffusers' SD3 scripts' `--precondition_outputs` default) rather than v with noise − latents.
+    precondition_outputs: ClassVar[bool] = False
     # The flow objective's density and weighting when `weighting_scheme` is null (diffusers' example's default).
     default_weighting_scheme: ClassVar[str] = "none"
     denoiser_folder: ClassVar[str] = "unet"
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers model class in denoiser_folder
+    # The transformers class of `text_encoder/` (SD 3.x: CLIP-L with its projection, for the pooled vector).
+    text_encoder_class: ClassVar[str] = "CLIPTextModel"
     # The modules a LoRA adapts when `use_lora.target_modules` is null (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -154,7 +159,8 @@ class ModelFamily:
     def pipeline_inputs(self, pipe: Any, latents: torch.Tensor, negative_prompts: list[str] | None,
                         clip_skip: int | None) -> dict[str, Any]:
         """The pipeline call's starting latents (from [N, C, h, w] noise) and the options it takes."""
-        return {"latents": latents.to(pipe.vae.device, pipe.unet.dtype), "negative_prompt": negative_prompts,
+        denoiser = getattr(pipe, self.denoiser_folder)
+        return {"latents": latents.to(pipe.vae.device, denoiser.dtype), "negative_prompt": negative_prompts,
                 "clip_skip": clip_skip}
 
     # --- config

@@ -7,15 +7,11 @@ training, `TRAINING_GUIDANCE`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
-from ds_diffusers.errors import ConfigError
-from ds_diffusers.families.base import ModelFamily
-
-if TYPE_CHECKING:
-    from ds_diffusers.config.schema import Config
+from ds_diffusers.families.flow import FlowTransformerFamily
 
 FLUX_TEXT_PARTS = ("text_encoder_2", "tokenizer_2")
 # The guidance value a guidance-distilled [dev] transformer is conditioned on in training: diffusers'
@@ -51,34 +47,18 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)
 
 
-class Flux(ModelFamily):
+class Flux(FlowTransformerFamily):
     name = "flux"
     title = "FLUX.1"
     pipeline_classes = ("FluxPipeline",)
     extra_parts = FLUX_TEXT_PARTS
     extra_text_parts = FLUX_TEXT_PARTS
-    text_outputs = ("encoder_hidden_states", "pooled_projections")
-    objective = "flow"
     default_weighting_scheme = "none"  # the scripts' `--weighting_scheme` default
-    denoiser_folder = "transformer"
     denoiser_class = "FluxTransformer2DModel"
     lora_targets = FLUX_LORA_TARGETS
 
-    def check_config(self, cfg: "Config") -> None:
-        super().check_config(cfg)
-        # Latents are 1/8 of the image and packed 2×2, as FluxPipeline requires of its height and width.
-        if cfg.resolution % 16:
-            lower = cfg.resolution // 16 * 16
-            raise ConfigError("resolution", cfg.resolution, f"FLUX.1 packs 2×2 latents of 1/8 the image: use a multiple "
-                              f"of 16 ({lower} or {lower + 16})")
-
     def denoiser_downsampling(self, denoiser_config: dict[str, Any]) -> int:
         return 2 * super().denoiser_downsampling(denoiser_config)  # patch_size 1, after 2×2 packing
-
-    def load_noise_scheduler(self, model_dir: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
         from transformers import T5EncoderModel, T5TokenizerFast
@@ -86,20 +66,12 @@ class Flux(ModelFamily):
         return {"tokenizer_2": T5TokenizerFast.from_pretrained(model_dir, subfolder="tokenizer_2"),
                 "text_encoder_2": T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", variant=variant)}
 
-    def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
-        config = frozen.vae.config
-        return (posterior_sample - config.shift_factor) * config.scaling_factor
-
     def encode_text(self, frozen: Any, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """As FluxPipeline.encode_prompt: CLIP's pooled output, T5's last hidden state."""
         clip, t5 = frozen.text_encoder, frozen.text_encoder_2
         pooled = clip(token_ids["input_ids"].to(clip.device), output_hidden_states=False).pooler_output
         sequence = t5(token_ids["input_ids_2"].to(t5.device), output_hidden_states=False)[0]
         return {"encoder_hidden_states": sequence, "pooled_projections": pooled.to(clip.dtype)}
-
-    def added_conditioning(self, frozen: Any, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
-                           latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pooled_projections": text["pooled_projections"]}
 
     def flow_forward(self, denoiser: Any, denoiser_config: Any, encoder_hidden_states: torch.Tensor,
                      added_cond_kwargs: dict[str, torch.Tensor] | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -122,19 +94,6 @@ class Flux(ModelFamily):
             return unpack_latents(velocity, height, width)
 
         return forward
-
-    def save_lora_weights(self, out_dir: Any, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        # As the Flux LoRA script saves them: peft's names under `transformer.`, which FluxPipeline reads.
-        from diffusers import FluxPipeline
-
-        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state, safe_serialization=True,
-                                       transformer_lora_adapter_metadata=metadata)
-
-    def sampling_scheduler(self, scheduler_config: Any) -> Any:
-        # FluxPipeline's own sampler: Euler on the flow, with the resolution-dependent shift of [dev].
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
 
     def latent_channels(self, pipe: Any) -> int:
         return pipe.transformer.config.in_channels // 4  # 64 packed = 16 VAE channels × 2×2
