@@ -125,10 +125,11 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
 
 
 def load_unet(model_dir: str, gradient_checkpointing: bool, zero3_config: dict | None = None, rank: int = 0,
-              variant: str | None = None) -> UNet2DConditionModel:
-    """fp32 weights on the host; DeepSpeed casts and moves them. With `zero3_config` (a ZeRO-3 run; all
-    ranks call this) the UNet is partitioned while it loads (`ModelFamily.load_denoiser`), so no rank holds all of it."""
-    unet = detect_family(model_dir).load_denoiser(model_dir, zero3_config, rank, variant)
+              variant: str | None = None, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """Weights on the host in `dtype` (fp32 by default); DeepSpeed casts and moves them. With `zero3_config`
+    (a ZeRO-3 run; all ranks call this) the UNet is partitioned while it loads (`ModelFamily.load_denoiser`),
+    so no rank holds all of it."""
+    unet = detect_family(model_dir).load_denoiser(model_dir, zero3_config, rank, variant, dtype)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -167,13 +168,19 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraCfg, target_modules: list[str
 def build_unet(cfg: Config, zero3_config: dict | None = None, rank: int = 0) -> UNet2DConditionModel:
     """The trainable UNet (with LoRA adapters if configured). Pass the run's DeepSpeed config as
     `zero3_config` when the engine runs ZeRO-3 (all ranks) to load it already partitioned."""
-    # LoRA initialisations computed from the base weights (PiSSA, OLoRA, LoftQ) need them whole.
-    if cfg.use_lora.action and cfg.use_lora.init not in (True, False, "gaussian"):
+    # LoRA initialisations computed from the base weights (PiSSA, OLoRA, LoftQ) need them whole, in fp32.
+    from_base = cfg.use_lora.action and cfg.use_lora.init not in (True, False, "gaussian")
+    if from_base:
         zero3_config = None
+    # A LoRA run's base weights stay frozen in the weight dtype (the engine casts them to it): load them
+    # in it, rather than an fp32 copy per process (FLUX.1: 47.6 GB, against 23.8 GB in bf16). The
+    # adapters start from the base layers' dtype, as in diffusers' LoRA scripts, then train in fp32.
+    dtype = DTYPES[cfg.weight_dtype_name] if cfg.use_lora.action and not from_base and zero3_config is None else torch.float32
     # Building inside zero.Init runs the UNet's random initialisation (then overwritten) and the
     # ordinary load does not: keep the RNG out of it, so LoRA's initialisation is the same either way.
     with torch.random.fork_rng(devices=[]):
-        unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank, cfg.variant)
+        unet = load_unet(cfg.pretrained_model_name_or_path, cfg.gradient_checkpointing, zero3_config, rank, cfg.variant,
+                         dtype)
     if cfg.use_lora.action:
         family = detect_family(cfg.pretrained_model_name_or_path)
         add_lora(unet, cfg.use_lora, family.lora_target_modules(cfg.use_lora.target_modules))

@@ -82,9 +82,11 @@ class ModelFamily:
         return list(configured) if configured is not None else list(self.lora_targets)
 
     # --- loading
-    def load_denoiser(self, model_dir: str, zero3_config: dict | None, rank: int, variant: str | None) -> torch.nn.Module:
-        """fp32 weights on the host. With `zero3_config` (all ranks) the denoiser is partitioned while
-        it loads (`engine.zero_load`), so no rank holds all of it."""
+    def load_denoiser(self, model_dir: str, zero3_config: dict | None, rank: int, variant: str | None,
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """Weights on the host in `dtype` (fp32 unless the caller only needs frozen 16-bit weights). With
+        `zero3_config` (all ranks) the denoiser is partitioned while it loads (`engine.zero_load`), so no
+        rank holds all of it."""
         import diffusers
 
         from ds_diffusers.engine.zero_load import load_partitioned
@@ -94,7 +96,7 @@ class ModelFamily:
         if zero3_config is not None:
             denoiser = load_partitioned(model_dir, self.denoiser_folder, model_class, zero3_config, rank, variant)
         if denoiser is None:
-            denoiser = model_class.from_pretrained(model_dir, subfolder=self.denoiser_folder, torch_dtype=torch.float32,
+            denoiser = model_class.from_pretrained(model_dir, subfolder=self.denoiser_folder, torch_dtype=dtype,
                                                    variant=variant)
         return denoiser
 
