@@ -58,6 +58,7 @@ class ModelFamily:
     default_weighting_scheme: ClassVar[str] = "none"
     denoiser_folder: ClassVar[str] = "unet"
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers model class in denoiser_folder
+    vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers model class in `vae/` (and in `vae_path`)
     # The modules a LoRA adapts when `use_lora.target_modules` is null (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -91,12 +92,25 @@ class ModelFamily:
 
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
+    def load_text_encoder(self, model_dir: str, variant: str | None, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
+        """The tokenizer `models.tokenize` calls and the text encoder, from `tokenizer/` and `text_encoder/`;
+        unfrozen (the caller freezes, casts to `dtype` and places it). CLIP for SD, SDXL and Flux."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return (CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
+                CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=variant))
+
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
         """Tokenizers and text encoders beyond `tokenizer/` and `text_encoder/`, by FrozenComponents field
         name; loaded after the VAE and the scheduler, unfrozen (the caller freezes and places them)."""
         return {}
 
     # --- encoding
+    def latent_distribution(self, vae: Any, pixel_values: torch.Tensor) -> Any:
+        """The VAE posterior of [B, 3, H, W] images, over [B, C, h, w] latents (a
+        `DiagonalGaussianDistribution`; its `parameters` are what the latent cache stores)."""
+        return vae.encode(pixel_values).latent_dist
+
     def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
         """The denoiser's latents from a VAE posterior sample: SD's scaling (Flux and SD 3.x also
         subtract the VAE's `shift_factor` first)."""

@@ -51,6 +51,14 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)
 
 
+def check_packed_resolution(cfg: "Config", title: str) -> None:
+    """Latents are 1/8 of the image and packed 2×2, as the pipeline requires of its height and width."""
+    if cfg.resolution % 16:
+        lower = cfg.resolution // 16 * 16
+        raise ConfigError("resolution", cfg.resolution, f"{title} packs 2×2 latents of 1/8 the image: use a multiple "
+                          f"of 16 ({lower} or {lower + 16})")
+
+
 class Flux(ModelFamily):
     name = "flux"
     title = "FLUX.1"
@@ -66,11 +74,7 @@ class Flux(ModelFamily):
 
     def check_config(self, cfg: "Config") -> None:
         super().check_config(cfg)
-        # Latents are 1/8 of the image and packed 2×2, as FluxPipeline requires of its height and width.
-        if cfg.resolution % 16:
-            lower = cfg.resolution // 16 * 16
-            raise ConfigError("resolution", cfg.resolution, f"FLUX.1 packs 2×2 latents of 1/8 the image: use a multiple "
-                              f"of 16 ({lower} or {lower + 16})")
+        check_packed_resolution(cfg, self.title)
 
     def load_noise_scheduler(self, model_dir: str) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
