@@ -1,8 +1,9 @@
 """Qwen-Image through the real `deepspeed` launcher on the Qwen-Image-shaped test model, 1 process: LoRA
 under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal losses and adapters to the
 uncached straight run; the LoRA file loads in QwenImagePipeline.load_lora_weights and changes its
-images) and a full fine-tune under ZeRO-3, the transformer loaded partitioned, with a validation grid
-(the export loads in QwenImagePipeline.from_pretrained and differs from the base)."""
+images), LoRA under ZeRO-3 as the preset runs it, and a full fine-tune under ZeRO-3, the transformer
+loaded partitioned, with a validation grid (the export loads in QwenImagePipeline.from_pretrained and
+differs from the base)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,15 @@ def test_full_zero3_loads_partitioned_validates_and_exports_a_qwen_image_pipelin
     # Trained (every weight moved by Adam) but from the base weights, not zero.Init's random ones.
     assert 0 < max(changes) < 0.05 and sum(change > 0 for change in changes) > len(changes) // 2
     assert generate(pipe).std() > 0
+
+
+def test_lora_zero3_as_the_preset_trains_on_the_partitioned_transformer(qwen_image_model, tiny_assets, tmp_path):
+    # cfg/qwen_image_lora.json's stage: the frozen 20B base partitioned, the adapters trained and saved.
+    result = launch(qwen_cfg(qwen_image_model, tiny_assets.dataset_dir, tmp_path, "use_lora.action=true", "use_lora.rank=4",
+                             "optimizer.params.lr=0.01", "zero_optimization.stage=3", "gradient_checkpointing=true"))
+    assert_ok(result)
+    assert "LoRA" in result.stdout and "loaded partitioned" in result.stdout
+    history = losses(tmp_path / "model")
+    assert len(history) == 3 and all(math.isfinite(loss) for loss in history) and len(set(history)) == 3
+    weights = load_file(str(tmp_path / "model" / "pytorch_lora_weights.safetensors"))
+    assert len(weights) == 2 * 4 * 2 and any(".lora_B." in key and tensor.abs().max() > 0 for key, tensor in weights.items())

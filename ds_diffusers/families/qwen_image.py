@@ -136,7 +136,8 @@ class QwenImage(ModelFamily):
 
         def forward(noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             batch, _, height, width = noisy_latents.shape
-            # σ in [0, 1], divided in fp32 as the script does; the transformer casts it.
+            # σ in [0, 1], divided in fp32 as the script does; the transformer casts it. The installed
+            # diffusers reads the text lengths from the mask (older scripts also passed `txt_seq_lens`).
             velocity = denoiser(hidden_states=pack_latents(noisy_latents),
                                 encoder_hidden_states=encoder_hidden_states.to(noisy_latents.dtype),
                                 encoder_hidden_states_mask=mask, timestep=timesteps.float() / 1000,
