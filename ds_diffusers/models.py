@@ -103,13 +103,13 @@ def _accept_any_float_latents(vae: AutoencoderKL) -> None:
 def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None,
                            vae_path: str | None = None, variant: str | None = None) -> FrozenComponents:
     """`variant` ("fp16": the `*.fp16.safetensors` files) applies to the model's own parts, not to `vae_path`."""
+    import diffusers
+
     family = detect_family(model_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder_class = getattr(transformers, family.text_encoder_class)
-    text_encoder = text_encoder_class.from_pretrained(model_dir, subfolder="text_encoder", variant=variant)
-    vae_dir = vae_folder(model_dir, vae_path)
-    vae_weights_dtype = vae_dtype(AutoencoderKL.load_config(vae_dir), dtype) if family.upcasts_vae else dtype
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)
+    tokenizer, text_encoder = family.load_text_encoder(model_dir, variant, dtype)
+    vae_dir, vae_class = vae_folder(model_dir, vae_path), getattr(diffusers, family.vae_class)
+    vae_weights_dtype = vae_dtype(vae_class.load_config(vae_dir), dtype) if family.upcasts_vae else dtype
+    vae = vae_class.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)
     noise_scheduler = family.load_noise_scheduler(model_dir)
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.

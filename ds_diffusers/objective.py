@@ -39,7 +39,7 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor], gener
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
     else:
-        posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        posterior = family.latent_distribution(vae, batch["pixel_values"].to(vae.device, vae.dtype))
     # A VAE with mid-block attention (every SD VAE) returns channels-last posteriors for batches of 2
     # or more; the cache stores them contiguous. Latents in one layout keep the two paths identical.
     latents = family.image_latents(frozen, posterior.sample(generator)).contiguous()

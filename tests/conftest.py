@@ -149,6 +149,16 @@ def sd3_model(tmp_path_factory) -> Path:
     return model_dir
 
 
+@pytest.fixture(scope="session")
+def qwen_image_model(tmp_path_factory) -> Path:
+    """A Qwen-Image-shaped model at test size (`embedded.arch_qwen_image`: the real block structure, narrow)."""
+    from ds_diffusers.embedded.arch_qwen_image import build_qwen_image
+
+    model_dir: Path = tmp_path_factory.mktemp("qwen_image") / "tiny-qwen-image"
+    build_qwen_image(model_dir)
+    return model_dir
+
+
 def _bytes_to_unicode() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = [256 + n for n in range(256 - len(printable))]

@@ -31,9 +31,11 @@ def test_stored_names_and_what_each_family_brings():
     # Checkpoints record these names ("model family"): renaming one would refuse every old checkpoint.
     assert {name: family_named(name).title for name in FAMILIES} == {"sd": "Stable Diffusion 1.x/2.x",
                                                                       "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
-                                                                      "sd3": "Stable Diffusion 3.5"}
+                                                                      "sd3": "Stable Diffusion 3.5",
+                                                                      "qwen_image": "Qwen-Image"}
     assert old_family_module.FAMILY_NAMES == {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL",
-                                              "flux": "FLUX.1", "sd3": "Stable Diffusion 3.5"}
+                                              "flux": "FLUX.1", "sd3": "Stable Diffusion 3.5",
+                                              "qwen_image": "Qwen-Image"}
     assert (SD.records_crop, SD.upcasts_vae, SD.text_outputs, SD.extra_parts) == (False, False, ("encoder_hidden_states",), ())
     assert (SDXL.records_crop, SDXL.upcasts_vae, SDXL.text_outputs) == (True, True, ("encoder_hidden_states", "text_embeds"))
     assert SDXL.extra_parts == old_family_module.SDXL_PARTS == ("text_encoder_2", "tokenizer_2")

@@ -1,4 +1,4 @@
-"""The flow-matching transformer families (FLUX.1, SD 3.5) beyond one process and ZeRO-2: each family's
+"""The flow-matching transformer families (FLUX.1, SD 3.5, Qwen-Image) beyond one process and ZeRO-2: each family's
 test model through the real `deepspeed` launcher (the one-process LoRA-resume and ZeRO-3 export tests are
 in tests/test_<family>_integration.py).
 
@@ -6,7 +6,8 @@ in tests/test_<family>_integration.py).
   saved at step 2 of 3 and resumed on 2 processes, the resumed run's loss and exported transformer
   equal the straight run's; the EMA export (`transformer_ema/`) loads and is not the trained weights.
   A validation grid is drawn with the EMA weights swapped in.
-- 2 processes, LoRA under ZeRO-3 (the base transformer partitioned, the adapters trained): the LoRA
+- 2 processes, LoRA under ZeRO-3 with gradient checkpointing, as the presets run it (the base transformer
+  partitioned, the adapters trained): the LoRA
   file loads in the family pipeline's `load_lora_weights`, and is sampled on 2 processes with two LoRA
   files combined, beside the baseline, into a grid. FLUX.1 also runs ZeRO-2 from both encoder caches.
 - 1 process, LoRA at ZeRO-0 (fp32) and ZeRO-1 (bf16): both train and export adapters under
@@ -34,6 +35,7 @@ LORA = ("use_lora.action=true", "use_lora.rank=4", "use_lora.alpha=8", "optimize
 FAMILIES = {
     "flux": ("flux_model", "FluxPipeline", "FluxTransformer2DModel", 8),
     "sd3": ("sd3_model", "StableDiffusion3Pipeline", "SD3Transformer2DModel", 8),
+    "qwen_image": ("qwen_image_model", "QwenImagePipeline", "QwenImageTransformer2DModel", 4),
 }
 
 
@@ -82,7 +84,7 @@ def test_full_zero3_offload_bf16_ema_resumes_exactly_on_two_processes(request, f
 
 
 @pytest.mark.parametrize("family, stage, extra", [("flux", 2, ("cache_latents=true", "cache_text_embeddings=true")),
-                                                  *((family, 3, ()) for family in FAMILIES)],
+                                                  *((family, 3, ("gradient_checkpointing=true",)) for family in FAMILIES)],
                          ids=["flux-zero2-cached", *(f"{family}-zero3" for family in FAMILIES)])
 def test_lora_on_two_processes_loads_in_the_family_pipeline(request, family, tiny_assets, tmp_path, stage, extra):
     model = model_of(request, family)

@@ -245,10 +245,11 @@ def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Data
             processed = [(tensor, replace(crop, original_size=plan.original_size(row)))
                          for (tensor, crop), row in zip(processed, chunk)]
         pixels = torch.stack([tensor for tensor, _ in processed]).to(vae.device, vae.dtype)
-        batch = {"parameters": vae.encode(pixels).latent_dist.parameters.cpu()}
+        family = family_named(frozen.family)
+        batch = {"parameters": family.latent_distribution(vae, pixels).parameters.cpu()}
         if cfg.random_flip:  # mirroring the normalised tensor equals mirroring the cropped image
-            batch["flipped"] = vae.encode(torch.flip(pixels, dims=[-1])).latent_dist.parameters.cpu()
-        if family_named(frozen.family).records_crop:
+            batch["flipped"] = family.latent_distribution(vae, torch.flip(pixels, dims=[-1])).parameters.cpu()
+        if family.records_crop:
             batch["original_size_resized_width"] = torch.tensor([[*c.original_size, c.resized_width] for _, c in processed])
             batch["crop_top_left"] = torch.tensor([c.crop_top_left for _, c in processed])
         yield batch

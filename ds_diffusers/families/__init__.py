@@ -8,12 +8,13 @@ from pathlib import Path
 
 from ds_diffusers.families.base import ModelFamily, model_index
 from ds_diffusers.families.flux import FLUX
+from ds_diffusers.families.qwen_image import QWEN_IMAGE
 from ds_diffusers.families.sd import SD
 from ds_diffusers.families.sd3 import SD3
 from ds_diffusers.families.sdxl import SDXL, SDXL_PARTS
 
 # Detection order: the first family whose pipeline class model_index.json names; SD is the fallback.
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SDXL, FLUX, SD3, SD)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SDXL, FLUX, SD3, QWEN_IMAGE, SD)}
 FALLBACK = SD
 FAMILY_NAMES = {name: family.title for name, family in FAMILIES.items()}
 

@@ -63,6 +63,7 @@ class ModelFamily:
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers model class in denoiser_folder
     # The transformers class of `text_encoder/` (SD 3.x: CLIP-L with its projection, for the pooled vector).
     text_encoder_class: ClassVar[str] = "CLIPTextModel"
+    vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers model class in `vae/` (and in `vae_path`)
     # The modules a LoRA adapts when `use_lora.target_modules` is null (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -106,12 +107,27 @@ class ModelFamily:
 
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
+    def load_text_encoder(self, model_dir: str, variant: str | None, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
+        """The tokenizer `models.tokenize` calls and the text encoder, from `tokenizer/` and `text_encoder/`;
+        unfrozen (the caller freezes, casts to `dtype` and places it). CLIP (`text_encoder_class`) for SD,
+        SDXL, FLUX.1 and SD 3.5."""
+        import transformers
+
+        encoder_class = getattr(transformers, self.text_encoder_class)
+        return (transformers.CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
+                encoder_class.from_pretrained(model_dir, subfolder="text_encoder", variant=variant))
+
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
         """Tokenizers and text encoders beyond `tokenizer/` and `text_encoder/`, by FrozenComponents field
         name; loaded after the VAE and the scheduler, unfrozen (the caller freezes and places them)."""
         return {}
 
     # --- encoding
+    def latent_distribution(self, vae: Any, pixel_values: torch.Tensor) -> Any:
+        """The VAE posterior of [B, 3, H, W] images, over [B, C, h, w] latents (a
+        `DiagonalGaussianDistribution`; its `parameters` are what the latent cache stores)."""
+        return vae.encode(pixel_values).latent_dist
+
     def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
         """The denoiser's latents from a VAE posterior sample: SD's scaling (Flux and SD 3.x also
         subtract the VAE's `shift_factor` first)."""

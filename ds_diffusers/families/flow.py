@@ -16,6 +16,14 @@ if TYPE_CHECKING:
     from ds_diffusers.config.schema import Config
 
 
+def check_packed_resolution(cfg: "Config", title: str) -> None:
+    """Latents are 1/8 of the image and go to the transformer in 2×2 patches: the pipelines refuse other sizes."""
+    if cfg.resolution % 16:
+        lower = cfg.resolution // 16 * 16
+        raise ConfigError("resolution", cfg.resolution, f"{title} takes 2×2 patches of latents 1/8 the image: "
+                          f"use a multiple of 16 ({lower} or {lower + 16})")
+
+
 class FlowTransformerFamily(ModelFamily):
     text_outputs = ("encoder_hidden_states", "pooled_projections")
     objective = "flow"
@@ -23,11 +31,7 @@ class FlowTransformerFamily(ModelFamily):
 
     def check_config(self, cfg: "Config") -> None:
         super().check_config(cfg)
-        # Latents are 1/8 of the image and go to the transformer in 2×2 patches: both pipelines refuse other sizes.
-        if cfg.resolution % 16:
-            lower = cfg.resolution // 16 * 16
-            raise ConfigError("resolution", cfg.resolution, f"{self.title} takes 2×2 patches of latents 1/8 the image: "
-                              f"use a multiple of 16 ({lower} or {lower + 16})")
+        check_packed_resolution(cfg, self.title)
 
     def load_noise_scheduler(self, model_dir: str) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
