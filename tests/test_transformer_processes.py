@@ -6,10 +6,10 @@ in tests/test_<family>_integration.py).
   saved at step 2 of 3 and resumed on 2 processes, the resumed run's loss and exported transformer
   equal the straight run's; the EMA export (`transformer_ema/`) loads and is not the trained weights.
   A validation grid is drawn with the EMA weights swapped in.
-- 2 processes, LoRA under ZeRO-3 with gradient checkpointing, as the presets run it (the base transformer
-  partitioned, the adapters trained): the LoRA
-  file loads in the family pipeline's `load_lora_weights`, and is sampled on 2 processes with two LoRA
-  files combined, beside the baseline, into a grid. FLUX.1 also runs ZeRO-2 from both encoder caches.
+- 2 processes, LoRA under ZeRO-3 with gradient checkpointing, as the presets run it (the base
+  transformer partitioned, the adapters trained): the LoRA file loads in the family pipeline's
+  `load_lora_weights`, and is sampled on 2 processes with two LoRA files combined, beside the
+  baseline, into a grid. FLUX.1 also runs ZeRO-2 from both encoder caches.
 - 1 process, LoRA at ZeRO-0 (fp32) and ZeRO-1 (bf16): both train and export adapters under
   `transformer.`. (One process runs ZeRO-2 as ZeRO-1, so ZeRO-2 is run on two.)
 These paths are the engine's, not the family's; they run for every family because a family's
