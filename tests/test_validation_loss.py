@@ -97,6 +97,7 @@ def test_the_loss_is_repeatable_and_leaves_the_training_rng_alone(tiny_unet_and_
     first = loss(forward, torch.float32)
     assert torch.equal(torch.get_rng_state(), state)  # the training streams do not notice validation
     assert loss(forward, torch.float32) == first
+    assert "on 2 held-out row(s) (never trained on) at 4 fixed timestep(s) (125, 375, 625, ...)" in loss.description()
 
 
 def test_the_loss_tells_the_weights_apart(tiny_unet_and_frozen):
