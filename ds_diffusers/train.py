@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,7 @@ def set_up(cfg: Config) -> Run:
     if data.buckets is not None:
         logger.message(data.buckets.histogram())
     if held_out_loss is not None:
-        logger.message(f"validation loss on {len(held_out_loss)} held-out row(s) (validation_split, never trained on) at "
-                       f"{cfg.validation_loss_timesteps} fixed timestep(s)")
+        logger.message(held_out_loss.description())
     if checked.missing_images:
         logger.message(f"skipping {len(checked.missing_images)} row(s) whose image file is missing (skip_bad_images), "
                        f"first: row {checked.missing_images[0]}")
@@ -286,13 +286,18 @@ def unet_forward_of(run: Run):
     return unet_forward
 
 
+def denoiser_call_of(run: Run):
+    """The engine as the objective calls it: `unet_forward_of`, or the family's `flow_forward` bound to it."""
+    if run.flow is None:
+        return unet_forward_of(run)
+    return partial(family_named(run.frozen.family).flow_forward, run.engine, run.engine.module.config)
+
+
 def micro_batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     cfg = run.cfg
     encoded = encode_batch(run.frozen, to_device(batch, run.dist.device))
     if run.flow is not None:
-        family = family_named(run.frozen.family)
-        denoiser_forward = family.flow_forward(run.engine, run.engine.module.config, encoded.encoder_hidden_states,
-                                               encoded.added_cond_kwargs)
+        denoiser_forward = denoiser_call_of(run)(encoded.encoder_hidden_states, encoded.added_cond_kwargs)
         return flow_matching_loss(denoiser_forward, run.flow.scheduler, encoded.latents, run.flow.settings,
                                   compute_dtype=DTYPES[cfg.weight_dtype_name])
     return diffusion_loss(unet_forward_of(run), run.frozen, encoded.latents, encoded.encoder_hidden_states,
@@ -322,7 +327,7 @@ def validate(run: Run, cadence: ValidationCadence) -> None:
     held_out_loss = None
     if run.held_out_loss is not None:
         compute_dtype = DTYPES[run.cfg.weight_dtype_name]
-        held_out_loss = lambda: run.held_out_loss(unet_forward_of(run), compute_dtype)  # noqa: E731
+        held_out_loss = lambda: run.held_out_loss(denoiser_call_of(run), compute_dtype)  # noqa: E731
     validation.run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema,
                               held_out_loss)
     cadence.ran(run.state.global_step)

@@ -1,20 +1,29 @@
-"""The held-out validation loss: which rows are held out, the fixed timesteps, and a loss that is a
-function of the weights alone (the same at any process count, again when called again, and without
-touching the training RNG). Its exact resume on 2 processes is in test_checkpoint_integration."""
+"""The held-out validation loss: which rows are held out, the fixed timesteps (a flow family's fixed
+sigmas), and a loss that is a function of the weights alone (the same at any process count, again when
+called again, and without touching the training RNG); the flow form against a written-out oracle. Its
+exact resume on 2 processes is in test_checkpoint_integration, FLUX.1's launcher runs in
+test_flow_validation_integration."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from ds_diffusers.config import validate_dict
 from ds_diffusers.config.checks import check_consistency
+from ds_diffusers.data.dataset import collate_examples
 from ds_diffusers.data.loading import split_held_out
+from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.errors import ConfigError
+from ds_diffusers.families.flux import FLUX
+from ds_diffusers.flow_matching import fixed_sigmas
 from ds_diffusers.models import load_frozen_components
-from ds_diffusers.validation_loss import HeldOutLoss, fixed_timesteps
+from ds_diffusers.objective import encode_batch
+from ds_diffusers.validation_loss import NOISE_STREAM, HeldOutLoss, fixed_timesteps
 from tests.helpers import error_of, in_memory_dataset, with_changes
 
 
@@ -64,9 +73,9 @@ def tiny_unet_and_frozen(tiny_assets):
     return frozen, forward
 
 
-def held_out_loss(frozen, rank: int, world_size: int, rows: int = 5) -> HeldOutLoss:
+def held_out_loss(frozen, rank: int, world_size: int, rows: int = 5, count: int = 4) -> HeldOutLoss:
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    return HeldOutLoss(in_memory_dataset(rows), "image", "text", frozen, dist, resolution=32, seed=3, num_timesteps=4)
+    return HeldOutLoss(in_memory_dataset(rows), "image", "text", frozen, dist, resolution=32, seed=3, num_timesteps=count)
 
 
 def test_the_loss_is_the_same_at_any_process_count(tiny_unet_and_frozen):
@@ -88,6 +97,7 @@ def test_the_loss_is_repeatable_and_leaves_the_training_rng_alone(tiny_unet_and_
     first = loss(forward, torch.float32)
     assert torch.equal(torch.get_rng_state(), state)  # the training streams do not notice validation
     assert loss(forward, torch.float32) == first
+    assert "on 2 held-out row(s) (never trained on) at 4 fixed timestep(s) (125, 375, 625, ...)" in loss.description()
 
 
 def test_the_loss_tells_the_weights_apart(tiny_unet_and_frozen):
@@ -115,6 +125,59 @@ def test_sdxl_rows_carry_their_size_and_crop_conditioning(sdxl_model):
     assert [ids[:2] for ids in seen] == sizes and all(ids[4:] == [32, 32] for ids in seen)
     split = sum(held_out_loss(frozen, rank, 2, rows=3).local_totals(forward, torch.float32) for rank in range(2))
     assert torch.allclose(split, one, rtol=1e-6, atol=0)
+
+
+@pytest.fixture(scope="module")
+def flux_frozen(flux_model):
+    return load_frozen_components(str(flux_model), torch.device("cpu"), torch.float32, None)
+
+
+def test_fixed_sigmas_are_the_unshifted_midpoints_of_even_intervals(flux_frozen):
+    """A flow family scores at σ = (i + ½) / count, whatever the scheduler's shift (FLUX.1 [dev]'s is dynamic)."""
+    assert fixed_sigmas(8).tolist() == [0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875, 0.8125, 0.9375]
+    assert fixed_sigmas(1).tolist() == [0.5]
+    gaps = fixed_sigmas(5).diff()
+    assert torch.allclose(gaps, torch.full_like(gaps, 0.2))
+    loss = held_out_loss(flux_frozen, 0, 1, count=8)
+    assert torch.equal(loss.sigmas, fixed_sigmas(8))
+    assert "on 5 held-out row(s) (never trained on) at 8 fixed sigma(s) (0.0625, 0.1875, 0.3125, ...)" in loss.description()
+
+
+def test_the_flow_loss_is_the_velocity_error_at_the_fixed_sigmas(flux_frozen):
+    """A stub denoiser whose velocity is 0.5·x_σ scores, written out row by row and sigma by sigma,
+    mean((0.5·((1 − σ)·x + σ·n) − (n − x))²), x the row's latents and n its noise, both from (seed, row);
+    the denoiser gets σ·1000 and the row's conditioning once per sigma."""
+    loss = held_out_loss(flux_frozen, 0, 1, rows=2, count=4)
+    calls = []
+
+    def conditioned(encoder_hidden_states, added_cond_kwargs):
+        def forward(noisy_latents, timesteps):
+            calls.append((timesteps.tolist(), encoder_hidden_states.shape[0], added_cond_kwargs["pooled_projections"].shape[0]))
+            return 0.5 * noisy_latents
+
+        return forward
+
+    value = loss(conditioned, torch.float32)
+    expected = []
+    for row in range(2):
+        generator = seeded_generator(3, NOISE_STREAM, row)
+        latents = encode_batch(flux_frozen, collate_examples([loss.rows[row]]), generator).latents[0].double()
+        noise = torch.randn((4, *latents.shape), generator=generator).double()
+        for index, sigma in enumerate([0.125, 0.375, 0.625, 0.875]):
+            noisy = (1 - sigma) * latents + sigma * noise[index]
+            expected.append(((0.5 * noisy - (noise[index] - latents)) ** 2).mean())
+    assert value == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    assert calls == [([125.0, 375.0, 625.0, 875.0], 4, 4)] * 2
+
+
+def test_the_flow_loss_is_the_same_at_any_process_count(flux_model, flux_frozen):
+    """FLUX.1's transformer called through its `flow_forward`, as training calls it: 3 rows over 1 or 2 ranks."""
+    transformer = FluxTransformer2DModel.from_pretrained(flux_model, subfolder="transformer").eval()
+    conditioned = partial(FLUX.flow_forward, transformer, transformer.config)
+    one = held_out_loss(flux_frozen, 0, 1, rows=3).local_totals(conditioned, torch.float32)
+    assert one[1] == 3 and 0 < one[0] / 3 < 10
+    split = sum(held_out_loss(flux_frozen, rank, 2, rows=3).local_totals(conditioned, torch.float32) for rank in range(2))
+    assert torch.allclose(split, one, rtol=1e-6, atol=0), (split, one)
 
 
 def test_a_validation_folder_gives_the_held_out_rows(tmp_path):

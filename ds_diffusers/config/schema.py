@@ -66,7 +66,8 @@ class Config(Block):
                                                   "(the layouts and `imagefolder` of `dataset_dir`, the same columns) whose "
                                                   "rows are the held-out rows, instead of `validation_split`.")
     validation_loss_timesteps: int = Field(8, ge=1, le=1000, json_schema_extra=VALIDATION, description="Evenly spaced "
-                                           "timesteps the validation loss averages over (8, as MLPerf's Flux benchmark).")
+                                           "timesteps the validation loss averages over (a flow family: sigmas in [0, 1], "
+                                           "unshifted), 8 as MLPerf's Flux benchmark.")
     save_interval: int = Field(500, ge=0, json_schema_extra=CHECKPOINTS, description="Checkpoint every N optimizer steps (and "
                                "always at the end and on a stop signal); 0 = only at the end. 500 = diffusers' "
                                "`--checkpointing_steps`.")

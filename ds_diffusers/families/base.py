@@ -146,8 +146,9 @@ class ModelFamily:
 
     def flow_forward(self, denoiser: Any, denoiser_config: Any, encoder_hidden_states: torch.Tensor,
                      added_cond_kwargs: dict[str, torch.Tensor] | None) -> Any:
-        """A flow family's `denoiser_forward(noisy_latents, timesteps)` for `flow_matching_loss`: latents
-        [B, C, H, W] in, the velocity in the same shape out, the family's conditioning closed over."""
+        """A flow family's `denoiser_forward(noisy_latents, timesteps)` for `flow_matching_loss` and the held-out
+        `fixed_sigma_loss`: latents [B, C, H, W] in, the velocity in the same shape out, the family's
+        conditioning closed over."""
         raise NotImplementedError(f"{self.title} does not train with the flow objective")
 
     # --- sampling and export
@@ -198,9 +199,3 @@ class ModelFamily:
             if value is not None:
                 raise ConfigError(key, value, f"{self.title} is a flow-matching model (it learns noise − latents, "
                                   "weighted by weighting_scheme); remove it")
-        # validation_loss.py computes the ε / v loss at fixed timesteps; its flow form is not written yet.
-        for key in ("validation_split", "validation_dataset_dir"):
-            value = getattr(cfg, key)
-            if value:
-                raise ConfigError(key, value, f"the held-out validation loss is computed for ε / v models only, not yet "
-                                  f"for {self.title}; remove it (validation images still run)")
