@@ -35,6 +35,11 @@ def model_index(model_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+def per_image(embedding: torch.Tensor, num_images: int, dtype: torch.dtype) -> torch.Tensor:
+    """One prompt's stored embedding ([tokens, width] or [width]) repeated for `num_images` images."""
+    return embedding.unsqueeze(0).expand(num_images, *embedding.shape).to(dtype)
+
+
 class ModelFamily:
     """A model family's description. Subclasses set the class attributes and override the methods
     whose behaviour differs; an instance holds no state."""
@@ -58,6 +63,9 @@ class ModelFamily:
     default_weighting_scheme: ClassVar[str] = "none"
     denoiser_folder: ClassVar[str] = "unet"
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers model class in denoiser_folder
+    # Whether validation can hand the pipeline stored prompt embeddings (`embedding_inputs`) instead of
+    # its text encoders, so a run whose text cache covers every caption frees them (data/text_prepass.py).
+    samples_from_embeddings: ClassVar[bool] = False
     # The modules a LoRA adapts when `use_lora.target_modules` is null (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -96,6 +104,14 @@ class ModelFamily:
         name; loaded after the VAE and the scheduler, unfrozen (the caller freezes and places them)."""
         return {}
 
+    def load_extra_tokenizers(self, model_dir: str) -> dict[str, Any]:
+        """The tokenizers of `load_extra_text_encoders` without their encoders (a run whose text cache
+        covers it): each `tokenizer*` folder of `extra_text_parts`, as its `tokenizer_config.json` names it."""
+        from transformers import AutoTokenizer
+
+        return {part: AutoTokenizer.from_pretrained(model_dir, subfolder=part) for part in self.extra_text_parts
+                if part.startswith("tokenizer")}
+
     # --- encoding
     def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
         """The denoiser's latents from a VAE posterior sample: SD's scaling (Flux and SD 3.x also
@@ -132,6 +148,12 @@ class ModelFamily:
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         """The family's text-to-image pipeline around the frozen components, `denoiser` and `scheduler`."""
         raise NotImplementedError
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        """The pipeline call's prompt arguments from one prompt's stored `text_outputs` ([tokens, width], ...)
+        and the empty prompt's (the negative classifier-free guidance uses), instead of `prompt`."""
+        raise NotImplementedError(f"{self.title} validation encodes its prompts with the text encoders")
 
     def sampling_scheduler(self, scheduler_config: Any) -> Any:
         """The default sampler of validation images: DPM-Solver++ from the model's scheduler config."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.families.base import ModelFamily
+from ds_diffusers.families.base import ModelFamily, per_image
 
 if TYPE_CHECKING:
     from ds_diffusers.config.schema import Config
@@ -63,6 +63,7 @@ class Flux(ModelFamily):
     denoiser_folder = "transformer"
     denoiser_class = "FluxTransformer2DModel"
     lora_targets = FLUX_LORA_TARGETS
+    samples_from_embeddings = True
 
     def check_config(self, cfg: "Config") -> None:
         super().check_config(cfg)
@@ -141,6 +142,13 @@ class Flux(ModelFamily):
         # FluxPipeline takes packed latents and has no clip_skip; a negative prompt would only act with
         # `true_cfg_scale` > 1 ([dev] is guidance-distilled: `guidance_scale` goes to its embedder).
         return {"latents": pack_latents(latents).to(pipe.vae.device, pipe.transformer.dtype)}
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        # No negative: [dev] is guidance-distilled (see pipeline_inputs).
+        dtype = pipe.transformer.dtype
+        return {"prompt_embeds": per_image(text["encoder_hidden_states"], num_images, dtype),
+                "pooled_prompt_embeds": per_image(text["pooled_projections"], num_images, dtype)}
 
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         from diffusers import FluxPipeline
