@@ -17,6 +17,7 @@ import time
 from ds_diffusers.config import Config, check_environment, load_config, parse_cfg_args
 from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.data import prepare_caches, prepare_train_data
+from ds_diffusers.data.text_prepass import TextSources, prepare_text
 from ds_diffusers.distributed import StoppedOnEveryRank, all_gather, init_distributed, shutdown_distributed
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.metrics import peak_memory_mb
@@ -38,9 +39,12 @@ def build_caches(cfg: Config) -> None:
     train_data = prepare_train_data(cfg, dist)
     checks = train_data.checks
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, DTYPES[cfg.weight_dtype_name],
-                                    cfg.prediction_type, cfg.vae_path, cfg.variant)
+                                    cfg.prediction_type, cfg.vae_path, cfg.variant, with_text_encoders=False)
+    text = prepare_text(cfg, TextSources(train_data.dataset, checks.caption_column, train_data.held_out), frozen, dist)
+    if dist.is_main:
+        print(f"ds-diffusers: {text.line}", flush=True)
     latent_cache, text_cache = prepare_caches(cfg, train_data.dataset, checks.image_column, checks.caption_column, frozen, dist,
-                                             buckets=checks.buckets)
+                                             buckets=checks.buckets, text_cache=text.text_cache)
     # The largest resident set of any rank: what a node's memory must hold per process.
     peak = max(all_gather(peak_memory_mb()["peak_rss_mb"]))
     if dist.is_main:

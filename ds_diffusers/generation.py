@@ -52,14 +52,18 @@ def generate_images(
     negative_prompt: str = "",
     clip_skip: int | None = None,
     output_type: str = "pil",
+    embeddings: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> Any:
     """`num_images` images of `prompt`, image i from the (seed, prompt_index, i) generator: PIL images,
-    or a float numpy array (N, H, W, 3) in [0, 1] with `output_type="np"`."""
+    or a float numpy array (N, H, W, 3) in [0, 1] with `output_type="np"`. `embeddings`: the prompt's and
+    the empty prompt's stored text outputs, given to the pipeline instead of `prompt` (no text encoders)."""
     family = family_of_pipeline(pipe)
     generators = image_generators(seed, prompt_index, num_images)
     latents = starting_latents(generators, family.latent_channels(pipe), resolution // pipe.vae_scale_factor)
     prompts: dict[str, Any] = {"prompt": [prompt] * num_images}
-    if clip_skip and not hasattr(pipe.text_encoder, "text_model") and not hasattr(pipe, "text_encoder_2"):
+    if embeddings is not None:
+        prompts = family.embedding_inputs(pipe, *embeddings, num_images)
+    elif clip_skip and not hasattr(pipe.text_encoder, "text_model") and not hasattr(pipe, "text_encoder_2"):
         # diffusers' SD pipeline applies clip_skip through `text_encoder.text_model`, which transformers
         # 5 removed (CLIPTextModel now holds its layers itself): the same embeddings, computed here.
         prompts = {"prompt_embeds": clip_skip_embeddings(pipe, prompt, clip_skip).expand(num_images, -1, -1)}

@@ -9,7 +9,7 @@ never partitions them. Only the UNet goes to `deepspeed.initialize`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class FrozenComponents:
     tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | None  # None when the text cache covers the run (data/text_prepass.py)
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler  # a FlowMatchEulerDiscreteScheduler for a flow family
     # SDXL: the second (OpenCLIP bigG-shaped) encoder, whose pooled projection conditions the UNet;
@@ -43,6 +43,11 @@ class FrozenComponents:
     family: str = "sd"  # the `families.FAMILIES` name
     # model_index.json's SDXL pipeline option: an empty negative prompt is a zero embedding, not "".
     force_zeros_for_empty_prompt: bool = True
+    # The dtype text conditioning is handed to the denoiser in (the encoders' weight dtype), kept
+    # here so it is known with the encoders freed.
+    weight_dtype: torch.dtype = torch.float32
+    # ZeRO-3 inference engines of partitioned encoders (`text_encoder_zero3`): kept alive with them.
+    encoder_engines: list[Any] = field(default_factory=list)
 
     @property
     def latent_scaling_factor(self) -> float:
@@ -57,6 +62,23 @@ class FrozenComponents:
         """Batch key of each text encoder's token ids -> its tokenizer."""
         named = (("input_ids", self.tokenizer), ("input_ids_2", self.tokenizer_2), ("input_ids_3", self.tokenizer_3))
         return {name: tokenizer for name, tokenizer in named if tokenizer is not None}
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """Every loaded text encoder by field name (`text_encoder`, `text_encoder_2`, ...)."""
+        found = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("text_encoder")}
+        return {name: encoder for name, encoder in found.items() if encoder is not None}
+
+    def free_text_encoders(self) -> None:
+        """Drop every text encoder (and its ZeRO-3 engine); the accelerator's cache is emptied."""
+        from deepspeed.accelerator import get_accelerator
+
+        for name in self.text_encoders:
+            setattr(self, name, None)
+        for engine in self.encoder_engines:
+            engine.destroy()
+        self.encoder_engines.clear()
+        get_accelerator().empty_cache()
 
     @torch.no_grad()
     def encode_text(self, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,13 +121,63 @@ def _accept_any_float_latents(vae: AutoencoderKL) -> None:
             module.register_forward_pre_hook(cast)
 
 
+def encoder_bytes(module: torch.nn.Module) -> int:
+    """Bytes of weights this process holds of `module` (its partitions only, under ZeRO-3)."""
+    from ds_diffusers.engine.params import local_partition
+
+    return sum(local_partition(p).numel() * p.element_size() for p in module.parameters())
+
+
+def load_text_encoders(model_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None,
+                       zero3_config: dict | None = None) -> dict[str, Any]:
+    """Every text encoder of the model's family by FrozenComponents field (with the extra tokenizers),
+    frozen in `dtype` on `device`. With `zero3_config` (all ranks) each is loaded partitioned (transformers'
+    zero.Init load, rank 0 reading the files) and wrapped in a ZeRO-3 inference engine, returned under
+    "encoder_engines", whose hooks gather one layer at a time in the forward."""
+    family = detect_family(model_dir)
+    hf_config = None
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_config = HfDeepSpeedConfig(zero3_config)  # transformers loads under zero.Init while it is alive
+    try:
+        tokenizer, text_encoder = family.load_text_encoder(model_dir, variant, dtype)
+        parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, **family.load_extra_text_encoders(model_dir, variant)}
+    finally:
+        if hf_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+    loaded: dict[str, Any] = {}
+    engines = []
+    for name, part in parts.items():
+        if not isinstance(part, torch.nn.Module):
+            loaded[name] = part
+        elif zero3_config is None:
+            loaded[name] = _frozen(part, device, dtype)
+        else:
+            import deepspeed
+
+            part.requires_grad_(False)
+            part.eval()
+            engine, *_ = deepspeed.initialize(model=part, config=zero3_config)
+            engines.append(engine)
+            loaded[name] = part
+    if engines:
+        loaded["encoder_engines"] = engines
+    return loaded
+
+
 def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None,
-                           vae_path: str | None = None, variant: str | None = None) -> FrozenComponents:
-    """`variant` ("fp16": the `*.fp16.safetensors` files) applies to the model's own parts, not to `vae_path`."""
+                           vae_path: str | None = None, variant: str | None = None,
+                           with_text_encoders: bool = True) -> FrozenComponents:
+    """`variant` ("fp16": the `*.fp16.safetensors` files) applies to the model's own parts, not to `vae_path`.
+    Without `with_text_encoders` only the tokenizers of the text side are loaded (`load_text_encoders`
+    adds the encoders when the run needs them: data/text_prepass.py)."""
     import diffusers
 
     family = detect_family(model_dir)
-    tokenizer, text_encoder = family.load_text_encoder(model_dir, variant, dtype)
+    tokenizer = family.load_tokenizer(model_dir)
     vae_dir, vae_class = vae_folder(model_dir, vae_path), getattr(diffusers, family.vae_class)
     vae_weights_dtype = vae_dtype(vae_class.load_config(vae_dir), dtype) if family.upcasts_vae else dtype
     vae = vae_class.from_pretrained(vae_dir, torch_dtype=vae_weights_dtype, variant=None if vae_path else variant)
@@ -113,13 +185,13 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
     if prediction_type is not None:
         # SD 2.x-768 checkpoints are v_prediction; an explicit key overrides what the scheduler says.
         noise_scheduler.register_to_config(prediction_type=prediction_type)
-    extra = {name: _frozen(part, device, dtype) if isinstance(part, torch.nn.Module) else part
-             for name, part in family.load_extra_text_encoders(model_dir, variant).items()}
+    text = (load_text_encoders(model_dir, device, dtype, variant) if with_text_encoders
+            else {"text_encoder": None, **family.load_extra_tokenizers(model_dir)})
     vae = _frozen(vae, device, None)
     if vae.dtype != dtype:
         _accept_any_float_latents(vae)
-    return FrozenComponents(tokenizer=tokenizer, text_encoder=_frozen(text_encoder, device, dtype), vae=vae,
-                            noise_scheduler=noise_scheduler, family=family.name, **extra,
+    return FrozenComponents(tokenizer=tokenizer, vae=vae, noise_scheduler=noise_scheduler, family=family.name, **text,
+                            weight_dtype=dtype,
                             force_zeros_for_empty_prompt=bool(model_index(model_dir).get("force_zeros_for_empty_prompt", True)))
 
 

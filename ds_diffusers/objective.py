@@ -34,7 +34,7 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor], gener
     """Latents (scaled) and text conditioning, in the frozen models' dtype, from the encoders or
     from cached outputs. A cached posterior is sampled exactly as `latent_dist.sample()` would be,
     so cached and uncached runs draw the same random numbers: from the global RNG, or `generator`."""
-    vae, text_encoder = frozen.vae, frozen.text_encoder
+    vae = frozen.vae
     family = family_named(frozen.family)
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
@@ -47,7 +47,7 @@ def encode_batch(frozen: FrozenComponents, batch: dict[str, torch.Tensor], gener
         text = {name: batch[name] for name in family.text_outputs}
     else:
         text = frozen.encode_text({name: batch[name] for name in frozen.tokenizers if name in batch})
-    text = {name: tensor.to(text_encoder.device, text_encoder.dtype) for name, tensor in text.items()}
+    text = {name: tensor.to(vae.device, frozen.weight_dtype) for name, tensor in text.items()}
     added = family.added_conditioning(frozen, batch, text, latents)
     return EncodedBatch(latents, text["encoder_hidden_states"], added)
 

@@ -28,6 +28,7 @@ from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schedules import lr_scheduler_factory
 from ds_diffusers.config.show import add_print_options, print_deepspeed_config
 from ds_diffusers.data import to_device
+from ds_diffusers.data.text_prepass import TextCache, prepare_text
 from ds_diffusers.data.train_input import build_input, check_input
 from ds_diffusers.distributed import (DistInfo, StoppedOnEveryRank, barrier, broadcast_from_main, in_turn, init_distributed,
                                       raise_on_every_rank, shutdown_distributed)
@@ -97,6 +98,7 @@ class Run:
     checkpoints: CheckpointManager
     logger: RunLogger
     held_out_loss: HeldOutLoss | None = None
+    prompts: TextCache | None = None  # validation prompts' embeddings when the text encoders were freed
     flow: FlowObjective | None = None  # a flow family's training scheduler and density (None: ε / v)
 
 
@@ -105,8 +107,7 @@ def set_up(cfg: Config) -> Run:
     then models, data, engine, resume (or a fresh start's per-rank seeds) and the logger."""
     lock.check_not_locked(cfg)  # two stats; before the group, so a busy folder costs no start-up
     dist = init_distributed()
-    # Rank 0 loads and checks the data (the others load it after: data/prepare.py), then the
-    # checkpoint to resume from (each of its files is opened); nothing is written until both pass.
+    # Rank 0 checks the data (data/prepare.py), then the checkpoint to resume from; nothing is written before.
     checked = check_input(cfg, dist)
     resume_from = broadcast_from_main(in_turn(lambda: resume_or_fresh_start(cfg, dist.world_size), dist.is_main))
     requested, batch_line = requested_batch(cfg), None
@@ -121,12 +122,12 @@ def set_up(cfg: Config) -> Run:
     from deepspeed.accelerator import get_accelerator
 
     accelerator_name = get_accelerator().device_name()
-    tf32 = cfg.allow_tf32 if cfg.allow_tf32 is not None else accelerator_name == "cuda"
-    set_tf32(tf32)
+    set_tf32(tf32 := cfg.allow_tf32 if cfg.allow_tf32 is not None else accelerator_name == "cuda")
     seed_everything(cfg.seed)  # same on every rank while the models (and LoRA init) are built
-    weight_dtype = DTYPES[cfg.weight_dtype_name]
-    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype, cfg.prediction_type,
-                                    cfg.vae_path, cfg.variant)
+    frozen = load_frozen_components(cfg.pretrained_model_name_or_path, dist.device, weight_dtype := DTYPES[cfg.weight_dtype_name],
+                                    cfg.prediction_type, cfg.vae_path, cfg.variant, with_text_encoders=False)
+    with torch.random.fork_rng(devices=[]):  # the same RNG whether the encoders load or not
+        text = prepare_text(cfg, checked.text_sources, frozen, dist)
     family = family_named(frozen.family)
     fused_adam_problem = fused_adam_unavailable(get_accelerator()) if accelerator_name != "cpu" else None
     ds_config = to_deepspeed_config(cfg, world_size=dist.world_size, accelerator_name=accelerator_name,
@@ -144,13 +145,14 @@ def set_up(cfg: Config) -> Run:
     groups = param_groups(unet, cfg)
     num_trainable = sum(full_numel(p) for group in groups for p in group["params"])
 
-    data = build_input(checked, cfg, frozen, dist, pin_memory=accelerator_name != "cpu")
+    data = build_input(checked, cfg, frozen, dist, pin_memory=accelerator_name != "cpu", text_cache=text.text_cache)
     plan = RunPlan.from_config(cfg, data.num_rows, dist.world_size, data.batches_per_epoch)
     held_out_loss = None
     if checked.rows is not None and checked.rows.held_out is not None:
         checks = checked.rows.checks
         held_out_loss = HeldOutLoss(checked.rows.held_out, checks.image_column, checks.caption_column, frozen, dist,
-                                    resolution=cfg.resolution, seed=cfg.seed, num_timesteps=cfg.validation_loss_timesteps)
+                                    resolution=cfg.resolution, seed=cfg.seed, num_timesteps=cfg.validation_loss_timesteps,
+                                    text_cache=text.prompt_cache)
 
     engine, lr_scheduler = build_engine(cfg, dist, unet, groups, ds_config, plan.total_steps, starting_values)
     ema = ShardedEMA(engine, cfg.ema_decay, cfg.ema_update_after_step) if cfg.use_ema else None
@@ -162,6 +164,7 @@ def set_up(cfg: Config) -> Run:
         seed_everything(cfg.seed + dist.rank)  # per-rank noise and timesteps from here on
 
     logger = RunLogger(cfg, is_main=dist.is_main, total_steps=plan.total_steps, initial_step=state.global_step, monitor=engine.monitor)
+    logger.message(text.line)
     if resumed is not None:
         logger.message(resumed.message())
     if batch_line is not None:
@@ -184,7 +187,7 @@ def set_up(cfg: Config) -> Run:
     flow = flow_objective(cfg, family, frozen.noise_scheduler.config) if family.objective == "flow" else None
     return Run(cfg=cfg, dist=dist, plan=plan, frozen=frozen, engine=engine, lr_scheduler=lr_scheduler, ema=ema, loader=data.loader,
                sampler=data.sampler, dataset=data.dataset, state=state, checkpoints=checkpoints, logger=logger,
-               held_out_loss=held_out_loss, flow=flow)
+               held_out_loss=held_out_loss, prompts=text.prompt_cache, flow=flow)
 
 
 def build_engine(cfg: Config, dist: DistInfo, unet: torch.nn.Module, groups: list[dict], ds_config: dict,
@@ -329,7 +332,7 @@ def validate(run: Run, cadence: ValidationCadence) -> None:
         compute_dtype = DTYPES[run.cfg.weight_dtype_name]
         held_out_loss = lambda: run.held_out_loss(denoiser_call_of(run), compute_dtype)  # noqa: E731
     validation.run_validation(run.cfg, run.dist, run.frozen, run.engine, run.state.global_step, run.logger, run.ema,
-                              held_out_loss)
+                              held_out_loss, run.prompts)
     cadence.ran(run.state.global_step)
 
 

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 from ds_diffusers.config.schema import Config
+from ds_diffusers.data.cache import TextCache
+from ds_diffusers.data.transforms import EMPTY_PROMPT
 from ds_diffusers.distributed import DistInfo, barrier
 from ds_diffusers.generation import build_pipeline, generate_images
 from ds_diffusers.images import image_grid
@@ -40,15 +42,19 @@ def generate(
     resolution: int,
     num_inference_steps: int,
     guidance_scale: float,
+    prompt_cache: TextCache | None = None,
 ) -> list[list[Image.Image]]:
     """One row of `num_images` images per prompt, drawn as `python -m ds_diffusers.sample` draws them
-    (`generation.generate_images`), so validation grids and sampled images start from the same noise."""
+    (`generation.generate_images`), so validation grids and sampled images start from the same noise.
+    `prompt_cache` (the text encoders were freed): the prompts' and the empty prompt's stored embeddings."""
     was_training = unet.training
     unet.eval()
     pipe = build_pipeline(frozen, unet)
     rows = [
         generate_images(pipe, prompt, prompt_index, seed=seed, num_images=num_images, resolution=resolution,
-                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        embeddings=None if prompt_cache is None else (prompt_cache.embeddings(prompt),
+                                                                      prompt_cache.embeddings(EMPTY_PROMPT)))
         for prompt_index, prompt in enumerate(prompts)
     ]
     if was_training:
@@ -66,7 +72,7 @@ def save_validation_grid(rows: list[list[Image.Image]], prompts: Sequence[str], 
 
 
 def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, ema=None,
-                   held_out_loss: Callable[[], float] | None = None) -> None:
+                   held_out_loss: Callable[[], float] | None = None, prompt_cache: TextCache | None = None) -> None:
     """All ranks: the EMA swap may gather, and under ZeRO-3 the forward gathers parameters collectively;
     without ZeRO-3 rank 0 alone generates. `held_out_loss` (all ranks compute it) is logged as `val_loss`."""
     zero3 = cfg.zero_optimization.stage == 3
@@ -79,18 +85,19 @@ def run_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int
             engine.module.train(was_training)
             logger.log_validation(global_step, {"val_loss": value}, time.perf_counter() - started)
         if cfg.validation_prompts:
-            _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3)
+            _generate_validation(cfg, dist, frozen, engine, global_step, logger, zero3, prompt_cache)
     barrier()
 
 
-def _generate_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, zero3: bool) -> None:
+def _generate_validation(cfg: Config, dist: DistInfo, frozen, engine, global_step: int, logger: RunLogger, zero3: bool,
+                         prompt_cache: TextCache | None) -> None:
     if zero3 or dist.is_main:
         # The training RNG streams must not notice validation, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]):
             rows = generate(
                 frozen, engine.module, cfg.validation_prompts, num_images=cfg.num_validation_images, seed=cfg.seed,
                 resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
-                guidance_scale=cfg.validation_guidance_scale,
+                guidance_scale=cfg.validation_guidance_scale, prompt_cache=prompt_cache,
             )
         if dist.is_main:
             path = save_validation_grid(rows, cfg.validation_prompts, cfg.output_dir, global_step)

@@ -24,6 +24,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
+from ds_diffusers.data.cache import TextCache
 from ds_diffusers.data.dataset import CaptionedImageDataset, collate_examples, to_device
 from ds_diffusers.data.seeding import seeded_generator
 from ds_diffusers.distributed import DistInfo, sum_over_ranks
@@ -47,9 +48,10 @@ class HeldOutLoss:
     `denoiser(encoder_hidden_states, added_cond_kwargs)` -> `forward(noisy_latents, timesteps)`."""
 
     def __init__(self, held_out: datasets.Dataset, image_column: str, caption_column: str, frozen: FrozenComponents,
-                 dist: DistInfo, *, resolution: int, seed: int, num_timesteps: int) -> None:
+                 dist: DistInfo, *, resolution: int, seed: int, num_timesteps: int, text_cache: TextCache | None = None) -> None:
+        # `text_cache`: the pre-pass's prompt cache, which holds these rows' captions when the encoders were freed.
         self.rows = CaptionedImageDataset(held_out, image_column, caption_column, frozen.tokenizer, resolution,
-                                          center_crop=True, random_flip=False, seed=seed,
+                                          center_crop=True, random_flip=False, seed=seed, text_cache=text_cache,
                                           tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop)
         self.frozen = frozen
         self.dist = dist

@@ -168,6 +168,11 @@ class Config(Block):
                                 "`random_flip` stores the mirrored image too.")
     cache_text_embeddings: bool = Field(False, json_schema_extra=CACHE, description="Encode every distinct caption with "
                                         "the frozen text encoder once and reuse the stored outputs.")
+    text_encoder_zero3: bool = Field(False, json_schema_extra=CACHE, description="Load the text encoders partitioned "
+                                     "over the processes by ZeRO-3 (inference: each layer gathered in its forward) for the "
+                                     "pre-pass that fills the text cache, so no process holds a whole T5-XXL or Qwen2.5-VL; "
+                                     "they are freed before training. Needs `cache_text_embeddings: true` on a datasets input "
+                                     "(see docs/data.md, the text pre-pass).")
     cache_dir: str = Field("data/cache", json_schema_extra=CACHE, description="Where the caches live: a `latents-<key>` or "
                            "`text-<key>` folder per combination of encoder files, weight dtype, resolution, crop/flip, "
                            "column and dataset (a change builds a new folder; old ones are never deleted), and `datasets/`, "

@@ -11,15 +11,9 @@ Latents: the VAE posterior's parameters (mean and log-variance), not a sample, s
 draws a fresh latent and the RNG stream is the one an uncached run uses. With random_flip the
 mirrored image is encoded too. With aspect-ratio buckets each bucket's images have their own
 folder (one latent shape per file), nested in a `latents-buckets-<key>` folder whose key also
-covers every row's bucket. Text: one hidden-state tensor per distinct caption; the caption is
-still drawn per sample, so rows with several captions stay random.
-
-The latent cache's index (`index-<key>.npy`, beside `meta.json`, or in the buckets folder) has one
-row per dataset row: its bucket, shard file and row in that file, and the conditioning the
-transforms recorded (original height and width, resized width, crop top and left; -1 where the
-family records none). Rank 0 derives it from the published shards and writes it once; the reader
-looks every sample up in it (memory-mapped: the ranks of a node share one page-cache copy), so the
-cache is read the same way whatever process count wrote it or reads it.
+covers every row's bucket. Text: the outputs per distinct caption (text_prepass.py decides who
+encodes them). The latent cache's index (`index-<key>.npy`, INDEX_COLUMNS per dataset row, written by rank 0 and
+memory-mapped by every reader) makes the cache read the same way whatever process count wrote it.
 """
 
 from __future__ import annotations
@@ -206,8 +200,7 @@ def indexed_latent_cache(root: Path, parts: list[tuple[Path, dict[str, Any]]], r
 
 
 class TextCache:
-    """Per distinct caption: the text encoder's last hidden state [tokens, width]; for SDXL both
-    encoders' penultimate states side by side and the pooled "text_embeds" [projection]."""
+    """Per distinct caption: the family's `text_outputs` ([tokens, width], pooled [width], ...)."""
 
     def __init__(self, store: ShardedStore, captions: list[str], names: tuple[str, ...] = ("encoder_hidden_states",)) -> None:
         self.store = store
@@ -256,11 +249,34 @@ def encode_latent_parameters(frozen: FrozenComponents, hf_dataset: datasets.Data
 
 
 @torch.no_grad()
-def encode_captions(frozen: FrozenComponents, captions: list[str], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The text encoders' outputs for `captions`, on the host, one batch at a time."""
-    for start in range(0, len(captions), batch_size):
+def encode_captions(frozen: FrozenComponents, captions: list[str], batch_size: int,
+                    pad_to: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The text encoders' outputs for `captions`, on the host, one batch at a time; then, up to `pad_to`
+    batches, forwards of "" whose output is dropped (partitioned encoders gather collectively)."""
+    starts = range(0, len(captions), batch_size)
+    for start in starts:
         yield {name: tensor.cpu() for name, tensor in
                frozen.encode_text(tokenize(frozen.tokenizers, captions[start:start + batch_size])).items()}
+    for _ in range(len(starts), pad_to or 0):
+        frozen.encode_text(tokenize(frozen.tokenizers, [EMPTY_PROMPT]))
+
+
+def is_built(key: CacheKey, cache_dir: str) -> bool:
+    """Whether the complete cache folder of `key` exists (rank 0 asks; see build_or_reuse)."""
+    return _load_meta(key.folder(cache_dir)) is not None
+
+
+def build_text_cache(cfg: Config, dist: DistInfo, frozen: FrozenComponents, make_key: Callable[[], CacheKey],
+                     captions: list[str], pad: bool = False, log: Callable[[str], None] = print) -> TextCache:
+    """All ranks must call this. The cache of `captions` (sorted, distinct) under the key, built on a miss
+    (rank r encodes captions r, r+W, ...; `pad`: every rank runs as many batches), else reused."""
+    batch_size = cfg.train_micro_batch_size_per_gpu
+    pad_to = -(-len(captions) // (dist.world_size * batch_size)) if pad else None  # ⌈⌈n / W⌉ / b⌉
+    folder, meta = build_or_reuse(make_key, cfg, dist, len(captions),
+                                  lambda items: encode_captions(frozen, [captions[i] for i in items], batch_size, pad_to),
+                                  extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
+    stored = json.loads((folder / CAPTIONS_FILE).read_text())
+    return TextCache(ShardedStore(folder, meta["num_shards"]), stored, family_named(frozen.family).text_outputs)
 
 
 def _load_meta(folder: Path) -> dict[str, Any] | None:
@@ -284,7 +300,7 @@ def build_or_reuse(make_key: Callable[[], CacheKey], cfg: Config, dist: DistInfo
     """
     def decide() -> tuple[CacheKey, bool]:
         key = make_key()
-        return key, _load_meta(key.folder(cfg.cache_dir)) is not None
+        return key, is_built(key, cfg.cache_dir)
 
     key, hit = broadcast_from_main(decide() if dist.is_main else None)
     folder = key.folder(cfg.cache_dir)
@@ -365,9 +381,11 @@ def prepare_bucket_latent_caches(cfg: Config, hf_dataset: datasets.Dataset, imag
 
 def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str, caption_column: str,
                    frozen: FrozenComponents, dist: DistInfo, log: Callable[[str], None] = print,
-                   buckets: BucketPlan | None = None) -> tuple[LatentCache | None, TextCache | None]:
-    """All ranks must call this. The caches the config asks for, built on a miss, else reused."""
-    latent_cache = text_cache = None
+                   buckets: BucketPlan | None = None,
+                   text_cache: TextCache | None = None) -> tuple[LatentCache | None, TextCache | None]:
+    """All ranks must call this. The caches the config asks for, built on a miss, else reused;
+    `text_cache`: the one the text pre-pass already prepared (data/text_prepass.py)."""
+    latent_cache = None
     if cfg.cache_latents and buckets is not None:
         latent_cache = prepare_bucket_latent_caches(cfg, hf_dataset, image_column, frozen, dist, buckets, log)
     elif cfg.cache_latents:
@@ -376,12 +394,7 @@ def prepare_caches(cfg: Config, hf_dataset: datasets.Dataset, image_column: str,
             lambda rows: encode_latent_parameters(frozen, hf_dataset, image_column, rows, cfg), log=log)
         latent_cache = indexed_latent_cache(folder, [(folder, meta)], [np.arange(len(hf_dataset))], len(hf_dataset),
                                             [cfg.resolution], dist, cfg)
-    if cfg.cache_text_embeddings:
-        captions = distinct_captions(hf_dataset, caption_column)
-        folder, meta = build_or_reuse(
-            lambda: text_key(cfg, hf_dataset, caption_column), cfg, dist, len(captions),
-            lambda items: encode_captions(frozen, [captions[i] for i in items], cfg.train_micro_batch_size_per_gpu),
-            extra_files={CAPTIONS_FILE: json.dumps(captions)}, log=log)
-        names = family_named(frozen.family).text_outputs
-        text_cache = TextCache(ShardedStore(folder, meta["num_shards"]), json.loads((folder / CAPTIONS_FILE).read_text()), names)
+    if cfg.cache_text_embeddings and text_cache is None:
+        text_cache = build_text_cache(cfg, dist, frozen, lambda: text_key(cfg, hf_dataset, caption_column),
+                                      distinct_captions(hf_dataset, caption_column), log=log)
     return latent_cache, text_cache

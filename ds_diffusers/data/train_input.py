@@ -9,10 +9,11 @@ from typing import Any
 
 from ds_diffusers.config.schema import Config
 from ds_diffusers.data.buckets import BucketPlan
-from ds_diffusers.data.cache import prepare_caches
+from ds_diffusers.data.cache import TextCache, prepare_caches
 from ds_diffusers.data.dataset import build_train_dataloader, default_num_workers
 from ds_diffusers.data.prepare import TrainData, prepare_train_data
 from ds_diffusers.data.shard_dataset import ShardData, build_shard_loader, prepare_shard_data
+from ds_diffusers.data.text_prepass import TextSources
 from ds_diffusers.distributed import DistInfo
 from ds_diffusers.families import family_named
 from ds_diffusers.models import FrozenComponents
@@ -24,6 +25,13 @@ class CheckedInput:
 
     shards: ShardData | None = None
     rows: TrainData | None = None
+
+    @property
+    def text_sources(self) -> TextSources:
+        """What the text pre-pass encodes (data/text_prepass.py)."""
+        if self.rows is None:
+            return TextSources(None, "")
+        return TextSources(self.rows.dataset, self.rows.checks.caption_column, self.rows.held_out)
 
     @property
     def missing_images(self) -> list[int]:
@@ -49,8 +57,10 @@ class TrainInput:
     num_workers: int
 
 
-def build_input(checked: CheckedInput, cfg: Config, frozen: FrozenComponents, dist: DistInfo, pin_memory: bool) -> TrainInput:
-    """All ranks: the encoder caches the cfg asks for, then this process's loader over the input."""
+def build_input(checked: CheckedInput, cfg: Config, frozen: FrozenComponents, dist: DistInfo, pin_memory: bool,
+                text_cache: TextCache | None = None) -> TrainInput:
+    """All ranks: the encoder caches the cfg asks for (`text_cache`: the pre-pass's), then this process's
+    loader over the input."""
     num_workers = cfg.dataloader_num_workers if cfg.dataloader_num_workers is not None else default_num_workers()
     if checked.shards is not None:  # the stream is the loop's sampler and dataset both
         loader, stream = build_shard_loader(checked.shards, cfg, frozen, dist, num_workers, pin_memory=pin_memory)
@@ -59,7 +69,7 @@ def build_input(checked: CheckedInput, cfg: Config, frozen: FrozenComponents, di
     hf_dataset, checks = checked.rows.dataset, checked.rows.checks
     buckets = checks.buckets
     latent_cache, text_cache = prepare_caches(cfg, hf_dataset, checks.image_column, checks.caption_column, frozen, dist,
-                                              buckets=buckets)
+                                              buckets=buckets, text_cache=text_cache)
     loader, sampler, dataset = build_train_dataloader(
         hf_dataset, checks.image_column, checks.caption_column, frozen.tokenizer,
         resolution=max(cfg.bucket_resolutions or [cfg.resolution]) if buckets else cfg.resolution,

@@ -35,6 +35,11 @@ def model_index(model_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+def per_image(embedding: torch.Tensor, num_images: int, dtype: torch.dtype) -> torch.Tensor:
+    """One prompt's stored embedding ([tokens, width] or [width]) repeated for `num_images` images."""
+    return embedding.unsqueeze(0).expand(num_images, *embedding.shape).to(dtype)
+
+
 class ModelFamily:
     """A model family's description. Subclasses set the class attributes and override the methods
     whose behaviour differs; an instance holds no state."""
@@ -64,6 +69,9 @@ class ModelFamily:
     # The transformers class of `text_encoder/` (SD 3.x: CLIP-L with its projection, for the pooled vector).
     text_encoder_class: ClassVar[str] = "CLIPTextModel"
     vae_class: ClassVar[str] = "AutoencoderKL"  # the diffusers model class in `vae/` (and in `vae_path`)
+    # Whether validation can hand the pipeline stored prompt embeddings (`embedding_inputs`) instead of
+    # its text encoders, so a run whose text cache covers every caption frees them (data/text_prepass.py).
+    samples_from_embeddings: ClassVar[bool] = False
     # The modules a LoRA adapts when `use_lora.target_modules` is null (peft `target_modules`).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -114,13 +122,26 @@ class ModelFamily:
         import transformers
 
         encoder_class = getattr(transformers, self.text_encoder_class)
-        return (transformers.CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
-                encoder_class.from_pretrained(model_dir, subfolder="text_encoder", variant=variant))
+        return self.load_tokenizer(model_dir), encoder_class.from_pretrained(model_dir, subfolder="text_encoder", variant=variant)
+
+    def load_tokenizer(self, model_dir: str) -> Any:
+        """The tokenizer of `tokenizer/` alone (a run whose text cache covers it loads no encoder)."""
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
 
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
         """Tokenizers and text encoders beyond `tokenizer/` and `text_encoder/`, by FrozenComponents field
         name; loaded after the VAE and the scheduler, unfrozen (the caller freezes and places them)."""
         return {}
+
+    def load_extra_tokenizers(self, model_dir: str) -> dict[str, Any]:
+        """The tokenizers of `load_extra_text_encoders` without their encoders (a run whose text cache
+        covers it): each `tokenizer*` folder of `extra_text_parts`, as its `tokenizer_config.json` names it."""
+        from transformers import AutoTokenizer
+
+        return {part: AutoTokenizer.from_pretrained(model_dir, subfolder=part) for part in self.extra_text_parts
+                if part.startswith("tokenizer") and (Path(model_dir) / part).is_dir()}
 
     # --- encoding
     def latent_distribution(self, vae: Any, pixel_values: torch.Tensor) -> Any:
@@ -164,6 +185,12 @@ class ModelFamily:
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         """The family's text-to-image pipeline around the frozen components, `denoiser` and `scheduler`."""
         raise NotImplementedError
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        """The pipeline call's prompt arguments from one prompt's stored `text_outputs` ([tokens, width], ...)
+        and the empty prompt's (the negative classifier-free guidance uses), instead of `prompt`."""
+        raise NotImplementedError(f"{self.title} validation encodes its prompts with the text encoders")
 
     def sampling_scheduler(self, scheduler_config: Any) -> Any:
         """The default sampler of validation images: DPM-Solver++ from the model's scheduler config."""

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ds_diffusers.families.flow import FlowTransformerFamily
+from ds_diffusers.families.base import per_image
 
 FLUX_TEXT_PARTS = ("text_encoder_2", "tokenizer_2")
 # The guidance value a guidance-distilled [dev] transformer is conditioned on in training: diffusers'
@@ -56,6 +57,7 @@ class Flux(FlowTransformerFamily):
     default_weighting_scheme = "none"  # the scripts' `--weighting_scheme` default
     denoiser_class = "FluxTransformer2DModel"
     lora_targets = FLUX_LORA_TARGETS
+    samples_from_embeddings = True
 
     def denoiser_downsampling(self, denoiser_config: dict[str, Any]) -> int:
         return 2 * super().denoiser_downsampling(denoiser_config)  # patch_size 1, after 2×2 packing
@@ -103,6 +105,13 @@ class Flux(FlowTransformerFamily):
         # FluxPipeline takes packed latents and has no clip_skip; a negative prompt would only act with
         # `true_cfg_scale` > 1 ([dev] is guidance-distilled: `guidance_scale` goes to its embedder).
         return {"latents": pack_latents(latents).to(pipe.vae.device, pipe.transformer.dtype)}
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        # No negative: [dev] is guidance-distilled (see pipeline_inputs).
+        dtype = pipe.transformer.dtype
+        return {"prompt_embeds": per_image(text["encoder_hidden_states"], num_images, dtype),
+                "pooled_prompt_embeds": per_image(text["pooled_projections"], num_images, dtype)}
 
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         from diffusers import FluxPipeline

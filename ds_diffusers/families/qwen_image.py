@@ -86,12 +86,16 @@ class QwenImage(ModelFamily):
 
     def load_text_encoder(self, model_dir: str, variant: str | None, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
         # Loaded in the weight dtype: 8.3B parameters in fp32 would be 33 GB of host memory per process.
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
-        tokenizer = TemplateTokenizer(Qwen2Tokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
         encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, subfolder="text_encoder", variant=variant,
                                                                      dtype=dtype)
-        return tokenizer, encoder
+        return self.load_tokenizer(model_dir), encoder
+
+    def load_tokenizer(self, model_dir: str) -> Any:
+        from transformers import Qwen2Tokenizer
+
+        return TemplateTokenizer(Qwen2Tokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
 
     def latent_distribution(self, vae: Any, pixel_values: torch.Tensor) -> Any:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

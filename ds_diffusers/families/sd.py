@@ -8,13 +8,20 @@ from typing import Any
 
 import torch
 
-from ds_diffusers.families.base import ModelFamily
+from ds_diffusers.families.base import ModelFamily, per_image
 
 
 class StableDiffusion(ModelFamily):
     name = "sd"
     title = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
+    samples_from_embeddings = True
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        # What encode_prompt computes: the last hidden state, and the padded "" for the negative.
+        return {"prompt_embeds": per_image(text["encoder_hidden_states"], num_images, pipe.unet.dtype),
+                "negative_prompt_embeds": per_image(negative["encoder_hidden_states"], num_images, pipe.unet.dtype)}
 
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         # Imported here: the pipeline module pulls in transformers' image processors (seconds of start-up)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ds_diffusers.families.base import ModelFamily
+from ds_diffusers.families.base import ModelFamily, per_image
 
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 
@@ -33,6 +33,7 @@ class StableDiffusionXL(ModelFamily):
     records_crop = True
     # The SDXL pipelines upcast a force_upcast VAE; the SD 1.x/2.x ones run it in the weight dtype.
     upcasts_vae = True
+    samples_from_embeddings = True
 
     def load_extra_text_encoders(self, model_dir: str, variant: str | None) -> dict[str, Any]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -53,10 +54,19 @@ class StableDiffusionXL(ModelFamily):
 
     def added_conditioning(self, frozen: Any, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
                            latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        text_encoder = frozen.text_encoder
         target_size = (latents.shape[-2] * frozen.vae_scale_factor, latents.shape[-1] * frozen.vae_scale_factor)
         return {"text_embeds": text["text_embeds"],
-                "time_ids": add_time_ids(batch, target_size).to(text_encoder.device, text_encoder.dtype)}
+                "time_ids": add_time_ids(batch, target_size).to(text["text_embeds"].device, frozen.weight_dtype)}
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        dtype = pipe.unet.dtype
+        inputs = {"prompt_embeds": per_image(text["encoder_hidden_states"], num_images, dtype),
+                  "pooled_prompt_embeds": per_image(text["text_embeds"], num_images, dtype)}
+        if not pipe.config.force_zeros_for_empty_prompt:  # otherwise the pipeline's negative is zeros
+            inputs.update(negative_prompt_embeds=per_image(negative["encoder_hidden_states"], num_images, dtype),
+                          negative_pooled_prompt_embeds=per_image(negative["text_embeds"], num_images, dtype))
+        return inputs
 
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         from diffusers import StableDiffusionXLPipeline
