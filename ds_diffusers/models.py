@@ -190,7 +190,7 @@ def load_frozen_components(model_dir: str, device: torch.device, dtype: torch.dt
     vae = _frozen(vae, device, None)
     if vae.dtype != dtype:
         _accept_any_float_latents(vae)
-    return FrozenComponents(tokenizer=tokenizer, vae=vae, noise_scheduler=noise_scheduler, family=family.name, **text,
+    return FrozenComponents(**{"tokenizer": tokenizer, **text}, vae=vae, noise_scheduler=noise_scheduler, family=family.name,
                             weight_dtype=dtype,
                             force_zeros_for_empty_prompt=bool(model_index(model_dir).get("force_zeros_for_empty_prompt", True)))
 

@@ -52,7 +52,8 @@ class HeldOutLoss:
         # `text_cache`: the pre-pass's prompt cache, which holds these rows' captions when the encoders were freed.
         self.rows = CaptionedImageDataset(held_out, image_column, caption_column, frozen.tokenizer, resolution,
                                           center_crop=True, random_flip=False, seed=seed, text_cache=text_cache,
-                                          tokenizer_2=frozen.tokenizer_2, record_crop=family_named(frozen.family).records_crop)
+                                          tokenizer_2=frozen.tokenizer_2, tokenizer_3=frozen.tokenizer_3,
+                                          record_crop=family_named(frozen.family).records_crop)
         self.frozen = frozen
         self.dist = dist
         self.seed = seed

@@ -152,3 +152,17 @@ def test_held_out_loss_reads_its_captions_from_the_prompt_cache(tiny_assets, tmp
     want = HeldOutLoss(held_out, "image", "text", kept, dist, **common)(forward, torch.float32)
     got = HeldOutLoss(held_out, "image", "text", freed, dist, text_cache=text.prompt_cache, **common)(forward, torch.float32)
     assert got == pytest.approx(want, rel=1e-6) and want > 0
+
+
+def test_a_family_without_embedding_inputs_frees_its_encoders_unless_it_draws_validation_images(sd3_model, tiny_assets,
+                                                                                               tmp_path, one_rank):
+    """SD 3.5's validation encodes its prompts live (no `embedding_inputs` yet): with validation images the
+    encoders stay; without, its three encoders (T5 among them) are freed like FLUX.1's."""
+    drawing = prepass_cfg(sd3_model, tiny_assets, tmp_path / "a", "validation_steps=5")
+    frozen, text = run_prepass(drawing, sources(tiny_assets))
+    assert text.line.startswith("text encoders kept for training (Stable Diffusion 3.5 validation encodes its prompts")
+    assert set(frozen.text_encoders) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    frozen, text = run_prepass(prepass_cfg(sd3_model, tiny_assets, tmp_path / "b", "validation_steps=0"), sources(tiny_assets))
+    assert text.line.startswith("text encoders freed after the pre-pass") and frozen.text_encoders == {}
+    assert type(frozen.tokenizer_3).__name__.startswith("T5Tokenizer")  # the tokenizers stay
+    assert text.prompt_cache.embeddings("")["encoder_hidden_states"].shape[0] == 77 + 77  # CLIP + T5 tokens
