@@ -84,7 +84,8 @@ def test_full_two_process_zero2_with_caches_ema_and_validation(sdxl_model, tiny_
     assert len(history) == 4 and all(0 < loss < 10 for loss in history)
     assert (tmp_path / "model" / "validation" / "step_000004.png").stat().st_size > 0
     cached = {p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if p.name not in (DIGESTS_FILE, "datasets")}
-    assert cached == {"latents", "text"}  # cache_dir/datasets holds the Arrow cache of the dataset load
+    # cache_dir/datasets holds the Arrow cache of the dataset load; prompts/ the text pre-pass's validation prompts
+    assert cached == {"latents", "text", "prompts"}
     assert_sdxl_export_loads(tmp_path / "model", sdxl_model)
     ema = load_file(str(tmp_path / "model" / "unet_ema" / "diffusion_pytorch_model.safetensors"))
     tuned = load_file(str(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
