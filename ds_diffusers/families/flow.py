@@ -5,7 +5,7 @@ LoRA file their pipeline's `save_lora_weights` writes in peft's names under `tra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -28,6 +28,8 @@ class FlowTransformerFamily(ModelFamily):
     text_outputs = ("encoder_hidden_states", "pooled_projections")
     objective = "flow"
     denoiser_folder = "transformer"
+    # `shift` given to the training scheduler in place of its config's (None: the config's).
+    training_shift: ClassVar[float | None] = None
 
     def check_config(self, cfg: "Config") -> None:
         super().check_config(cfg)
@@ -36,7 +38,8 @@ class FlowTransformerFamily(ModelFamily):
     def load_noise_scheduler(self, model_dir: str) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        overrides = {} if self.training_shift is None else {"shift": self.training_shift}
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler", **overrides)
 
     def image_latents(self, frozen: Any, posterior_sample: torch.Tensor) -> torch.Tensor:
         config = frozen.vae.config

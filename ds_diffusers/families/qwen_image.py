@@ -14,17 +14,13 @@ there is no guidance embedder."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ds_diffusers.families.base import ModelFamily
-from ds_diffusers.families.flow import check_packed_resolution
+from ds_diffusers.families.flow import FlowTransformerFamily
 from ds_diffusers.families.flux import Flux, pack_latents, unpack_latents
-
-if TYPE_CHECKING:
-    from ds_diffusers.config.schema import Config
 
 # QwenImagePipeline's `prompt_template_encode` and `prompt_template_encode_start_idx` (instance
 # attributes there, so not importable; tests/test_qwen_image.py checks they are still the pipeline's).
@@ -62,27 +58,20 @@ def template_mask(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return (positions <= last).long()
 
 
-class QwenImage(ModelFamily):
+class QwenImage(FlowTransformerFamily):
+    """A flow transformer family whose text side (one mask-carrying sequence, no pooled vector) and VAE
+    (per-channel mean and std) differ from FLUX.1's and SD 3.5's; the rest is `FlowTransformerFamily`'s."""
+
     name = "qwen_image"
     title = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
     text_outputs = ("encoder_hidden_states", "encoder_hidden_states_mask")
-    objective = "flow"
     default_weighting_scheme = "none"  # the script's `--weighting_scheme` default
-    denoiser_folder = "transformer"
+    training_shift = TRAINING_SHIFT
     denoiser_class = "QwenImageTransformer2DModel"
     vae_class = "AutoencoderKLQwenImage"
     # The script's default `--lora_layers`: to_k, to_q, to_v, to_out.0 (the base default; in every block
     # they are the image stream's attention projections).
-
-    def check_config(self, cfg: "Config") -> None:
-        super().check_config(cfg)
-        check_packed_resolution(cfg, self.title)
-
-    def load_noise_scheduler(self, model_dir: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler", shift=TRAINING_SHIFT)
 
     def load_text_encoder(self, model_dir: str, variant: str | None, dtype: torch.dtype) -> tuple[Any, torch.nn.Module]:
         # Loaded in the weight dtype: 8.3B parameters in fp32 would be 33 GB of host memory per process.
@@ -151,16 +140,8 @@ class QwenImage(ModelFamily):
 
         return forward
 
-    def save_lora_weights(self, out_dir: Any, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        # As the script saves them: peft's names under `transformer.`, which QwenImagePipeline reads.
-        from diffusers import QwenImagePipeline
-
-        QwenImagePipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state, safe_serialization=True,
-                                            transformer_lora_adapter_metadata=metadata)
-
-    # As FLUX.1's: the pipeline's own sampler (Euler on the flow, with the config's resolution-dependent
-    # shift, exponential here), and 16 VAE channels packed into the transformer's 64.
-    sampling_scheduler = Flux.sampling_scheduler
+    # As FLUX.1's: 16 VAE channels packed into the transformer's 64. The LoRA file (peft names under
+    # `transformer.`) and the sampler (flow Euler, the config's exponential dynamic shift) are the base's.
     latent_channels = Flux.latent_channels
 
     def pipeline_inputs(self, pipe: Any, latents: torch.Tensor, negative_prompts: list[str] | None,
