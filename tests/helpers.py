@@ -3,6 +3,7 @@ Test files import from here and from conftest's fixtures, never from each other.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -150,18 +151,32 @@ def run_cfg(tiny_assets, tmp_path: Path, *overrides: str) -> list[str]:
 
 
 def launch(overrides: list[str], *, procs: int = 1, timeout: int = 420, cfg: str = "cfg/default.json",
-           env: dict[str, str] | None = None, rank_logs: Path | None = None) -> subprocess.CompletedProcess:
+           env: dict[str, str] | None = None, rank_logs: Path | None = None, runner: bool = False) -> subprocess.CompletedProcess:
     """A training run through the deepspeed launcher. `rank_logs`: a folder where the launcher writes
-    each rank's output to its own file (rank_output)."""
+    each rank's output to its own file (rank_output); `runner`: see launch_module."""
     return launch_module("ds_diffusers.train", ["--cfg", cfg, "--set", *overrides], procs=procs, timeout=timeout,
-                         env=env, rank_logs=rank_logs)
+                         env=env, rank_logs=rank_logs, runner=runner)
 
 
 def launch_module(module: str, args: list[str], *, procs: int, timeout: int = 420, env: dict[str, str] | None = None,
-                  rank_logs: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m module args` in `procs` processes through the deepspeed launcher, from the repository root."""
-    each_rank = ["--enable_each_rank_log", str(rank_logs)] if rank_logs is not None else []
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), *each_rank, "--module", module, *args]
+                  rank_logs: Path | None = None, runner: bool = False) -> subprocess.CompletedProcess:
+    """`python -m module args` in `procs` processes through DeepSpeed's launcher, from the repository root.
+
+    By default this is the command the `deepspeed` runner starts on one node once it has counted the
+    devices (`python -m deepspeed.launcher.launch --world_info=...`, the local branch of
+    deepspeed/launcher/runner.py): the same processes, environment and rank variables, without the
+    2-3 s the runner spends importing DeepSpeed and tearing down again, which the ~150 launches of
+    the suite would pay. `runner=True` types the `deepspeed` command itself, as scripts/*.sh do
+    (test_train_integration's 2-process run and the sampling runs of run_sample do)."""
+    port = str(free_port())
+    if runner:
+        each_rank = ["--enable_each_rank_log", str(rank_logs)] if rank_logs is not None else []
+        cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", port, *each_rank, "--module", module, *args]
+    else:
+        world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(procs))}).encode()).decode()
+        each_rank = [f"--enable_each_rank_log={rank_logs}"] if rank_logs is not None else []
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "--module", *each_rank, "--log_level=info", module, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // procs)), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -233,9 +248,13 @@ def transformer_run_cfg(model_dir: Path, dataset_dir: Path, run_dir: Path, *over
 def lora_resumed_from_caches(model_dir: Path, dataset_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """A LoRA run under ZeRO-2 saved at step 2 of 3, and a run resumed from that checkpoint with both encoder
     caches (built at its start): asserts the same losses and adapters as the uncached straight run, and
-    returns the straight run's LoRA file's tensors (its output folder is `tmp_path / "straight" / "model"`)."""
+    returns the straight run's LoRA file's tensors (its output folder is `tmp_path / "straight" / "model"`).
+    One fp32 process runs the configured ZeRO-2 as ZeRO-0: this is each flow family's LoRA ZeRO-0 run
+    (test_transformer_processes runs ZeRO-1 in bf16 on one process, ZeRO-2 and ZeRO-3 on two)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(launch(transformer_run_cfg(model_dir, dataset_dir, straight, *TRANSFORMER_LORA, "save_interval=2")))
+    first = launch(transformer_run_cfg(model_dir, dataset_dir, straight, *TRANSFORMER_LORA, "save_interval=2"))
+    assert_ok(first)
+    assert "ZeRO-2 (run as ZeRO-0: one process has nothing to partition), float32, 1 process(es)" in first.stdout
     result = launch(transformer_run_cfg(model_dir, dataset_dir, resumed, *TRANSFORMER_LORA, "cache_latents=true",
                                         "cache_text_embeddings=true",
                                         f"resume_from_checkpoint={straight / 'checkpoints' / 'step_2'}"))

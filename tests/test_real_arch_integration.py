@@ -1,8 +1,8 @@
 """The features of the tiny-model integration tests, through the real launcher, on the SD 1.5- and
 SD 2.x-shaped models (`embedded.arch_sd`): few combined runs, so the suite stays inside its budget.
 
-SD 1.5: 2-process ZeRO-3 full fine-tune with EMA, both caches and a validation grid, resumed
-exactly, exported at the end and offline; the LoRA preset with gradient checkpointing, sampled.
+SD 1.5: 2-process ZeRO-3 full fine-tune with EMA, both caches, a validation grid and the held-out
+loss, resumed exactly, exported at the end and offline; the LoRA preset with gradient checkpointing, sampled.
 SD 2.x (v-prediction, linear projections, per-block heads): its preset, cached, exported, sampled.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from ds_diffusers.embedded.arch_sd import TEST_RESOLUTION
-from tests.helpers import REPO, assert_ok, launch, losses, max_diff, read_manifest, run_cfg, run_sample, tensors, three_runs
+from tests.helpers import (REPO, assert_ok, launch, losses, max_diff, read_manifest, run_cfg, run_sample, tensors, three_runs,
+                           validation_losses)
 
 pytestmark = pytest.mark.multiprocess
 UNET_FILE = Path("diffusion_pytorch_model.safetensors")
@@ -54,12 +55,19 @@ def sample_weights(assets, cfg: str, output_dir: Path, samples: Path, *extra: st
 
 
 def test_sd15_zero3_full_ema_cached_resume_is_exact_and_exports(sd15_assets, tmp_path):
-    # 2 + 2 steps: a 2-process ZeRO-3 step is the slowest thing in the suite on a CPU.
+    """2 + 2 steps (a 2-process ZeRO-3 step is the slowest thing in the suite on a CPU), validating at
+    steps 2 and 4 with the held-out loss on too: it leaves the training streams alone, and the resumed
+    run's value at step 4 equals the straight run's (its step 2 is kept from the first part)."""
     straight, resumed = three_runs(sd15_assets, tmp_path, "zero_optimization.stage=3", "use_ema=true", "ema_decay=0.9",
-                                   *SHAPE, *caches(tmp_path), f"validation_steps={STEPS}", *VALIDATION, steps=STEPS)
+                                   *SHAPE, *caches(tmp_path), "validation_steps=2", "validation_split=5", *VALIDATION,
+                                   steps=STEPS)
     a, b = losses(straight), losses(resumed)
     assert len(a) == len(b) == STEPS and all(np.isfinite(a))
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    val_a, val_b = validation_losses(straight), validation_losses(resumed)
+    assert sorted(val_a) == sorted(val_b) == [2, 4]
+    assert max(abs(val_a[step] - val_b[step]) for step in val_a) <= 1e-6
+    assert len(set(val_a.values())) == 2  # the weights changed between validations, and so did the loss
     for sub in ("unet", "unet_ema"):
         assert max_diff(tensors(straight / sub / UNET_FILE), tensors(resumed / sub / UNET_FILE)) <= 1e-6, sub
     assert max_diff(tensors(resumed / "unet" / UNET_FILE), tensors(resumed / "unet_ema" / UNET_FILE)) > 1e-6

@@ -74,7 +74,8 @@ def test_lora_single_process(tiny_assets, tmp_path, stage):
 
 
 def test_two_process_zero2(tiny_assets, tmp_path):
-    result = launch(run_cfg(tiny_assets, tmp_path, "zero_optimization.stage=2", "max_train_steps=20"), procs=2)
+    # Through the `deepspeed` command itself, as scripts/train_text_to_image.sh starts it (launch's docstring).
+    result = launch(run_cfg(tiny_assets, tmp_path, "zero_optimization.stage=2", "max_train_steps=20"), procs=2, runner=True)
     assert_ok(result)
     assert "2 process(es)" in result.stdout + result.stderr
     ds_config = json.loads((tmp_path / "model" / "ds_config.json").read_text())
