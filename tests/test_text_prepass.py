@@ -107,11 +107,14 @@ def test_zero3_encoders_are_partitioned_and_store_the_replicated_embeddings(flux
             assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
 
 
-@pytest.mark.parametrize("model", ["tiny_assets", "sdxl_model", "flux_model"])
+@pytest.mark.parametrize("model", ["tiny_assets", "sdxl_model", "flux_model", "sd3_model", "qwen_image_model"])
 def test_pipelines_draw_the_same_images_from_stored_embeddings(model, request):
     """What validation draws with the encoders freed (`ModelFamily.embedding_inputs`) equals what the
-    pipeline draws encoding the prompt itself, guidance (and its empty negative) included."""
+    pipeline draws encoding the prompt itself, guidance (and its empty negative) included. SD 3.5 stores
+    the T5 length it trains with (77 tokens), so its pipeline encodes at that length here; Qwen-Image's
+    stored sequence is padded to 512 tokens with its mask, the pipeline's own is not padded."""
     from ds_diffusers.families import detect_family
+    from ds_diffusers.families.sd3 import T5_SEQUENCE_LENGTH
     from ds_diffusers.generation import build_pipeline, generate_images
 
     fixture = request.getfixturevalue(model)
@@ -119,6 +122,9 @@ def test_pipelines_draw_the_same_images_from_stored_embeddings(model, request):
     frozen = load_frozen_components(model_dir, torch.device("cpu"), torch.float32, None)
     denoiser = detect_family(model_dir).load_denoiser(model_dir, None, 0, None)
     pipe = build_pipeline(frozen, denoiser)
+    if model == "sd3_model":
+        encode_prompt = pipe.encode_prompt
+        pipe.encode_prompt = lambda *args, **kwargs: encode_prompt(*args, **{**kwargs, "max_sequence_length": T5_SEQUENCE_LENGTH})
     outputs = frozen.encode_text(tokenize(frozen.tokenizers, ["a red circle", ""]))
     embeddings = tuple({name: tensor[index] for name, tensor in outputs.items()} for index in (0, 1))
     common = dict(seed=1, num_images=2, resolution=64, num_inference_steps=2, guidance_scale=4.0, output_type="np")
@@ -154,15 +160,22 @@ def test_held_out_loss_reads_its_captions_from_the_prompt_cache(tiny_assets, tmp
     assert got == pytest.approx(want, rel=1e-6) and want > 0
 
 
-def test_a_family_without_embedding_inputs_frees_its_encoders_unless_it_draws_validation_images(sd3_model, tiny_assets,
-                                                                                               tmp_path, one_rank):
-    """SD 3.5's validation encodes its prompts live (no `embedding_inputs` yet): with validation images the
-    encoders stay; without, its three encoders (T5 among them) are freed like FLUX.1's."""
+def test_sd3_frees_its_three_encoders_and_a_family_without_embedding_inputs_keeps_them_to_draw(sd3_model, tiny_assets,
+                                                                                                tmp_path, one_rank, monkeypatch):
+    """SD 3.5 draws its validation images from the prompt cache: its three encoders (T5 among them) are
+    freed like FLUX.1's. A family that cannot (`samples_from_embeddings` false) keeps them when the run
+    draws validation images, and frees them when it does not."""
+    from ds_diffusers.families.sd3 import StableDiffusion3
+
     drawing = prepass_cfg(sd3_model, tiny_assets, tmp_path / "a", "validation_steps=5")
+    frozen, text = run_prepass(drawing, sources(tiny_assets))
+    assert text.line.startswith("text encoders freed after the pre-pass") and frozen.text_encoders == {}
+    assert type(frozen.tokenizer_3).__name__.startswith("T5Tokenizer")  # the tokenizers stay
+    assert text.prompt_cache.embeddings("")["encoder_hidden_states"].shape[0] == 77 + 77  # CLIP + T5 tokens
+
+    monkeypatch.setattr(StableDiffusion3, "samples_from_embeddings", False)
     frozen, text = run_prepass(drawing, sources(tiny_assets))
     assert text.line.startswith("text encoders kept for training (Stable Diffusion 3.5 validation encodes its prompts")
     assert set(frozen.text_encoders) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
     frozen, text = run_prepass(prepass_cfg(sd3_model, tiny_assets, tmp_path / "b", "validation_steps=0"), sources(tiny_assets))
     assert text.line.startswith("text encoders freed after the pre-pass") and frozen.text_encoders == {}
-    assert type(frozen.tokenizer_3).__name__.startswith("T5Tokenizer")  # the tokenizers stay
-    assert text.prompt_cache.embeddings("")["encoder_hidden_states"].shape[0] == 77 + 77  # CLIP + T5 tokens

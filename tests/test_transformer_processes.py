@@ -9,7 +9,8 @@ in tests/test_<family>_integration.py).
 - 2 processes, LoRA under ZeRO-3 with gradient checkpointing, as the presets run it (the base
   transformer partitioned, the adapters trained): the LoRA file loads in the family pipeline's
   `load_lora_weights`, and is sampled on 2 processes with two LoRA files combined, beside the
-  baseline, into a grid; and LoRA under ZeRO-2 from both encoder caches (the text encoders freed).
+  baseline, into a grid; and LoRA under ZeRO-2 from both encoder caches, the text encoders freed and
+  a validation grid drawn from the stored prompt embeddings.
 - 1 process, LoRA at ZeRO-1 (bf16): trains and exports adapters under `transformer.`. (One process
   runs ZeRO-2 as ZeRO-1, so ZeRO-2 is run on two; ZeRO-0 in fp32 is the family's LoRA resume test.)
 These paths are the engine's, not the family's; they run for every family because a family's
@@ -83,8 +84,13 @@ def test_full_zero3_offload_bf16_ema_resumes_exactly_on_two_processes(request, f
     assert ema.keys() == trained.keys() and max_diff(ema, trained) > 0
 
 
+# Both caches and a validation grid: every family draws it from the prompt cache, its text encoders freed.
+CACHED = ("cache_latents=true", "cache_text_embeddings=true", "validation_steps=2", "validation_prompts=[\"a red circle\"]",
+          "num_validation_images=1", "validation_inference_steps=2")
+
+
 @pytest.mark.parametrize("family, stage, extra",
-                         [*((family, 2, ("cache_latents=true", "cache_text_embeddings=true")) for family in FAMILIES),
+                         [*((family, 2, CACHED) for family in FAMILIES),
                           *((family, 3, ("gradient_checkpointing=true",)) for family in FAMILIES)],
                          ids=[*(f"{family}-zero2-cached" for family in FAMILIES), *(f"{family}-zero3" for family in FAMILIES)])
 def test_lora_on_two_processes_loads_in_the_family_pipeline(request, family, tiny_assets, tmp_path, stage, extra):
@@ -94,8 +100,9 @@ def test_lora_on_two_processes_loads_in_the_family_pipeline(request, family, tin
     assert_ok(result)
     described = "ZeRO-3 (transformer loaded partitioned)" if stage == 3 else f"ZeRO-{stage},"
     assert "LoRA" in result.stdout and described in result.stdout and "2 process(es)" in result.stdout
-    if "cache_text_embeddings=true" in extra:  # both caches, no validation images: the encoders go
+    if extra == CACHED:
         assert "text encoders freed after the pre-pass" in result.stdout
+        assert (tmp_path / "model" / "validation" / "step_000002.png").stat().st_size > 0
     history = losses(tmp_path / "model")
     assert len(history) == 2 and all(math.isfinite(loss) for loss in history)
     weights = load_file(str(tmp_path / "model" / "pytorch_lora_weights.safetensors"))

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ds_diffusers.families.base import per_image
 from ds_diffusers.families.flow import FlowTransformerFamily
 from ds_diffusers.families.flux import Flux, pack_latents, unpack_latents
 
@@ -70,6 +71,7 @@ class QwenImage(FlowTransformerFamily):
     training_shift = TRAINING_SHIFT
     denoiser_class = "QwenImageTransformer2DModel"
     vae_class = "AutoencoderKLQwenImage"
+    samples_from_embeddings = True
     # The script's default `--lora_layers`: to_k, to_q, to_v, to_out.0 (the base default; in every block
     # they are the image stream's attention projections).
 
@@ -154,6 +156,13 @@ class QwenImage(FlowTransformerFamily):
         else:
             inputs["true_cfg_scale"] = 1.0
         return inputs
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        # The stored sequence is zero-padded to TRAINING_MAX_SEQUENCE_LENGTH with its mask (the transformer masks the
+        # padding out of attention). No negative: without a negative prompt pipeline_inputs turns true CFG off.
+        return {"prompt_embeds": per_image(text["encoder_hidden_states"], num_images, pipe.transformer.dtype),
+                "prompt_embeds_mask": per_image(text["encoder_hidden_states_mask"], num_images, torch.long)}
 
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         from diffusers import QwenImagePipeline

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.families.base import model_index
+from ds_diffusers.families.base import model_index, per_image
 from ds_diffusers.families.flow import FlowTransformerFamily
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class StableDiffusion3(FlowTransformerFamily):
     denoiser_class = "SD3Transformer2DModel"
     text_encoder_class = "CLIPTextModelWithProjection"
     lora_targets = SD3_LORA_TARGETS
+    samples_from_embeddings = True
 
     def check_config(self, cfg: "Config") -> None:
         super().check_config(cfg)
@@ -116,6 +117,17 @@ class StableDiffusion3(FlowTransformerFamily):
                             return_dict=False)[0]
 
         return forward
+
+    def embedding_inputs(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
+                         num_images: int) -> dict[str, Any]:
+        # The empty prompt's outputs too: given no negative embeddings, the pipeline encodes "" itself.
+        # Stored with the training run's T5 length (T5_SEQUENCE_LENGTH), as `encode_prompt` at
+        # max_sequence_length=T5_SEQUENCE_LENGTH computes them (the pipeline's own default is 256).
+        dtype, inputs = pipe.transformer.dtype, {}
+        for prefix, outputs in (("", text), ("negative_", negative)):
+            inputs[f"{prefix}prompt_embeds"] = per_image(outputs["encoder_hidden_states"], num_images, dtype)
+            inputs[f"{prefix}pooled_prompt_embeds"] = per_image(outputs["pooled_projections"], num_images, dtype)
+        return inputs
 
     def build_pipeline(self, frozen: Any, denoiser: torch.nn.Module, scheduler: Any) -> Any:
         from diffusers import StableDiffusion3Pipeline
