@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ds_diffusers.config.schema import Config, LoraCfg
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.families import ModelFamily, detect_family, family_named, model_index
+from ds_diffusers.families import ModelFamily, detect_family, family_named, model_index, vae_downsampling
 from ds_diffusers.engine.params import is_zero3_param
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,7 +55,7 @@ class FrozenComponents:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config)
 
     @property
     def tokenizers(self) -> dict[str, CLIPTokenizer]:

@@ -352,3 +352,34 @@ def test_bucket_step_of_a_transformer_family_counts_its_patches(flux_model):
     check_bucket_step(cfg(vae_factor * 2))
     with pytest.raises(ConfigError, match=f"multiple of {vae_factor * 2} \\(VAE factor {vae_factor} × transformer 2\\)"):
         check_bucket_step(cfg(vae_factor))
+
+
+@pytest.mark.parametrize("model", ["tiny_assets", "sdxl_model", "flux_model", "sd3_model", "qwen_image_model"])
+def test_vae_downsampling_is_the_pipelines_vae_scale_factor(model, request):
+    """Qwen-Image's VAE has no `block_out_channels` (its stages are `temperal_downsample`): the bucket
+    step check used to skip it silently, and pre-encoded shards could not read its factor."""
+    import json
+
+    from ds_diffusers.families import detect_family, vae_downsampling
+
+    fixture = request.getfixturevalue(model)
+    model_dir = getattr(fixture, "model_dir", fixture)
+    family = detect_family(model_dir)
+    pipeline_class = getattr(__import__("diffusers"), family.pipeline_classes[0])
+    vae_class = getattr(__import__("diffusers"), family.vae_class)
+    pipe = pipeline_class(**{name: None for name in pipeline_class._get_signature_keys(pipeline_class)[0]
+                             if name != "vae"}, vae=vae_class.from_pretrained(model_dir, subfolder="vae"))
+    assert vae_downsampling(json.loads((model_dir / "vae" / "config.json").read_text())) == pipe.vae_scale_factor
+
+
+def test_bucket_step_of_qwen_image_is_checked(qwen_image_model):
+    from ds_diffusers.config import load_config
+    from tests.helpers import REPO
+
+    def cfg(step: int):
+        return load_config(REPO / "cfg/default.json", [f"pretrained_model_name_or_path={qwen_image_model}",
+                                                       "aspect_ratio_buckets=true", f"bucket_step={step}", "resolution=64"])
+
+    check_bucket_step(cfg(16))
+    with pytest.raises(ConfigError, match="multiple of 16 \\(VAE factor 8 × transformer 2\\)"):
+        check_bucket_step(cfg(8))

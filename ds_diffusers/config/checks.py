@@ -20,7 +20,7 @@ from ds_diffusers.config.schedules import check_scheduler
 from ds_diffusers.config.schema import Config
 from ds_diffusers.devices import check_accelerator_expected
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.families import detect_family
+from ds_diffusers.families import detect_family, vae_downsampling
 
 
 def resolve_offload_device(device: str) -> str:
@@ -113,7 +113,7 @@ def check_bucket_step(cfg: Config) -> None:
     vae_dir = Path(cfg.vae_path) if cfg.vae_path else model_dir / "vae"
     family = detect_family(model_dir)
     try:
-        vae_factor = 2 ** (len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"]) - 1)
+        vae_factor = vae_downsampling(json.loads((vae_dir / "config.json").read_text()))
         denoiser_config = json.loads((model_dir / family.denoiser_folder / "config.json").read_text())
         denoiser_factor = family.denoiser_downsampling(denoiser_config)
     except (OSError, ValueError, KeyError, TypeError):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ds_diffusers import families
 from ds_diffusers.data.dataset import check_dataset_size, collate_examples
 from ds_diffusers.data.decode import open_image
 from ds_diffusers.data.seeding import seeded_generator
@@ -97,9 +98,9 @@ class ShardData:
 
 
 def vae_downsampling(cfg: Config) -> int:
-    """Pixels per latent of the config's VAE (8 for every SD VAE), from its config file."""
-    config = json.loads((vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path) / "config.json").read_text())
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    """Pixels per latent of the config's VAE (8 for every VAE here), from its config file."""
+    return families.vae_downsampling(json.loads((vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path) / "config.json")
+                                                .read_text()))
 
 
 def check_shards(cfg: Config, world_size: int) -> ShardData:

@@ -1,4 +1,4 @@
-"""Model families (SD 1.x/2.x, SDXL, FLUX.1, SD 3.5): each one file describing how its folder is recognised, loaded,
+"""Model families (SD 1.x/2.x, SDXL, FLUX.1, SD 3.5, Qwen-Image): each one file describing how its folder is recognised, loaded,
 conditioned, trained and sampled (`base.ModelFamily`). Adding a family is adding a file here and
 listing it in FAMILIES (see docs/development.md, "Adding a model family")."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ds_diffusers.families.base import ModelFamily, model_index
+from ds_diffusers.families.base import ModelFamily, model_index, vae_downsampling
 from ds_diffusers.families.flux import FLUX
 from ds_diffusers.families.qwen_image import QWEN_IMAGE
 from ds_diffusers.families.sd import SD
@@ -19,7 +19,7 @@ FALLBACK = SD
 FAMILY_NAMES = {name: family.title for name, family in FAMILIES.items()}
 
 __all__ = ["FAMILIES", "FAMILY_NAMES", "ModelFamily", "SDXL_PARTS", "detect_family", "family_named", "family_of_pipeline", "model_family",
-           "model_index"]
+           "model_index", "vae_downsampling"]
 
 
 def detect_family(model_dir: str | Path) -> ModelFamily:

@@ -10,6 +10,7 @@ call into a family, not the other way round.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -33,6 +34,15 @@ def model_index(model_dir: str | Path) -> dict[str, Any]:
         return json.loads((Path(model_dir) / "model_index.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def vae_downsampling(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent along a side, from a VAE's config, as the pipelines' `vae_scale_factor` counts
+    them: `AutoencoderKL` halves once per block after the first (`block_out_channels`); Qwen-Image's
+    `AutoencoderKLQwenImage` once per stage (`temperal_downsample` lists them)."""
+    if "temperal_downsample" in vae_config:
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def per_image(embedding: torch.Tensor, num_images: int, dtype: torch.dtype) -> torch.Tensor:
