@@ -165,8 +165,8 @@ def launch_module(module: str, args: list[str], *, procs: int, timeout: int = 42
     By default this is the command the `deepspeed` runner starts on one node once it has counted the
     devices (`python -m deepspeed.launcher.launch --world_info=...`, the local branch of
     deepspeed/launcher/runner.py): the same processes, environment and rank variables, without the
-    2-3 s the runner spends importing DeepSpeed and tearing down again, which the ~150 launches of
-    the suite would pay. `runner=True` types the `deepspeed` command itself, as scripts/*.sh do
+    ~1.5 s the runner spends importing DeepSpeed first, which every launch of the suite would pay.
+    `runner=True` types the `deepspeed` command itself, as scripts/*.sh do
     (test_train_integration's 2-process run and the sampling runs of run_sample do)."""
     port = str(free_port())
     if runner:
