@@ -191,3 +191,21 @@ def test_the_order_key_names_the_shard_list_and_partitions(tmp_path):
     assert build_plan(str(tmp_path / "a"), 2, seed=3).order_key != key
     write_numbered_shards(tmp_path / "b", sizes=[*SHARD_SIZES[:-1], SHARD_SIZES[-1] + 1])
     assert build_plan(str(tmp_path / "b"), 4, seed=3).order_key != key
+
+
+@pytest.mark.parametrize("model", ["sdxl_model", "flux_model", "sd3_model", "qwen_image_model"])
+def test_pre_encoded_shards_of_another_family_are_refused_before_anything_is_written(model, request, tiny_assets, tmp_path):
+    """--encode writes SD 1.x/2.x shards; the others' text outputs do not fit them. The refusal names the
+    family and leaves no folder (an empty first shard would block the corrected run)."""
+    from ds_diffusers.config import load_config
+    from ds_diffusers.data.write_shards import write_shards
+    from ds_diffusers.families import detect_family
+    from tests.helpers import REPO
+
+    model_dir = request.getfixturevalue(model)
+    cfg = load_config(REPO / "cfg/default.json", [f"pretrained_model_name_or_path={model_dir}",
+                                                  f"dataset_dir={tiny_assets.dataset_dir}", "resolution=64"])
+    with pytest.raises(ConfigError, match=f"this is a {detect_family(model_dir).title} model") as info:
+        write_shards(cfg, tmp_path / "out", samples_per_shard=4, encode=True)
+    assert "write raw shards (without --encode)" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()

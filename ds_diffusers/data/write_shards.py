@@ -6,7 +6,7 @@ Raw shards hold each row's image file as it is (`jpg`, `png`, ...) and its capti
 once, train many times): `latent_parameters.pth` (the VAE posterior of the centre crop at the config's
 `resolution`, `flipped.pth` of its mirror image with `random_flip`) and `encoder_hidden_states.pth` (stacked, one per caption, for rows with several).
 Rows are written in a `seed`-shuffled order, `--samples-per-shard` to a shard, with webdataset's
-`ShardWriter`. One process; SD 1.x/2.x models for `--encode`.
+`ShardWriter`. One process; SD 1.x/2.x models for `--encode` (`check_encodable`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ds_diffusers.data.decode import undecoded
 from ds_diffusers.data.loading import load_train_dataset, resolve_columns
 from ds_diffusers.data.shard_dataset import FLIPPED, LATENTS, TEXT
 from ds_diffusers.errors import ConfigError
-from ds_diffusers.families import family_named
+from ds_diffusers.families import detect_family
 
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -65,15 +65,21 @@ def raw_samples(rows: Any, order: list[int], image_column: str, caption_column: 
         yield {"__key__": f"{row:09d}", extension: data, "txt": "\n".join(caption_list(record[caption_column]))}
 
 
+def check_encodable(cfg: Config) -> None:
+    """Pre-encoded shards hold one text output per caption (SD 1.x/2.x); refused before anything is written."""
+    family = detect_family(cfg.pretrained_model_name_or_path)
+    if family.text_outputs != ("encoder_hidden_states",):  # SDXL's pooled embeds, the flow families' too
+        raise ConfigError("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
+                          f"--encode writes SD 1.x/2.x shards only, and this is a {family.title} model (text outputs "
+                          f"{', '.join(family.text_outputs)}); write raw shards (without --encode)")
+
+
 def encoded_samples(cfg: Config, dataset: Any, order: list[int], image_column: str,
                     caption_column: str) -> Iterator[dict[str, Any]]:
     from ds_diffusers.models import DTYPES, load_frozen_components
 
     frozen = load_frozen_components(cfg.pretrained_model_name_or_path, torch.device("cpu"), DTYPES[cfg.weight_dtype_name],
                                     cfg.prediction_type, cfg.vae_path, cfg.variant)
-    if family_named(frozen.family).text_outputs != ("encoder_hidden_states",):  # SDXL: two encoders, pooled embeds
-        raise ConfigError("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path,
-                          "--encode writes SD 1.x/2.x shards only; write raw shards (without --encode) for SDXL")
     batch = cfg.train_micro_batch_size_per_gpu
     captions = dataset.select_columns([caption_column])
     for start in range(0, len(order), batch):
@@ -93,6 +99,9 @@ def encoded_samples(cfg: Config, dataset: Any, order: list[int], image_column: s
 def write_shards(cfg: Config, out: Path, samples_per_shard: int, encode: bool) -> int:
     """Writes the shards; returns how many."""
     from webdataset import ShardWriter
+
+    if encode:
+        check_encodable(cfg)
 
     dataset = load_train_dataset(cfg.dataset_dir, cfg.imagefolder)
     image_column, caption_column = resolve_columns(dataset, cfg.image_column, cfg.caption_column)
