@@ -1,5 +1,5 @@
 """The EMA swapped in for validation, on 2 ranks (started by tests/test_precision_integration.py through
-the `deepspeed` launcher; a failed check exits non-zero with its message).
+DeepSpeed's launcher; a failed check exits non-zero with its message).
 
 ZeRO-3: every parameter computes with the EMA inside `swapped_in`, also the small "persistent" ones
 ZeRO-3 keeps gathered between steps, and every one is back bit for bit after it.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ds_diffusers.config import to_deepspeed_config, validate_dict
+from ds_diffusers.distributed import shutdown_distributed
 from ds_diffusers.ema import ShardedEMA
 from ds_diffusers.engine import gathered
 from tests.helpers import AllocationMeter
@@ -110,8 +111,10 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     check_zero3()
     check_zero2()
-    torch.distributed.barrier()
     print(f"rank {torch.distributed.get_rank()}: ema swap checks passed", flush=True)
+    # As the entrypoints end: the group torn down after every rank is done, not in the interpreter's exit,
+    # where gloo's threads of a rank whose peer has already gone can abort it ("terminate called ...").
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
