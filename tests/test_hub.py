@@ -246,3 +246,15 @@ def test_an_export_from_a_variant_model_loads_without_the_variant(hub_cache, tmp
     assert not any(path.is_symlink() for path in (tmp_path / "export").rglob("*"))
     CLIPTextModel.from_pretrained(tmp_path / "export" / "text_encoder")
     assert (snapshot / "text_encoder" / "model.fp16.safetensors").is_file()  # the cache is untouched
+
+
+def test_write_shards_reads_hub_ids_like_training(hub_cache, tmp_path):
+    """`python -m ds_diffusers.data.write_shards` resolves a model and a dataset id from the hub cache, as
+    train/cache/sample do (it passed them on unresolved, and `--encode` read the model's family from a
+    folder that does not exist)."""
+    from ds_diffusers.data.write_shards import main
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run_cfg(tmp_path, resolution=32, train_micro_batch_size_per_gpu=4)))
+    assert main(["--cfg", str(path), "--out", str(tmp_path / "shards"), "--samples-per-shard", "4", "--encode"]) == 0
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 2  # the 8 rows of org/shapes

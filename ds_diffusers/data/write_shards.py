@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ds_diffusers.config import load_config
+from ds_diffusers.config.hub import resolve_hub_ids
 from ds_diffusers.config.schema import Config
 from ds_diffusers.data.cache import encode_captions, encode_latent_parameters
 from ds_diffusers.data.decode import undecoded
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encode", action="store_true", help="store the frozen encoders' outputs, not images and captions")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.cfg, args.overrides)
+        cfg = resolve_hub_ids(load_config(args.cfg, args.overrides))
         count = write_shards(cfg, args.out, args.samples_per_shard, args.encode)
     except ConfigError as err:
         print(f"ds-diffusers: config error: {err}", file=sys.stderr)
