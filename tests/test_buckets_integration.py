@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets through the real `deepspeed` launcher: two processes under ZeRO-2 train the
+"""Aspect-ratio buckets through DeepSpeed's launcher: two processes under ZeRO-2 train the
 SDXL-shaped test model on a mixed-aspect imagefolder, across an epoch boundary, and a run stopped
 half-way and resumed gives the straight run's losses (the schedule is a function of seed and epoch).
 The stopped and resumed halves train from the latent cache (each bucket's latents at its own shape,

@@ -1,4 +1,4 @@
-"""Checkpoints through the real `deepspeed` launcher with 2 processes: exact resume for LoRA under
+"""Checkpoints through DeepSpeed's launcher with 2 processes: exact resume for LoRA under
 ZeRO-2 (full under ZeRO-2 from raw shards in test_shards_integration; under ZeRO-3 on the real-shaped
 models: SD 1.5 full with EMA and the held-out loss in test_real_arch_integration, SDXL full and LoRA
 in test_sdxl_integration), ZeRO-3 exports and EMA equal to a ZeRO-0 run, crash safety, and refusals

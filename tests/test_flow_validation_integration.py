@@ -1,4 +1,4 @@
-"""The held-out validation loss of a flow family through the real `deepspeed` launcher, on the FLUX.1
+"""The held-out validation loss of a flow family through DeepSpeed's launcher, on the FLUX.1
 [dev]-shaped test model (LoRA under ZeRO-2, `validation_split`, a validation every step): a finite
 `val_loss` record per validation in metrics.jsonl, the first one (taken after a step at lr 0, so from
 the base weights) equal to the loss computed in this process on the base transformer, on 1 process

@@ -1,4 +1,4 @@
-"""FLUX.1 through the real `deepspeed` launcher on the FLUX.1 [dev]-shaped test model, 1 process: LoRA
+"""FLUX.1 through DeepSpeed's launcher on the FLUX.1 [dev]-shaped test model, 1 process: LoRA
 under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal losses and adapters to the
 uncached straight run; the LoRA file loads in
 FluxPipeline.load_lora_weights and changes its images) and a full fine-tune under ZeRO-3, the

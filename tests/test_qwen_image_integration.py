@@ -1,4 +1,4 @@
-"""Qwen-Image through the real `deepspeed` launcher on the Qwen-Image-shaped test model, 1 process: LoRA
+"""Qwen-Image through DeepSpeed's launcher on the Qwen-Image-shaped test model, 1 process: LoRA
 under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal losses and adapters to the
 uncached straight run; the LoRA file loads in QwenImagePipeline.load_lora_weights and changes its
 images), and a full fine-tune under ZeRO-3, the transformer loaded partitioned, with a validation grid

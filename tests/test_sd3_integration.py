@@ -1,4 +1,4 @@
-"""SD 3.5 through the real `deepspeed` launcher on the SD 3.5 Medium-shaped test model, 1 process: LoRA
+"""SD 3.5 through DeepSpeed's launcher on the SD 3.5 Medium-shaped test model, 1 process: LoRA
 under ZeRO-2 (saved at step 2 of 3, resumed from both encoder caches, equal losses and adapters to the
 uncached straight run; the LoRA file loads in StableDiffusion3Pipeline.load_lora_weights and changes its
 images) and a full fine-tune under ZeRO-3 with EMA, the transformer loaded partitioned, with a validation

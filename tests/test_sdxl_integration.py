@@ -1,4 +1,4 @@
-"""SDXL through the real `deepspeed` launcher on the SDXL-shaped test model, few and short runs that
+"""SDXL through DeepSpeed's launcher on the SDXL-shaped test model, few and short runs that
 together cover full and LoRA × 1 and 2 processes × ZeRO-2 and ZeRO-3: LoRA with 2 processes under
 ZeRO-3 (save mid-way, resume, compare, export, sample), a full fine-tune with 2 processes under ZeRO-2
 with both caches, EMA and a validation grid, a full fine-tune with 2 processes under ZeRO-3 (resumed

@@ -1,4 +1,4 @@
-"""The text pre-pass through the real `deepspeed` launcher on the FLUX.1 [dev]-shaped test model: the
+"""The text pre-pass through DeepSpeed's launcher on the FLUX.1 [dev]-shaped test model: the
 caches `python -m ds_diffusers.cache` writes on 2 processes with the encoders partitioned by ZeRO-3
 hold the same tensors as on 1 process with them replicated; a LoRA run with both caches frees CLIP and
 T5 after the pre-pass, draws its validation grid from prompt embeddings and gives the losses of a run

@@ -1,4 +1,4 @@
-"""Resuming on another topology through the real `deepspeed` launcher: 2 -> 1 and 1 -> 2 processes
+"""Resuming on another topology through DeepSpeed's launcher: 2 -> 1 and 1 -> 2 processes
 (full UNet with EMA, ZeRO-2 configured, which one process runs as stage 0) and ZeRO-2 -> ZeRO-3
 (LoRA), on the tiny model.
 

@@ -1,4 +1,4 @@
-"""End-to-end runs through the real `deepspeed` launcher on the embedded tiny model.
+"""End-to-end runs through DeepSpeed's launcher on the embedded tiny model.
 
 Kept few and short: each run trains a few dozen steps at 32 px. They check what a user relies on:
 the loss falls, the export loads in diffusers, errors stop the run with the right exit code and

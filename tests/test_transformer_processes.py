@@ -1,5 +1,5 @@
 """The flow-matching transformer families (FLUX.1, SD 3.5, Qwen-Image) beyond one process and ZeRO-2: each family's
-test model through the real `deepspeed` launcher (the one-process LoRA-resume and ZeRO-3 export tests are
+test model through DeepSpeed's launcher (the one-process LoRA-resume and ZeRO-3 export tests are
 in tests/test_<family>_integration.py).
 
 - 2 processes, full fine-tune under ZeRO-3 with the optimizer offloaded to the CPU, bf16 and EMA:
