@@ -312,13 +312,14 @@ SAMPLE_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def run_sample(args: list[str], *, procs: int = 0, cfg: str = "cfg/default.json") -> subprocess.CompletedProcess:
-    """procs=0: plain `python -m`; otherwise the deepspeed launcher with that many processes."""
+    """procs=0: plain `python -m`; otherwise the `deepspeed` command with that many processes."""
+    sample_args = ["--cfg", cfg, "--set", *args]
     if procs:
-        cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "ds_diffusers.sample"]
+        result = launch_module("ds_diffusers.sample", sample_args, procs=procs, timeout=300, runner=True,
+                               env={"OMP_NUM_THREADS": "1"})
     else:
-        cmd = [sys.executable, "-m", "ds_diffusers.sample"]
-    result = subprocess.run([*cmd, "--cfg", cfg, "--set", *args], cwd=REPO, env=SAMPLE_ENV,
-                            capture_output=True, text=True, timeout=300)
+        result = subprocess.run([sys.executable, "-m", "ds_diffusers.sample", *sample_args], cwd=REPO, env=SAMPLE_ENV,
+                                capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

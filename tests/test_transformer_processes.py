@@ -130,13 +130,12 @@ def test_lora_on_two_processes_loads_in_the_family_pipeline(request, family, tin
 # (ZeRO-2 on one process would run as ZeRO-1: nothing to partition). ZeRO-0 in fp32 on one process is
 # each family's LoRA resume test (helpers.lora_resumed_from_caches asserts the stage it ran).
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("stage, dtype", [(1, "bf16")])
-def test_lora_at_zero0_and_zero1_trains_and_exports(request, family, tiny_assets, tmp_path, stage, dtype):
+def test_lora_at_zero1_in_bf16_trains_and_exports(request, family, tiny_assets, tmp_path):
     model = model_of(request, family)
-    result = launch(transformer_run_cfg(model, tiny_assets.dataset_dir, tmp_path, *LORA, f"zero_optimization.stage={stage}",
-                             f"bf16.enabled={str(dtype == 'bf16').lower()}", "max_train_steps=2"))
+    result = launch(transformer_run_cfg(model, tiny_assets.dataset_dir, tmp_path, *LORA, "zero_optimization.stage=1",
+                                        "bf16.enabled=true", "max_train_steps=2"))
     assert_ok(result)
-    assert f"ZeRO-{stage}, " in result.stdout and f"{'bfloat16' if dtype == 'bf16' else 'float32'}, 1 process(es)" in result.stdout
+    assert "ZeRO-1, " in result.stdout and "bfloat16, 1 process(es)" in result.stdout
     weights = tensors(tmp_path / "model" / "pytorch_lora_weights.safetensors")
     assert weights and all(key.startswith("transformer.") for key in weights)
     assert any(".lora_B." in key and tensor.abs().max() > 0 for key, tensor in weights.items())

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ds_diffusers import families
 from ds_diffusers.data.dataset import check_dataset_size, collate_examples
 from ds_diffusers.data.decode import open_image
 from ds_diffusers.data.seeding import seeded_generator
@@ -31,6 +30,7 @@ from ds_diffusers.data.transforms import EMPTY_PROMPT, choose_caption, preproces
 from ds_diffusers.distributed import DistInfo, broadcast_from_main, in_turn
 from ds_diffusers.errors import ConfigError
 from ds_diffusers.families import family_named
+from ds_diffusers.families import vae_downsampling as vae_config_downsampling
 from ds_diffusers.models import tokenize, vae_folder
 
 if TYPE_CHECKING:
@@ -99,8 +99,8 @@ class ShardData:
 
 def vae_downsampling(cfg: Config) -> int:
     """Pixels per latent of the config's VAE (8 for every VAE here), from its config file."""
-    return families.vae_downsampling(json.loads((vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path) / "config.json")
-                                                .read_text()))
+    config = json.loads((vae_folder(cfg.pretrained_model_name_or_path, cfg.vae_path) / "config.json").read_text())
+    return vae_config_downsampling(config)
 
 
 def check_shards(cfg: Config, world_size: int) -> ShardData:
